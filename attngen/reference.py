@@ -1,0 +1,75 @@
+"""Reference attention: what every kernel is checked against.
+
+:func:`attention` is banded: it walks the queries in chunks and multiplies each chunk
+only with the keys its rows can see (``Mask.key_range``), so memory is O(S * W) rather
+than O(S^2).  :func:`dense` is the plain masked softmax over the full score matrix; the
+tests check one against the other.  Both compute in float64 unless told otherwise, take
+GQA/MQA by head arithmetic (no repeated KV heads in memory beyond one chunk), and give a
+row with no visible key an output of zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .mask import Mask
+
+
+def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout not in ("bhsd", "bshd"):
+        raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
+    return t if layout == "bhsd" else t.transpose(1, 2)
+
+
+def _check(q, k, v):
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"expected 4-D q, k, v with k.shape == v.shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} are not a multiple of KV heads {k.shape[1]}")
+
+
+def _softmax_rows(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)     # rows with no visible key
+
+
+def attention(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = "bhsd",
+              chunk: int = 256, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Banded reference; returns ``dtype`` in the layout of ``q``."""
+    q, k, v = (_bhsd(t, layout).to(dtype) for t in (q, k, v))
+    _check(q, k, v)
+    batch, heads, seq_q, d = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scale = d ** -0.5 if scale is None else scale
+    out = torch.zeros(batch, heads, seq_q, v.shape[-1], dtype=dtype, device=q.device)
+    qg = q.reshape(batch, kv_heads, group, seq_q, d)
+    og = out.view(batch, kv_heads, group, seq_q, v.shape[-1])
+    for i0 in range(0, seq_q, chunk):
+        i1 = min(i0 + chunk, seq_q)
+        lo, hi = mask.key_range(i0, i1, seq_k)
+        if hi <= lo:
+            continue
+        rows = torch.arange(i0, i1, device=q.device)[:, None]
+        cols = torch.arange(lo, hi, device=q.device)[None, :]
+        scores = torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, i0:i1], k[:, :, lo:hi]) * scale
+        probs = _softmax_rows(scores, mask.visible(rows, cols))
+        og[:, :, :, i0:i1] = torch.einsum("bhgqk,bhkd->bhgqd", probs, v[:, :, lo:hi])
+    return out if layout == "bhsd" else out.transpose(1, 2)
+
+
+def dense(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = "bhsd",
+          dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Full (S_q x S_k) masked softmax; O(S^2) memory, for checking :func:`attention`."""
+    q, k, v = (_bhsd(t, layout).to(dtype) for t in (q, k, v))
+    _check(q, k, v)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rows = torch.arange(q.shape[2], device=q.device)[:, None]
+    cols = torch.arange(k.shape[2], device=q.device)[None, :]
+    probs = _softmax_rows(q @ k.transpose(-1, -2) * scale, mask.visible(rows, cols))
+    out = probs @ v
+    return out if layout == "bhsd" else out.transpose(1, 2)

@@ -1,0 +1,66 @@
+"""Tile shapes and compiler hints per head dimension.
+
+``TUNED`` is the table the templates read (through :func:`tiles_for`).  Rows are keyed
+by GPU architecture and head dimension; a window narrower than ``narrow_window`` keys
+picks the row's ``narrow`` entry, because with only a few KV blocks per query tile the
+masked keys of a wide block cost more than the extra loop iterations of a narrow one.
+An architecture without a row falls back to ``DEFAULT_ARCH``.  ``docs/performance.md``
+records the measurements behind each row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+
+from .mask import Mask
+
+DEFAULT_ARCH = "sm_90"
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_m: int      # query rows per tile
+    block_n: int      # keys per KV block
+    occupancy: int    # CTAs per SM the compiler should plan for
+    num_ctas: int     # CTAs per cluster
+
+    def __post_init__(self):
+        for field in ("block_m", "block_n"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value > 256 \
+                    or value & (value - 1):
+                raise ValueError(f"{field} must be a power of two between 16 and 256, got {value!r}")
+        if isinstance(self.occupancy, bool) or not isinstance(self.occupancy, int) \
+                or not 1 <= self.occupancy <= 32:
+            raise ValueError(f"occupancy must be an integer in 1..32, got {self.occupancy!r}")
+        if isinstance(self.num_ctas, bool) or self.num_ctas not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_ctas must be 1, 2, 4, 8 or 16, got {self.num_ctas!r}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# arch -> head_dim -> {"wide": Tiles, "narrow": Tiles}
+TUNED: dict[str, dict[int, dict[str, Tiles]]] = {
+    "sm_90": {
+        64: {"wide": Tiles(128, 64, 2, 1), "narrow": Tiles(64, 64, 4, 1)},
+        80: {"wide": Tiles(128, 64, 2, 1), "narrow": Tiles(64, 64, 2, 1)},
+        96: {"wide": Tiles(128, 64, 2, 1), "narrow": Tiles(64, 64, 2, 1)},
+        128: {"wide": Tiles(128, 128, 2, 2), "narrow": Tiles(128, 64, 2, 1)},
+        256: {"wide": Tiles(64, 64, 1, 1), "narrow": Tiles(64, 64, 1, 1)},
+    },
+}
+
+NARROW_WINDOW = 512
+
+
+def tiles_for(head_dim: int, mask: Mask, arch: str = DEFAULT_ARCH) -> Tiles:
+    table = TUNED.get(arch, TUNED[DEFAULT_ARCH])
+    try:
+        row = table[head_dim]
+    except KeyError:
+        raise ValueError(f"no tile table entry for head_dim {head_dim}") from None
+    span = None
+    if mask.left is not None:
+        span = mask.left + 1 + (mask.right or 0)
+    return row["narrow" if span is not None and span < NARROW_WINDOW else "wide"]

@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "variants").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never read or write the user's ~/.cache/attngen from the unit tests."""
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ATTNGEN_PATH", raising=False)
+    monkeypatch.delenv("ATTNGEN_BUILD_DIR", raising=False)
+    monkeypatch.delenv("ATTNGEN_JIT", raising=False)
+
+
+def write(tmp_path, text, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from attngen import reference
+from attngen.mask import Mask
+
+MASKS = [Mask(True), Mask(True, 0), Mask(True, 6), Mask(False), Mask(False, 3, 5), Mask(False, 0, 0)]
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.tag)
+@pytest.mark.parametrize("heads,heads_kv", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("seq,chunk", [(1, 4), (13, 4), (33, 8), (20, 256)])
+def test_banded_equals_dense(mask, heads, heads_kv, seq, chunk):
+    gen = torch.Generator().manual_seed(seq * 31 + heads_kv)
+    q = torch.randn(2, heads, seq, 16, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, heads_kv, seq, 16, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, heads_kv, seq, 16, generator=gen, dtype=torch.float64)
+    banded = reference.attention(q, k, v, mask, chunk=chunk)
+    dense = reference.dense(q, k, v, mask)
+    torch.testing.assert_close(banded, dense, rtol=1e-12, atol=1e-12)
+
+
+def test_dense_matches_torch_sdpa():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 17, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    for mask, is_causal in [(Mask(True), True), (Mask(False), False)]:
+        expect = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        torch.testing.assert_close(reference.dense(q, k, v, mask), expect)
+
+
+def test_window_equals_an_explicit_band_mask_in_sdpa():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    i = torch.arange(30)[:, None]
+    j = torch.arange(30)[None, :]
+    band = (j <= i) & (j > i - 5)              # transformers' sliding_window_overlay(5)
+    expect = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band)
+    torch.testing.assert_close(reference.attention(q, k, v, Mask.from_window(5), chunk=7), expect)
+
+
+def test_layout_scale_and_dtype():
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 9, 4, 8, generator=gen)        # (B, S, H, D)
+    k = torch.randn(2, 9, 2, 8, generator=gen)
+    v = torch.randn(2, 9, 2, 8, generator=gen)
+    mask = Mask.from_window(3)
+    out = reference.attention(q, k, v, mask, layout="bshd", scale=0.7)
+    assert out.dtype == torch.float64 and out.shape == q.shape
+    expect = reference.dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale=0.7)
+    torch.testing.assert_close(out, expect.transpose(1, 2))
+
+
+def test_row_without_visible_key_is_zero():
+    q, k, v = (torch.randn(1, 1, 4, 8, dtype=torch.float64) for _ in range(3))
+    out = reference.attention(q, k[:, :, :0], v[:, :, :0], Mask(False))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_rejects_bad_heads_and_layout():
+    q = torch.randn(1, 3, 4, 8)
+    k = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        reference.attention(q, k, k, Mask(True))
+    with pytest.raises(ValueError, match="layout"):
+        reference.attention(q, q, q, Mask(True), layout="sbhd")

@@ -1,0 +1,132 @@
+import pytest
+
+from attngen.mask import Mask
+from attngen.spec import KernelSpec, SpecError, load_files, load_text, unique_kernels
+
+from conftest import SHIPPED, write
+
+BASE = "name: t\ngqa: 4\nhead_dim: 128\ndtype: fp16\n"
+
+
+def test_shipped_variants_load():
+    specs = load_files(SHIPPED)
+    names = {s.name for s in specs}
+    assert {"mistral-7b", "mixtral-8x7b", "gemma3-4b", "gemma3-27b", "gpt-oss-20b",
+            "modernbert-base", "full-causal"} <= names
+    kernels = unique_kernels(specs)
+    assert len({k.name for k in kernels}) == len(kernels)
+
+
+def test_model_layer_maps():
+    specs = {s.name: s for s in load_files(SHIPPED)}
+    gemma = specs["gemma3-4b"]
+    assert len(gemma.layers) == 34
+    assert [m.left for m in gemma.layers[:7]] == [1023] * 5 + [None, 1023]
+    assert gemma.scale == 0.0625 and gemma.gqa == 2 and gemma.head_dim == 256
+    assert len(gemma.kernels) == 2                    # each distinct kernel once
+    oss = specs["gpt-oss-20b"]
+    assert [m.window for m in oss.layers[:4]] == [128, None, 128, None]
+    bert = specs["modernbert-base"]
+    assert bert.layers[0] == Mask(False) and bert.layers[1] == Mask(False, 64, 64)
+    assert len(bert.layers) == 22 and len(bert.kernels) == 4     # 2 masks x 2 dtypes
+    layer_kernels = bert.layer_kernels("bf16")
+    assert [k.mask for k in layer_kernels] == list(bert.layers)
+
+
+def test_lists_expand_into_the_cross_product():
+    (spec,) = load_text("name: x\nwindow: [128, null]\ngqa: [1, 8]\nhead_dim: [64, 128]\n"
+                        "dtype: [fp16, bf16]\n")
+    assert len(spec.kernels) == 16
+    assert {k.mask.window for k in spec.kernels} == {128, None}
+
+
+def test_several_documents_and_top_level_list():
+    docs = load_text(BASE + "---\n" + BASE.replace("name: t", "name: u"))
+    assert [d.name for d in docs] == ["t", "u"]
+    listed = load_text("- {name: a, gqa: 1, head_dim: 64, dtype: bf16}\n"
+                       "- {name: b, gqa: 1, head_dim: 64, dtype: bf16, causal: false}\n")
+    assert [d.kernels[0].mask for d in listed] == [Mask(True), Mask(False)]
+
+
+def test_tiles_override_merges_with_the_table():
+    (spec,) = load_text(BASE + "tiles: {block_n: 64}\n")
+    assert spec.kernels[0].tiles.block_n == 64
+    assert spec.kernels[0].tiles.block_m == 128
+
+
+@pytest.mark.parametrize("extra,path,line,match", [
+    ("colour: red\n", "colour", 5, "unknown key 'colour'"),
+    ("window: 0\n", "window", 5, "positive"),
+    ("window: -4\n", "window", 5, "positive"),
+    ("window: big\n", "window", 5, "positive integer"),
+    ("window: [128, 0]\n", "window[1]", 5, "positive"),
+    ("causal: false\nwindow: 128\n", "window", 6, "left: L, right: R"),
+    ("causal: false\nwindow: {left: 1, rite: 2}\n", "window.rite", 6, "unknown key 'rite'"),
+    ("causal: maybe\n", "causal", 5, "true or false"),
+    ("scale: 0.1\n", "scale", 5, "add layers"),
+    ("layers: [128]\nwindow: 128\n", "window", 6, "not both"),
+    ("layers: {count: 3}\n", "layers", 5, "count and pattern"),
+    ("layers: {count: 0, pattern: [1]}\n", "layers.count", 5, "positive"),
+    ("layers: {count: 2, pattern: [1, -1]}\n", "layers.pattern[1]", 5, "positive"),
+    ("layers: []\n", "layers", 5, "at least one"),
+    ("tiles: {block_m: 100}\n", "tiles", 5, "power of two"),
+    ("tiles: {warps: 4}\n", "tiles.warps", 5, "unknown key"),
+    ("window: []\n", "window", 5, "empty list"),
+])
+def test_bad_specs_name_file_key_and_line(tmp_path, extra, path, line, match):
+    f = write(tmp_path, BASE + extra)
+    with pytest.raises(SpecError, match=match) as info:
+        load_files([f])
+    err = info.value
+    assert (err.source, err.path, err.line) == (str(f), path, line)
+    assert str(err).startswith(f"{f}:{line}: {path}: ")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("gqa", "0", "gqa must be a positive integer"),
+    ("gqa", "two", "gqa must be a positive integer"),
+    ("head_dim", "72", "head_dim must be one of"),
+    ("dtype", "fp32", "dtype must be one of"),
+    ("dtype", "float16", "dtype must be one of"),
+])
+def test_bad_field_values(tmp_path, field, value, match):
+    text = BASE.replace(f"{field}: ", f"{field}: {value} #", 1)
+    f = write(tmp_path, text)
+    with pytest.raises(SpecError, match=match) as info:
+        load_files([f])
+    assert info.value.path == field and info.value.line is not None
+
+
+def test_missing_keys_duplicates_and_yaml_errors(tmp_path):
+    with pytest.raises(SpecError, match="missing required key 'dtype'"):
+        load_text("name: t\ngqa: 1\nhead_dim: 64\n")
+    with pytest.raises(SpecError, match="duplicate key") as info:
+        load_text(BASE + "gqa: 2\n", "dup.yaml")
+    assert info.value.line == 5
+    with pytest.raises(SpecError, match="invalid YAML") as info:
+        load_text(BASE + "window: [1, 2\n", "broken.yaml")
+    assert info.value.source == "broken.yaml" and info.value.line is not None
+    with pytest.raises(SpecError, match="name must match"):
+        load_text(BASE.replace("name: t", "name: Has Spaces"))
+    a, b = write(tmp_path, BASE, "a.yaml"), write(tmp_path, BASE, "b.yaml")
+    with pytest.raises(SpecError, match="already used"):
+        load_files([a, b])
+    with pytest.raises(SpecError, match="cannot read"):
+        load_files([tmp_path / "missing.yaml"])
+    with pytest.raises(SpecError, match="holds no spec"):
+        load_files([write(tmp_path, "# nothing\n", "empty.yaml")])
+
+
+def test_model_specs_take_one_gqa_and_head_dim():
+    with pytest.raises(SpecError, match="one gqa"):
+        load_text("name: m\ngqa: [1, 2]\nhead_dim: 64\ndtype: fp16\nlayers: [1]\n")
+
+
+def test_canonical_name_is_mechanical_and_stable():
+    (spec,) = load_text(BASE + "window: 4096\n")
+    kernel = spec.kernels[0]
+    assert kernel.name.startswith("causal_w4096_g4_d128_fp16_128x128o2c2_")
+    again = KernelSpec.from_dict(kernel.as_dict())
+    assert again == kernel and again.name == kernel.name
+    other = KernelSpec(kernel.mask, kernel.gqa, kernel.head_dim, "bf16", kernel.tiles)
+    assert other.name != kernel.name and other.hash != kernel.hash
