@@ -1,0 +1,99 @@
+"""The `attngen` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import __version__
+
+
+def _build(args) -> int:
+    from .build import BuildError, build
+    from .spec import load_files, unique_kernels
+
+    specs = load_files(args.specs)            # every spec validated before anything is written
+    kernels = unique_kernels(specs)
+    archs = [] if args.no_compile else args.arch
+    print(f"attngen {__version__}: {len(specs)} spec(s) -> {len(kernels)} kernel(s) in {args.out}",
+          file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        report = build(specs, args.out, archs or (), jobs=args.jobs,
+                       progress=None if args.quiet else lambda msg: print(msg, file=sys.stderr))
+    except BuildError as exc:
+        print(f"attngen: error: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - start
+    if report.did_nothing:
+        print(f"up to date: nothing to do ({elapsed:.1f}s)", file=sys.stderr)
+    else:
+        compiled = sum(len(v) for v in report.compiled.values())
+        print(f"done in {elapsed:.1f}s: {len(report.written)} variant(s) written, "
+              f"{compiled} cubin(s) compiled", file=sys.stderr)
+    for spec in specs:
+        print(f"{spec.name} ({spec.source}):")
+        for kernel in spec.kernels:
+            seconds = report.compiled.get(kernel.name, {})
+            times = "  ".join(f"{arch} {s:.1f}s" for arch, s in seconds.items())
+            print(f"  {kernel.name}  {times or '(cached)' if archs else '(not compiled)'}")
+    return 0
+
+
+def _list(args) -> int:
+    from .registry import Registry
+
+    reg = Registry([args.out] if args.out else None)
+    kernels = sorted(reg.kernels(), key=lambda k: k.name)
+    for kernel in kernels:
+        print(f"{kernel.name}\n    {kernel.describe()}")
+    for name, entry in sorted(reg.specs().items()):
+        if entry.get("layers") is not None:
+            print(f"model {name}: {len(entry['layers'])} layers, gqa {entry['gqa']}, "
+                  f"head_dim {entry['head_dim']} ({entry['source']})")
+    if not kernels:
+        print(f"no kernels in {', '.join(str(p) for p in reg.paths)}; run `attngen build SPEC...`",
+              file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .build import DEFAULT_ARCHS, default_out
+
+    parser = argparse.ArgumentParser(prog="attngen", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"attngen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="generate (and compile) the kernels of variant specs")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="YAML spec files")
+    p.add_argument("--out", default=default_out(),
+                   help="output directory (default: %(default)s; env ATTNGEN_BUILD_DIR)")
+    p.add_argument("--arch", action="append", default=None,
+                   help=f"compile ahead of time for this GPU arch; repeatable "
+                        f"(default: {' '.join(DEFAULT_ARCHS)})")
+    p.add_argument("--no-compile", action="store_true", help="generate only, compile nothing")
+    p.add_argument("-j", "--jobs", type=int, default=None, help="parallel compiles (default: cores)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_build)
+
+    p = sub.add_parser("list", help="show the built kernels and model specs the registry sees")
+    p.add_argument("--out", default=None, help="build directory (default: ATTNGEN_PATH or the default)")
+    p.set_defaults(func=_list)
+
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        args.arch = args.arch or list(DEFAULT_ARCHS)
+    from .spec import SpecError
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"attngen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attngen: interrupted; the previous output is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Selecting built kernels at run time.
+
+``get_kernel(window=4096, gqa=4)`` names the semantics (mask and GQA ratio); the callable
+it returns picks the kernel for the head_dim and dtype of the tensors it is given.  The
+registry reads the manifests of the build directories (``ATTNGEN_PATH``, a
+``os.pathsep``-separated list; default: ``attngen build``'s default output) and of its
+on-demand cache.  A valid query with no built kernel is generated once into the on-demand
+cache (``<cache>/jit``), logged, unless ``ATTNGEN_JIT=0``; then it is an error that lists
+the nearest kernels that exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from .build import build, cache_root, default_out, read_manifest
+from .codegen import load_package
+from .launch import InputError
+from .mask import Mask
+from .spec import DTYPES, HEAD_DIMS, Family, KernelSpec, Spec
+from .tuning import tiles_for
+
+log = logging.getLogger("attngen")
+TORCH_TO_SPEC = {getattr(torch, name): short for short, name in DTYPES.items()}
+
+
+class KernelNotFound(LookupError):
+    """No kernel fits the query; the message lists the nearest ones that exist."""
+
+
+def _family(window, causal, gqa) -> Family:
+    if isinstance(gqa, bool) or not isinstance(gqa, int) or gqa <= 0:
+        raise ValueError(f"gqa must be a positive integer (query heads per KV head), got {gqa!r}")
+    return Family(Mask.from_window(window, causal), gqa)
+
+
+def _describe_query(family: Family, head_dim=None, dtype=None) -> str:
+    parts = [f"window={family.mask.window!r}", f"causal={family.mask.causal}", f"gqa={family.gqa}"]
+    if head_dim is not None:
+        parts.append(f"head_dim={head_dim}")
+    if dtype is not None:
+        parts.append(f"dtype={dtype}")
+    return ", ".join(parts)
+
+
+class Registry:
+    """The kernels in a set of build directories plus the on-demand cache."""
+
+    def __init__(self, paths: list[str | Path] | None = None, jit_dir: str | Path | None = None,
+                 jit: bool | None = None):
+        self._paths = [Path(p) for p in paths] if paths is not None else None
+        self._jit_dir = Path(jit_dir) if jit_dir is not None else None
+        self._jit = jit
+        self._lock = threading.RLock()
+        self._kernels: dict[str, tuple[KernelSpec, Path]] | None = None
+        self._specs: dict[str, dict] = {}
+        self._launchers: dict[str, object] = {}
+
+    # -- configuration, resolved late so environment changes before first use count --------
+    @property
+    def paths(self) -> list[Path]:
+        if self._paths is not None:
+            return self._paths
+        env = os.environ.get("ATTNGEN_PATH")
+        return [Path(p) for p in env.split(os.pathsep) if p] if env else [default_out()]
+
+    @property
+    def jit_dir(self) -> Path:
+        return self._jit_dir if self._jit_dir is not None else cache_root() / "jit"
+
+    @property
+    def jit(self) -> bool:
+        return self._jit if self._jit is not None else os.environ.get("ATTNGEN_JIT", "1") != "0"
+
+    # -- index --------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Forget what was read; the next lookup reads the manifests again."""
+        with self._lock:
+            self._kernels = None
+            self._specs = {}
+
+    def _index(self) -> dict[str, tuple[KernelSpec, Path]]:
+        with self._lock:
+            if self._kernels is None:
+                kernels: dict[str, tuple[KernelSpec, Path]] = {}
+                for directory in [*self.paths, self.jit_dir]:
+                    manifest = read_manifest(directory)
+                    for name, entry in manifest["kernels"].items():
+                        kernels.setdefault(name, (KernelSpec.from_dict(entry["spec"]), directory))
+                    for name, entry in manifest["specs"].items():
+                        self._specs.setdefault(name, entry)
+                self._kernels = kernels
+            return self._kernels
+
+    def kernels(self) -> list[KernelSpec]:
+        return [spec for spec, _ in self._index().values()]
+
+    def specs(self) -> dict[str, dict]:
+        self._index()
+        return dict(self._specs)
+
+    def _match(self, family: Family, head_dim: int, dtype: str) -> KernelSpec | None:
+        found = sorted((k for k in self.kernels() if k.family == family and k.head_dim == head_dim
+                        and k.dtype == dtype), key=lambda k: k.name)
+        tuned = tiles_for(head_dim, family.mask)
+        return next((k for k in found if k.tiles == tuned), found[0] if found else None)
+
+    def has_family(self, family: Family) -> bool:
+        return any(k.family == family for k in self.kernels())
+
+    def nearest(self, family: Family, limit: int = 5) -> list[str]:
+        def distance(k: KernelSpec):
+            m = k.mask
+            reach = lambda x: -1 if x is None else x   # noqa: E731
+            return (m.causal != family.mask.causal,
+                    abs(reach(m.left) - reach(family.mask.left)) + abs(reach(m.right) - reach(family.mask.right)),
+                    abs(k.gqa - family.gqa))
+        groups: dict[Family, list[KernelSpec]] = {}
+        for k in sorted(self.kernels(), key=distance):
+            groups.setdefault(k.family, []).append(k)
+        return [f"{_describe_query(fam)} (head_dim/dtype: "
+                f"{', '.join(sorted({f'{k.head_dim}/{k.dtype}' for k in ks}))})"
+                for fam, ks in list(groups.items())[:limit]]
+
+    def not_found(self, family: Family, head_dim=None, dtype=None) -> KernelNotFound:
+        near = self.nearest(family)
+        where = ", ".join(str(p) for p in [*self.paths, self.jit_dir])
+        listing = "\n  ".join(near) if near else "(none: run `attngen build SPEC...`)"
+        return KernelNotFound(
+            f"no built kernel for {_describe_query(family, head_dim, dtype)} in {where} and "
+            f"on-demand generation is off (ATTNGEN_JIT=0). Nearest available:\n  {listing}")
+
+    # -- launchers ----------------------------------------------------------------------
+    def launcher(self, family: Family, head_dim: int, dtype: str):
+        """The ``launch`` function of the kernel for these semantics, head_dim and dtype."""
+        with self._lock:
+            spec = self._match(family, head_dim, dtype)
+            if spec is None:
+                if not self.jit:
+                    raise self.not_found(family, head_dim, dtype)
+                spec = KernelSpec(family.mask, family.gqa, head_dim, dtype,
+                                  tiles_for(head_dim, family.mask))
+                log.warning("attngen: no built kernel for %s; generating %s into %s "
+                            "(prebuild it with `attngen build` to skip this)",
+                            _describe_query(family, head_dim, dtype), spec.name, self.jit_dir)
+                build([Spec(f"jit-{spec.name}", "attngen.get_kernel", (spec,))], self.jit_dir,
+                      archs=(), keep_existing=True)
+                self.refresh()
+                spec = self._match(family, head_dim, dtype)
+            if spec.name not in self._launchers:
+                _, directory = self._index()[spec.name]
+                self._launchers[spec.name] = load_package(directory / spec.name).launch
+            return self._launchers[spec.name]
+
+
+class AttentionKernel:
+    """A callable for one mask and GQA ratio; dispatches on the inputs' head_dim and dtype."""
+
+    def __init__(self, family: Family, registry: Registry, scale: float | None = None,
+                 head_dim: int | None = None):
+        self.family, self.registry, self.scale, self.head_dim = family, registry, scale, head_dim
+        self._launch: dict[tuple[int, str], object] = {}
+
+    def __repr__(self):
+        return f"AttentionKernel({_describe_query(self.family, self.head_dim)}, scale={self.scale})"
+
+    def __call__(self, q, k, v, *, scale: float | None = None, out=None, layout: str = "bhsd"):
+        """Attention of ``q`` over ``k, v``; see the launcher docs for shapes and layouts."""
+        if not isinstance(q, torch.Tensor) or q.dim() != 4:
+            raise InputError(f"q must be a 4-D torch.Tensor, got {getattr(q, 'shape', type(q))}")
+        head_dim = q.shape[-1]
+        dtype = TORCH_TO_SPEC.get(q.dtype)
+        if dtype is None:
+            raise InputError(f"q has dtype {q.dtype}; attngen kernels take "
+                             f"{', '.join(str(t) for t in TORCH_TO_SPEC)}")
+        if self.head_dim is not None and head_dim != self.head_dim:
+            raise InputError(f"this kernel was asked for head_dim {self.head_dim}, q has {head_dim}")
+        if head_dim not in HEAD_DIMS:
+            raise InputError(f"head_dim {head_dim} is not supported; attngen kernels take {list(HEAD_DIMS)}")
+        launch = self._launch.get((head_dim, dtype))
+        if launch is None:
+            launch = self._launch[(head_dim, dtype)] = self.registry.launcher(self.family, head_dim, dtype)
+        return launch(q, k, v, scale=self.scale if scale is None else scale, out=out, layout=layout)
+
+
+registry = Registry()
+
+
+def get_kernel(window: int | dict | tuple | None = None, *, causal: bool = True, gqa: int = 1,
+               head_dim: int | None = None, dtype: str | None = None,
+               scale: float | None = None, registry: Registry | None = None) -> AttentionKernel:
+    """The attention callable for a window (see :class:`attngen.Mask`) and GQA ratio.
+
+    ``head_dim``/``dtype``, when given, must have a kernel now (built, or generated on
+    demand); otherwise they are picked from the tensors at call time.
+    """
+    reg = registry or globals()["registry"]
+    family = _family(window, causal, gqa)
+    if head_dim is not None and head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {list(HEAD_DIMS)}, got {head_dim!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if not reg.jit and not reg.has_family(family):
+        raise reg.not_found(family, head_dim, dtype)
+    if head_dim is not None and dtype is not None:
+        reg.launcher(family, head_dim, dtype)
+    return AttentionKernel(family, reg, scale, head_dim)
+
+
+def get_layer_kernels(model: str, *, registry: Registry | None = None) -> list[AttentionKernel]:
+    """One callable per layer of a model spec (a spec with ``layers``), in layer order."""
+    reg = registry or globals()["registry"]
+    specs = reg.specs()
+    entry = specs.get(model)
+    if entry is None or entry.get("layers") is None:
+        models = sorted(n for n, e in specs.items() if e.get("layers") is not None)
+        raise KernelNotFound(f"no built model spec named {model!r}; built: {models or 'none'}")
+    kernels: dict[Mask, AttentionKernel] = {}
+    layers = []
+    for mask_dict in entry["layers"]:
+        mask = Mask(**mask_dict)
+        if mask not in kernels:
+            kernels[mask] = AttentionKernel(Family(mask, entry["gqa"]), reg, entry["scale"],
+                                            entry["head_dim"])
+        layers.append(kernels[mask])
+    return layers

@@ -1,0 +1,115 @@
+import ast
+import re
+
+import pytest
+
+from attngen import codegen, spec as spec_module
+from attngen.cases import cases_for
+from attngen.mask import Mask
+from attngen.spec import KernelSpec
+from attngen.tuning import Tiles, tiles_for
+
+
+def kernel(mask=Mask(True, 4095), gqa=4, head_dim=128, dtype="fp16"):
+    return KernelSpec(mask, gqa, head_dim, dtype, tiles_for(head_dim, mask))
+
+
+def source(spec):
+    return codegen.render(spec)["kernel.py"]
+
+
+def test_rendered_files_are_python_named_by_the_spec():
+    spec = kernel()
+    files = codegen.render(spec)
+    assert set(files) == {"__init__.py", "kernel.py", "launcher.py", f"test_{spec.name}.py"}
+    for text in files.values():
+        ast.parse(text)
+    assert f"def {spec.name}(Q, K, V, Out, qk_scale_log2: float):" in files["kernel.py"]
+    assert codegen.render(spec) == files            # deterministic
+
+
+def test_full_causal_kernel_has_no_window_code():
+    text = source(kernel(Mask(True)))
+    assert "WINDOW" not in text and "first" not in text and "unmasked_start" not in text
+    assert "ct.where((keys <= rows), s, MASKED)" in text
+    assert "for j in range(0, last):" in text
+
+
+def test_causal_window_kernel_bakes_the_window():
+    text = source(kernel(Mask(True, 4095)))
+    assert "WINDOW_LEFT = 4095" in text and "WINDOW_RIGHT" not in text
+    assert "(keys <= rows) & (keys >= rows - WINDOW_LEFT)" in text
+    assert "for j in range(first, last):" in text
+    assert "if (j < unmasked_start) | (j >= unmasked_stop):" in text
+
+
+def test_bidirectional_kernels():
+    local = source(kernel(Mask(False, 3, 17)))
+    assert "WINDOW_LEFT = 3" in local and "WINDOW_RIGHT = 17" in local
+    assert "(keys >= rows - WINDOW_LEFT) & (keys <= rows + WINDOW_RIGHT) & (keys < seq)" in local
+    full = source(kernel(Mask(False)))
+    assert "WINDOW" not in full and "ct.where((keys < seq), s, MASKED)" in full
+
+
+def test_gqa_and_head_dim_specialization():
+    mha = source(kernel(gqa=1))
+    assert "GROUP" not in mha and "index=(b, h, 0, j)" in mha
+    gqa = source(kernel(gqa=8))
+    assert "GROUP = 8" in gqa and "index=(b, h // GROUP, 0, j)" in gqa
+    padded = source(kernel(head_dim=80))
+    assert "HEAD_DIM = 80" in padded and "TILE_D = 128" in padded
+    assert "TILE_D" not in source(kernel(head_dim=64))
+
+
+def test_tiles_and_hints_are_baked_in():
+    spec = KernelSpec(Mask(True), 1, 64, "bf16", Tiles(64, 32, 3, 1))
+    text = source(spec)
+    assert "BLOCK_M = 64" in text and "BLOCK_N = 32" in text
+    assert "@ct.kernel(occupancy=3, num_ctas=1)" in text
+    assert "DTYPE = torch.bfloat16" in codegen.render(spec)["launcher.py"]
+
+
+def test_generated_test_lists_the_variant_cases():
+    spec = kernel(Mask(True, 127), gqa=8, head_dim=64)
+    text = codegen.render(spec, ("sm_80", "sm_90"))[f"test_{spec.name}.py"]
+    for case in cases_for(spec):
+        assert repr(case) in text
+    assert "['sm_80', 'sm_90']" in text
+
+
+def test_cases_cover_the_edges():
+    spec = kernel(Mask(True, 4095))
+    cases = {re.sub(r"-b\d+-.*", "", c.id): c for c in cases_for(spec)}
+    assert cases["one-token"].seq == 1 and cases["one-token"].heads_kv == 1      # MQA, S = 1
+    assert cases["shorter-than-tile"].seq < spec.tiles.block_m
+    assert cases["ragged-batch2"].batch == 2 and cases["ragged-batch2"].seq % spec.tiles.block_m
+    assert cases["window-covers-seq"].versus_full
+    assert cases["just-past-window"].seq > 4096
+    assert cases["bshd-views"].layout == "bshd" and cases["explicit-scale"].scale == 0.3
+    ids = [c.id for c in cases_for(spec)]
+    assert len(set(ids)) == len(ids)
+    assert "one-token-b1-h4kv1-s1-w4096-bhsd" in ids
+
+
+def test_name_depends_on_templates(monkeypatch):
+    spec = kernel()
+    before = spec.name
+    sources = dict(codegen.template_sources())
+    sources["kernel.py.j2"] += "\n# changed\n"
+    monkeypatch.setattr(codegen, "template_sources", lambda: sources)
+    spec_module.fingerprint.cache_clear()
+    try:
+        assert spec.name != before
+    finally:
+        monkeypatch.undo()
+        spec_module.fingerprint.cache_clear()
+    assert spec.name == before
+
+
+def test_kernel_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="gqa"):
+        KernelSpec(Mask(True), 0, 64, "fp16", tiles_for(64, Mask(True)))
+    with pytest.raises(ValueError, match="head_dim"):
+        KernelSpec(Mask(True), 1, 72, "fp16", tiles_for(64, Mask(True)))
+    with pytest.raises(ValueError, match="power of two"):
+        Tiles(96, 64, 1, 1)

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from attngen.launch import InputError, prepare, scale_log2
+
+ARGS = dict(layout="bhsd", head_dim=64, dtype=torch.float16, group=4, name="k")
+
+
+def tensors(b=1, h=8, hkv=2, s=16, d=64, dtype=torch.float16):
+    return (torch.randn(b, h, s, d, dtype=dtype), torch.randn(b, hkv, s, d, dtype=dtype),
+            torch.randn(b, hkv, s, d, dtype=dtype))
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda q, k, v: (q, k, v[:, :1]), "k and v must have one shape"),
+    (lambda q, k, v: (q[..., :32], k, v), "head_dim must be 64"),
+    (lambda q, k, v: (q[:, :4], k, v), "so k and v need 1, got 2"),
+    (lambda q, k, v: (q[:, :7], k, v), "not a multiple of 4"),
+    (lambda q, k, v: (q, k[:, :, :8], v[:, :, :8]), "as many keys as queries"),
+    (lambda q, k, v: (torch.cat([q, q]), k, v), "batch sizes differ"),
+    (lambda q, k, v: (q.float(), k, v), "q has dtype torch.float32"),
+    (lambda q, k, v: (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v), "unit stride"),
+    (lambda q, k, v: (q, k, v[0]), "v must be 4-D"),
+    (lambda q, k, v: (q, "k", v), "k must be a torch.Tensor"),
+    (lambda q, k, v: (q, k, v), "runs on CUDA tensors"),
+])
+def test_prepare_names_the_problem(change, match):
+    with pytest.raises(InputError, match=match) as info:
+        prepare(*change(*tensors()), None, **ARGS)
+    assert str(info.value).startswith("k: ")
+
+
+def test_layout_and_scale_checks():
+    with pytest.raises(InputError, match="layout"):
+        prepare(*tensors(), None, **{**ARGS, "layout": "sbhd"})
+    with pytest.raises(InputError, match="positive finite"):
+        scale_log2(float("nan"), 64)
+    with pytest.raises(InputError, match="positive finite"):
+        scale_log2(-1.0, 64)
+    assert scale_log2(None, 64) == pytest.approx(0.125 * 1.4426950408889634)

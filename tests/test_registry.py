@@ -1,0 +1,127 @@
+import threading
+
+import pytest
+import torch
+
+import attngen
+from attngen.build import build, read_manifest
+from attngen.launch import InputError
+from attngen.mask import Mask, MaskError
+from attngen.registry import KernelNotFound, Registry
+from attngen.spec import load_text
+
+SPECS = """name: lib
+window: [128, 4096]
+gqa: [1, 4]
+head_dim: [64, 128]
+dtype: [fp16, bf16]
+---
+name: toy-model
+gqa: 2
+head_dim: 64
+dtype: bf16
+scale: 0.125
+layers: {count: 5, pattern: [128, 128, null]}
+"""
+
+
+@pytest.fixture
+def built(tmp_path):
+    build(load_text(SPECS), tmp_path / "build", archs=())
+    return tmp_path / "build"
+
+
+def registry(built, tmp_path, jit=False):
+    return Registry([built], jit_dir=tmp_path / "jit", jit=jit)
+
+
+def test_selection_is_exact_and_dispatches_on_head_dim_and_dtype(built, tmp_path):
+    reg = registry(built, tmp_path)
+    kernel = attngen.get_kernel(window=4096, gqa=4, registry=reg)
+    assert kernel.family.mask == Mask(True, 4095) and kernel.family.gqa == 4
+    for head_dim in (64, 128):
+        for dtype in ("fp16", "bf16"):
+            launch = reg.launcher(kernel.family, head_dim, dtype)
+            assert f"_d{head_dim}_{dtype}_" in launch.__module__
+    assert reg.launcher(kernel.family, 64, "fp16") is reg.launcher(kernel.family, 64, "fp16")
+
+
+def test_miss_lists_the_nearest_variants(built, tmp_path):
+    reg = registry(built, tmp_path)
+    with pytest.raises(KernelNotFound) as info:
+        attngen.get_kernel(window=4095, gqa=4, registry=reg)
+    text = str(info.value)
+    assert "window=4095, causal=True, gqa=4" in text and "ATTNGEN_JIT=0" in text
+    first = text.splitlines()[1]
+    assert "window=4096" in first and "gqa=4" in first and "128/bf16" in first
+    with pytest.raises(KernelNotFound, match="head_dim=256"):
+        attngen.get_kernel(window=128, gqa=1, head_dim=256, dtype="fp16", registry=reg)
+
+
+def test_invalid_queries_are_errors_not_misses(built, tmp_path):
+    reg = registry(built, tmp_path, jit=True)
+    with pytest.raises(ValueError, match="gqa"):
+        attngen.get_kernel(window=128, gqa=0, registry=reg)
+    with pytest.raises(MaskError, match="positive"):
+        attngen.get_kernel(window=0, registry=reg)
+    with pytest.raises(ValueError, match="head_dim"):
+        attngen.get_kernel(window=128, head_dim=72, registry=reg)
+    with pytest.raises(ValueError, match="dtype"):
+        attngen.get_kernel(window=128, dtype="fp32", registry=reg)
+
+
+def test_on_demand_generation_happens_once_across_threads(built, tmp_path, caplog):
+    reg = registry(built, tmp_path, jit=True)
+    kernel = attngen.get_kernel(window=300, gqa=3, registry=reg)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(reg.launcher(kernel.family, 96, "bf16")))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and all(r is results[0] for r in results)
+    jit = read_manifest(tmp_path / "jit")["kernels"]
+    assert len(jit) == 1 and next(iter(jit)).startswith("causal_w300_g3_d96_bf16_")
+    assert sum("generating" in r.message for r in caplog.records) == 1
+    # a fresh registry finds it in the cache without generating again
+    caplog.clear()
+    fresh = registry(built, tmp_path, jit=True)
+    fresh.launcher(kernel.family, 96, "bf16")
+    assert not caplog.records
+
+
+def test_layer_kernels_follow_the_model_spec(built, tmp_path):
+    reg = registry(built, tmp_path)
+    layers = attngen.get_layer_kernels("toy-model", registry=reg)
+    assert [k.family.mask.window for k in layers] == [128, 128, None, 128, 128]
+    assert layers[0] is layers[1] and layers[0] is not layers[2]
+    assert all(k.scale == 0.125 and k.head_dim == 64 and k.family.gqa == 2 for k in layers)
+    with pytest.raises(KernelNotFound, match="toy-model"):
+        attngen.get_layer_kernels("nope", registry=reg)
+
+
+def test_environment_chooses_build_dirs(built, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNGEN_PATH", str(built))
+    monkeypatch.setenv("ATTNGEN_JIT", "0")
+    reg = Registry()
+    assert reg.paths == [built] and not reg.jit
+    assert attngen.get_kernel(window=128, gqa=1, registry=reg)
+
+
+def test_callable_checks_inputs_before_launching(built, tmp_path):
+    reg = registry(built, tmp_path)
+    attn = attngen.get_kernel(window=128, gqa=4, registry=reg)
+    q = torch.randn(1, 8, 16, 64, dtype=torch.float16)
+    k = torch.randn(1, 2, 16, 64, dtype=torch.float16)
+    with pytest.raises(InputError, match="runs on CUDA tensors"):
+        attn(q, k, k)
+    with pytest.raises(InputError, match="dtype torch.float32"):
+        attn(q.float(), k.float(), k.float())
+    with pytest.raises(InputError, match="head_dim 72 is not supported"):
+        attn(torch.randn(1, 8, 16, 72, dtype=torch.float16), k, k)
+    with pytest.raises(InputError, match="4-D"):
+        attn(q[0], k, k)
+    layer = attngen.get_layer_kernels("toy-model", registry=reg)[0]
+    with pytest.raises(InputError, match="head_dim 64, q has 128"):
+        layer(torch.randn(1, 4, 16, 128, dtype=torch.bfloat16), k, k)
