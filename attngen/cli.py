@@ -61,6 +61,11 @@ def _list(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .build import DEFAULT_ARCHS, default_out
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:                 # its own parser: run / tune / plot
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
+
     parser = argparse.ArgumentParser(prog="attngen", description=__doc__)
     parser.add_argument("--version", action="version", version=f"attngen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-j", "--jobs", type=int, default=None, help="parallel compiles (default: cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_build)
+
+    sub.add_parser("bench", help="time attngen against SDPA and FlexAttention; tune tiles "
+                                 "(attngen bench {run,tune,plot} --help)")
 
     p = sub.add_parser("list", help="show the built kernels and model specs the registry sees")
     p.add_argument("--out", default=None, help="build directory (default: ATTNGEN_PATH or the default)")

@@ -36,8 +36,12 @@ def _softmax_rows(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = "bhsd",
-              chunk: int = 256, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Banded reference; returns ``dtype`` in the layout of ``q``."""
+              q_offset: int = 0, chunk: int = 256, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Banded reference; returns ``dtype`` in the layout of ``q``.
+
+    Query ``t`` of ``q`` is the token at position ``q_offset + t`` (so a slice of the
+    queries can be checked on its own).
+    """
     q, k, v = (_bhsd(t, layout).to(dtype) for t in (q, k, v))
     _check(q, k, v)
     batch, heads, seq_q, d = q.shape
@@ -49,10 +53,10 @@ def attention(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = 
     og = out.view(batch, kv_heads, group, seq_q, v.shape[-1])
     for i0 in range(0, seq_q, chunk):
         i1 = min(i0 + chunk, seq_q)
-        lo, hi = mask.key_range(i0, i1, seq_k)
+        lo, hi = mask.key_range(q_offset + i0, q_offset + i1, seq_k)
         if hi <= lo:
             continue
-        rows = torch.arange(i0, i1, device=q.device)[:, None]
+        rows = torch.arange(q_offset + i0, q_offset + i1, device=q.device)[:, None]
         cols = torch.arange(lo, hi, device=q.device)[None, :]
         scores = torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, i0:i1], k[:, :, lo:hi]) * scale
         probs = _softmax_rows(scores, mask.visible(rows, cols))

@@ -107,7 +107,7 @@ class Registry:
     def _match(self, family: Family, head_dim: int, dtype: str) -> KernelSpec | None:
         found = sorted((k for k in self.kernels() if k.family == family and k.head_dim == head_dim
                         and k.dtype == dtype), key=lambda k: k.name)
-        tuned = tiles_for(head_dim, family.mask)
+        tuned = tiles_for(head_dim, family.mask, family.gqa)
         return next((k for k in found if k.tiles == tuned), found[0] if found else None)
 
     def has_family(self, family: Family) -> bool:
@@ -144,7 +144,7 @@ class Registry:
                 if not self.jit:
                     raise self.not_found(family, head_dim, dtype)
                 spec = KernelSpec(family.mask, family.gqa, head_dim, dtype,
-                                  tiles_for(head_dim, family.mask))
+                                  tiles_for(head_dim, family.mask, family.gqa))
                 log.warning("attngen: no built kernel for %s; generating %s into %s "
                             "(prebuild it with `attngen build` to skip this)",
                             _describe_query(family, head_dim, dtype), spec.name, self.jit_dir)

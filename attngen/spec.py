@@ -90,6 +90,8 @@ class KernelSpec:
             raise ValueError(f"head_dim must be one of {list(HEAD_DIMS)}, got {self.head_dim!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.gqa % self.tiles.pack:
+            raise ValueError(f"tiles.pack ({self.tiles.pack}) must divide gqa ({self.gqa})")
 
     @property
     def family(self) -> Family:
@@ -117,14 +119,13 @@ class KernelSpec:
     @property
     def name(self) -> str:
         """Canonical name: file name, module name, registry key, cache key and test id."""
-        t = self.tiles
-        return (f"{self.mask.tag}_g{self.gqa}_d{self.head_dim}_{self.dtype}"
-                f"_{t.block_m}x{t.block_n}o{t.occupancy}c{t.num_ctas}_{self.hash}")
+        return f"{self.mask.tag}_g{self.gqa}_d{self.head_dim}_{self.dtype}_{self.tiles.tag}_{self.hash}"
 
     def describe(self) -> str:
         return (f"{self.mask.describe()}; gqa {self.gqa}; head_dim {self.head_dim}; {self.dtype}; "
                 f"tiles {self.tiles.block_m}x{self.tiles.block_n}, occupancy "
-                f"{self.tiles.occupancy}, {self.tiles.num_ctas} CTA(s) per cluster")
+                f"{self.tiles.occupancy}, {self.tiles.num_ctas} CTA(s) per cluster"
+                + (f", {self.tiles.pack} query heads per tile" if self.tiles.pack > 1 else ""))
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def _documents(text: str, source: str) -> list[_Doc]:
 TOP_KEYS = ("name", "description", "causal", "window", "layers", "gqa", "head_dim", "dtype",
             "scale", "tiles")
 EXPANDING = ("causal", "window", "gqa", "head_dim", "dtype")
-TILE_KEYS = ("block_m", "block_n", "occupancy", "num_ctas")
+TILE_KEYS = ("block_m", "block_n", "occupancy", "num_ctas", "pack")
 
 
 def _options(doc: _Doc, key: str, default: Any) -> list[tuple[str, Any]]:
@@ -290,12 +291,11 @@ def _kernel(doc: _Doc, mask: Mask, gqa, head_dim, dtype, paths: dict, tiles: dic
         raise doc.error(paths["head_dim"], f"head_dim must be one of {list(HEAD_DIMS)}, got {head_dim!r}")
     if dtype not in DTYPES:
         raise doc.error(paths["dtype"], f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    base = tiles_for(head_dim, mask)
+    base = tiles_for(head_dim, mask, gqa)
     try:
-        chosen = replace(base, **tiles)
+        return KernelSpec(mask, gqa, head_dim, dtype, replace(base, **tiles))
     except (TypeError, ValueError) as exc:
         raise doc.error("tiles", str(exc)) from None
-    return KernelSpec(mask, gqa, head_dim, dtype, chosen)
 
 
 def _spec(doc: _Doc) -> Spec:

@@ -10,7 +10,7 @@ records the measurements behind each row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 
 from .mask import Mask
 
@@ -23,6 +23,7 @@ class Tiles:
     block_n: int      # keys per KV block
     occupancy: int    # CTAs per SM the compiler should plan for
     num_ctas: int     # CTAs per cluster
+    pack: int = 1     # query heads of one KV group sharing a tile (block_m // pack positions each)
 
     def __post_init__(self):
         for field in ("block_m", "block_n"):
@@ -35,6 +36,19 @@ class Tiles:
             raise ValueError(f"occupancy must be an integer in 1..32, got {self.occupancy!r}")
         if isinstance(self.num_ctas, bool) or self.num_ctas not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_ctas must be 1, 2, 4, 8 or 16, got {self.num_ctas!r}")
+        if isinstance(self.pack, bool) or not isinstance(self.pack, int) or self.pack < 1 \
+                or self.pack & (self.pack - 1) or self.pack > self.block_m:
+            raise ValueError(f"pack must be a power of two no larger than block_m, got {self.pack!r}")
+
+    @property
+    def positions(self) -> int:
+        """Query positions per tile."""
+        return self.block_m // self.pack
+
+    @property
+    def tag(self) -> str:
+        return (f"{self.block_m}x{self.block_n}o{self.occupancy}c{self.num_ctas}"
+                + (f"p{self.pack}" if self.pack > 1 else ""))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,14 +61,14 @@ TUNED: dict[str, dict[int, dict[str, Tiles]]] = {
         80: {"wide": Tiles(128, 64, 2, 1), "narrow": Tiles(64, 64, 2, 1)},
         96: {"wide": Tiles(128, 64, 2, 1), "narrow": Tiles(64, 64, 2, 1)},
         128: {"wide": Tiles(128, 128, 2, 2), "narrow": Tiles(128, 64, 2, 1)},
-        256: {"wide": Tiles(64, 64, 1, 1), "narrow": Tiles(64, 64, 1, 1)},
+        256: {"wide": Tiles(64, 128, 1, 1), "narrow": Tiles(64, 64, 1, 1)},
     },
 }
 
 NARROW_WINDOW = 512
 
 
-def tiles_for(head_dim: int, mask: Mask, arch: str = DEFAULT_ARCH) -> Tiles:
+def tiles_for(head_dim: int, mask: Mask, gqa: int = 1, arch: str = DEFAULT_ARCH) -> Tiles:
     table = TUNED.get(arch, TUNED[DEFAULT_ARCH])
     try:
         row = table[head_dim]
@@ -63,4 +77,12 @@ def tiles_for(head_dim: int, mask: Mask, arch: str = DEFAULT_ARCH) -> Tiles:
     span = None
     if mask.left is not None:
         span = mask.left + 1 + (mask.right or 0)
-    return row["narrow" if span is not None and span < NARROW_WINDOW else "wide"]
+    return fits(row["narrow" if span is not None and span < NARROW_WINDOW else "wide"], gqa)
+
+
+def fits(tiles: Tiles, gqa: int) -> Tiles:
+    """``tiles`` with ``pack`` lowered to what a GQA ratio allows (pack must divide gqa)."""
+    pack = tiles.pack
+    while gqa % pack:
+        pack //= 2
+    return tiles if pack == tiles.pack else replace(tiles, pack=pack)

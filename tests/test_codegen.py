@@ -113,3 +113,17 @@ def test_kernel_spec_rejects_bad_values():
         KernelSpec(Mask(True), 1, 72, "fp16", tiles_for(64, Mask(True)))
     with pytest.raises(ValueError, match="power of two"):
         Tiles(96, 64, 1, 1)
+
+
+def test_packed_gqa_heads_share_a_tile():
+    whole = source(KernelSpec(Mask(True, 127), 8, 64, "bf16", Tiles(128, 64, 2, 1, 8)))
+    assert "PACK = 8" in whole and "POSITIONS = 16" in whole and "GROUP" not in whole
+    assert "index=(b, hp, 0, j)" in whole and "shape=(1, PACK, POSITIONS, HEAD_DIM)" in whole
+    assert "last = ct.cdiv(min(m0 + POSITIONS, seq), BLOCK_N)" in whole
+    half_spec = KernelSpec(Mask(False, 4, 4), 4, 128, "fp16", Tiles(128, 64, 2, 1, 2))
+    half = source(half_spec)
+    assert "GROUP = 4" in half and "index=(b, hp * PACK // GROUP, 0, j)" in half
+    assert "grid = ((seq + 63) // 64, batch * heads // 2, 1)" in codegen.render(half_spec)["launcher.py"]
+    assert half_spec.name.split("_")[-2] == "128x64o2c1p2"
+    with pytest.raises(ValueError, match="must divide gqa"):
+        KernelSpec(Mask(True), 2, 64, "fp16", Tiles(128, 64, 2, 1, 4))

@@ -63,3 +63,13 @@ def test_rejects_bad_heads_and_layout():
         reference.attention(q, k, k, Mask(True))
     with pytest.raises(ValueError, match="layout"):
         reference.attention(q, q, q, Mask(True), layout="sbhd")
+
+
+def test_query_slice_with_offset_equals_the_full_result():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 40, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 40, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    for mask in MASKS:
+        full = reference.attention(q, k, v, mask, chunk=16)
+        part = reference.attention(q[:, :, 25:], k, v, mask, q_offset=25, chunk=16)
+        torch.testing.assert_close(part, full[:, :, 25:], rtol=1e-12, atol=1e-12)

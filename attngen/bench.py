@@ -1,0 +1,345 @@
+"""`attngen bench` and `attngen tune`: attngen against the kernels a user would otherwise pick.
+
+For one shape and a list of sequence lengths, on the current GPU and in one process:
+
+* ``attngen``     the generated kernel for the shape (tiles from the tuned table, or ``--tiles``);
+* ``sdpa-flash``  PyTorch SDPA, flash backend, *full* causal (GQA heads expanded first);
+* ``sdpa-cudnn``  PyTorch SDPA, cuDNN backend, *full* causal (GQA heads expanded first);
+* ``flex``        FlexAttention, compiled, with the same window as a ``BlockMask``, ``enable_gqa``;
+* ``sdpa-band``   PyTorch SDPA with an explicit boolean band mask (where S x S fits: S <= 16384).
+
+Times are medians (p20/p80 too) of ``triton.testing.do_bench`` with warm-up excluded, on fresh
+random inputs; before timing, each implementation's output is checked against the float64
+reference on the first and last query rows.  Effective TFLOP/s count only the attended
+(query, key) pairs: ``4 * D * pairs * B * H``.  Rows go to a long-format JSON file; ``plot``
+draws them (needs matplotlib).  ``tune`` times candidate tile shapes for a shape and prints
+the best, for ``attngen/tuning.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+from dataclasses import asdict, dataclass, replace
+
+from .mask import Mask
+from .spec import DTYPES, KernelSpec
+from .tuning import Tiles, tiles_for
+
+CHECK_ROWS = 256        # query rows checked at each end of the sequence
+PEERS = ("attngen", "sdpa-flash", "sdpa-cudnn", "flex", "sdpa-band")
+
+
+@dataclass(frozen=True)
+class Shape:
+    label: str
+    heads: int
+    heads_kv: int
+    head_dim: int
+    window: int | None
+    dtype: str
+    seqs: tuple[int, ...]
+    batch: int = 1
+
+    @property
+    def mask(self) -> Mask:
+        return Mask.from_window(self.window, causal=True)
+
+
+PRESETS = {
+    "A": Shape("A mistral-7b", 32, 8, 128, 4096, "fp16", (4096, 8192, 16384, 32768)),
+    "B": Shape("B gemma3-4b local", 8, 4, 256, 1024, "bf16", (4096, 8192, 16384, 32768)),
+    "B'": Shape("B' gemma3-27b local", 32, 16, 128, 1024, "bf16", (4096, 8192, 16384, 32768)),
+    "C": Shape("C gpt-oss local", 64, 8, 64, 128, "bf16", (4096, 8192, 16384, 32768)),
+    "C16": Shape("C gpt-oss local fp16", 64, 8, 64, 128, "fp16", (4096, 8192, 16384, 32768)),
+}
+
+
+def parse_tiles(text: str) -> Tiles:
+    """The inverse of ``Tiles.tag``: ``128x64o2c1p8`` -> Tiles(128, 64, 2, 1, pack=8)."""
+    import re
+
+    match = re.fullmatch(r"(\d+)x(\d+)o(\d+)c(\d+)(?:p(\d+))?", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"tiles look like 128x64o2c1 or 128x64o2c1p8 (BMxBN, o occupancy, c CTAs per "
+            f"cluster, p query heads per tile), got {text!r}")
+    bm, bn, occ, ctas, pack = match.groups()
+    try:
+        return Tiles(int(bm), int(bn), int(occ), int(ctas), int(pack or 1))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _inputs(shape: Shape, seq: int):
+    import torch
+
+    dtype = getattr(torch, DTYPES[shape.dtype])
+    make = lambda h: torch.randn(shape.batch, h, seq, shape.head_dim, device="cuda",  # noqa: E731
+                                 dtype=torch.float32).to(dtype)
+    return make(shape.heads), make(shape.heads_kv), make(shape.heads_kv)
+
+
+def _implementations(shape: Shape, seq: int, q, k, v, tiles: Tiles | None, names):
+    """name -> zero-argument callable returning the output, for the requested peers."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from . import registry as registry_module
+
+    impls = {}
+    group = shape.heads // shape.heads_kv
+    if "attngen" in names:
+        if tiles is None:
+            attn = registry_module.get_kernel(shape.window, gqa=group)
+            impls["attngen"] = lambda: attn(q, k, v)
+        else:
+            spec = KernelSpec(shape.mask, group, shape.head_dim, shape.dtype, tiles)
+            launch = _launcher_for(spec)
+            impls["attngen"] = lambda: launch(q, k, v)
+    needs_expanded = {"sdpa-flash", "sdpa-cudnn", "sdpa-band"} & set(names)
+    if needs_expanded:
+        ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+        if name in names:
+            def run(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+            impls[name] = run
+    if "sdpa-band" in names and seq <= 16384:
+        i = torch.arange(seq, device="cuda")
+        band = shape.mask.visible(i[:, None], i[None, :])
+        impls["sdpa-band"] = lambda: F.scaled_dot_product_attention(q, ke, ve, attn_mask=band)
+    if "flex" in names:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        flex = torch.compile(flex_attention, dynamic=False)
+        mask = shape.mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask.visible(q_idx, kv_idx)
+        block_mask = create_block_mask(mask_mod, None, None, seq, seq, device="cuda")
+        impls["flex"] = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return impls
+
+
+def _launcher_for(spec: KernelSpec):
+    """The launch function of ``spec`` (tiles chosen by the caller), generated on demand."""
+    from .build import build
+    from .codegen import load_package
+    from .registry import registry
+    from .spec import Spec
+
+    build([Spec(f"bench-{spec.name}", "attngen.bench", (spec,))], registry.jit_dir, archs=(),
+          keep_existing=True)
+    return load_package(registry.jit_dir / spec.name).launch
+
+
+def _error(out, q, k, v, shape: Shape) -> float:
+    """Relative error of ``out`` against the float64 reference on the first and last rows."""
+    import torch
+
+    from .reference import attention
+
+    seq = q.shape[2]
+    errs = []
+    for start in sorted({0, max(0, seq - CHECK_ROWS)}):
+        stop = min(seq, start + CHECK_ROWS)
+        ref = attention(q[:, :, start:stop], k, v, shape.mask, q_offset=start)
+        got = out[:, :, start:stop].double()
+        errs.append(((got - ref).norm() / ref.norm()).item())
+    return max(errs) if all(math.isfinite(e) for e in errs) else float("nan")
+
+
+def _time(fn):
+    import triton
+
+    p20, p50, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+    return p20 * 1e3, p50 * 1e3, p80 * 1e3      # ms -> us
+
+
+def _extra_memory(fn, out_bytes: int) -> int:
+    """Peak device memory one call allocates beyond its output, in bytes."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - out_bytes
+    del result
+    return max(0, extra)
+
+
+def environment() -> dict:
+    import torch
+
+    from . import __version__
+    try:
+        from importlib.metadata import version
+        cutile = version("cuda-tile")
+    except Exception:   # noqa: BLE001
+        import cuda.tile
+        cutile = getattr(cuda.tile, "__version__", "?")
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cuda_tile": cutile, "attngen": __version__, "python": platform.python_version()}
+
+
+def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print) -> list[dict]:
+    """Time every implementation at every sequence length of ``shape``; one dict per row."""
+    import torch
+
+    rows = []
+    env = environment()
+    for seq in shape.seqs:
+        q, k, v = _inputs(shape, seq)
+        pairs = shape.mask.pairs(seq)
+        flops = 4 * shape.head_dim * pairs * shape.batch * shape.heads
+        io_bytes = (2 * q.numel() + 2 * k.numel()) * q.element_size()
+        impls = _implementations(shape, seq, q, k, v, tiles, names)
+        base = None
+        for name, fn in impls.items():
+            out = fn()
+            torch.cuda.synchronize()
+            # peers that compute full causal attention are not expected to match the window
+            err = _error(out, q, k, v, shape) if name in ("attngen", "flex", "sdpa-band") else None
+            p20, p50, p80 = _time(fn)
+            extra = _extra_memory(fn, out.numel() * out.element_size())
+            del out
+            if name == "attngen":
+                base = p50
+            row = {**env, "shape": shape.label, "batch": shape.batch, "heads": shape.heads,
+                   "heads_kv": shape.heads_kv, "head_dim": shape.head_dim, "window": shape.window,
+                   "dtype": shape.dtype, "seq": seq, "impl": name, "us_p20": p20, "us_p50": p50,
+                   "us_p80": p80, "tflops": flops / (p50 * 1e-6) / 1e12,
+                   "io_gb_s": io_bytes / (p50 * 1e-6) / 1e9, "extra_mem_bytes": extra,
+                   "rel_err": err, "tiles": asdict(tiles) if tiles and name == "attngen" else None}
+            rows.append(row)
+        for row in rows[-len(impls):]:
+            row["attngen_speedup"] = row["us_p50"] / base if base else None
+        say(table(rows[-len(impls):], header=seq == shape.seqs[0]))
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict], header: bool = True) -> str:
+    lines = []
+    if header and rows:
+        r = rows[0]
+        lines.append(f"\n{r['shape']}: B={r['batch']} H={r['heads']} HKV={r['heads_kv']} "
+                     f"D={r['head_dim']} W={r['window']} {r['dtype']} on {r['gpu']}")
+        lines.append(f"{'S':>6} {'impl':<11} {'us (p50)':>10} {'TFLOP/s':>8} {'GB/s':>7} "
+                     f"{'attngen x':>9} {'extra MB':>9} {'rel err':>8}")
+    for r in rows:
+        err = "-" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
+        speed = "-" if r.get("attngen_speedup") is None else f"{r['attngen_speedup']:.2f}"
+        lines.append(f"{r['seq']:>6} {r['impl']:<11} {r['us_p50']:>10.1f} {r['tflops']:>8.0f} "
+                     f"{r['io_gb_s']:>7.0f} {speed:>9} {r['extra_mem_bytes'] / 2**20:>9.1f} {err:>8}")
+    return "\n".join(lines)
+
+
+def tune(shape: Shape, candidates: list[Tiles], say=print) -> list[dict]:
+    """Time each candidate tile config of the attngen kernel for ``shape``."""
+    rows = []
+    for tiles in candidates:
+        try:
+            got = bench(replace(shape), names=("attngen",), tiles=tiles, say=lambda _: None)
+        except Exception as exc:    # noqa: BLE001 - a config the compiler rejects is a result
+            say(f"{shape.label}: {tiles.tag}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        rows += got
+        times = "  ".join(f"S={r['seq']}: {r['us_p50']:.1f}us {r['tflops']:.0f}TF err {r['rel_err']:.1e}"
+                          for r in got)
+        say(f"{shape.label}: {tiles.tag}  {times}")
+    if rows:
+        best = min(candidates, key=lambda t: sum(r["us_p50"] for r in rows if r["tiles"] == asdict(t))
+                   if any(r["tiles"] == asdict(t) for r in rows) else math.inf)
+        default = tiles_for(shape.head_dim, shape.mask, shape.heads // shape.heads_kv)
+        say(f"{shape.label}: best {best.tag} (table: {default.tag})")
+    return rows
+
+
+DEFAULT_CANDIDATES = ["128x128o2c2", "128x128o2c1", "128x128o1c1", "128x64o2c1", "128x64o2c2",
+                      "64x64o4c1", "64x64o2c1", "64x128o2c1", "64x32o4c1", "128x32o2c1",
+                      "64x64o1c1", "64x128o1c1"]
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, label in zip(axes[0], shapes):
+        sub = [r for r in rows if r["shape"] == label]
+        for impl in dict.fromkeys(r["impl"] for r in sub):
+            pts = [(r["seq"], r["tflops"]) for r in sub if r["impl"] == impl]
+            ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_title(label)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("effective TFLOP/s (attended pairs)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="attngen bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "tune"):
+        p = sub.add_parser(name)
+        p.add_argument("--preset", action="append", choices=sorted(PRESETS),
+                       help="shape presets (repeatable); default: all")
+        p.add_argument("--seq", type=int, nargs="+", help="override the sequence lengths")
+        p.add_argument("--json", help="write the rows here (long format)")
+        if name == "run":
+            p.add_argument("--impl", nargs="+", choices=PEERS, default=list(PEERS))
+            p.add_argument("--tiles", type=parse_tiles, help="attngen tiles, e.g. 128x64o2c1")
+            p.add_argument("--plot", help="also draw the rows to this PNG")
+        else:
+            p.add_argument("--candidates", type=parse_tiles, nargs="+",
+                           default=[parse_tiles(t) for t in DEFAULT_CANDIDATES])
+    p = sub.add_parser("plot", help="draw a JSON file written by `run`")
+    p.add_argument("json")
+    p.add_argument("png")
+    args = parser.parse_args(argv)
+
+    if args.command == "plot":
+        with open(args.json) as fh:
+            plot(json.load(fh)["rows"], args.png)
+        return 0
+    import torch
+    if not torch.cuda.is_available():
+        print("attngen bench: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    shapes = [PRESETS[p] for p in (args.preset or PRESETS)]
+    if args.seq:
+        shapes = [replace(s, seqs=tuple(args.seq)) for s in shapes]
+    rows = []
+    for shape in shapes:
+        if args.command == "run":
+            rows += bench(shape, names=args.impl, tiles=args.tiles)
+        else:
+            rows += tune(shape, args.candidates)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"command": " ".join(["attngen bench", *(argv or sys.argv[1:])]),
+                       "rows": rows}, fh, indent=1)
+    if args.command == "run" and args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
