@@ -9,8 +9,15 @@ __version__ = "0.1.0"
 
 from .mask import Mask, MaskError  # noqa: E402
 from .spec import SpecError  # noqa: E402
-from .registry import (AttentionKernel, KernelNotFound, get_kernel,  # noqa: E402
-                       get_layer_kernels, registry)
+from .registry import (AttentionKernel, KernelNotFound, default_registry,  # noqa: E402
+                       get_kernel, get_layer_kernels)
 
-__all__ = ["__version__", "get_kernel", "get_layer_kernels", "registry", "AttentionKernel",
-           "KernelNotFound", "Mask", "MaskError", "SpecError"]
+
+def register_transformers(name: str = "attngen") -> None:
+    """Register attngen as ``attn_implementation=name`` in HuggingFace transformers."""
+    from .integrations.transformers import register
+    register(name)
+
+
+__all__ = ["__version__", "get_kernel", "get_layer_kernels", "register_transformers",
+           "default_registry", "AttentionKernel", "KernelNotFound", "Mask", "MaskError", "SpecError"]

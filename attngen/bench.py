@@ -89,13 +89,13 @@ def _implementations(shape: Shape, seq: int, q, k, v, tiles: Tiles | None, names
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from . import registry as registry_module
+    from .registry import get_kernel
 
     impls = {}
     group = shape.heads // shape.heads_kv
     if "attngen" in names:
         if tiles is None:
-            attn = registry_module.get_kernel(shape.window, gqa=group)
+            attn = get_kernel(shape.window, gqa=group)
             impls["attngen"] = lambda: attn(q, k, v)
         else:
             spec = KernelSpec(shape.mask, group, shape.head_dim, shape.dtype, tiles)
@@ -133,12 +133,12 @@ def _launcher_for(spec: KernelSpec):
     """The launch function of ``spec`` (tiles chosen by the caller), generated on demand."""
     from .build import build
     from .codegen import load_package
-    from .registry import registry
+    from .registry import default_registry
     from .spec import Spec
 
-    build([Spec(f"bench-{spec.name}", "attngen.bench", (spec,))], registry.jit_dir, archs=(),
-          keep_existing=True)
-    return load_package(registry.jit_dir / spec.name).launch
+    jit_dir = default_registry.jit_dir
+    build([Spec(f"bench-{spec.name}", "attngen.bench", (spec,))], jit_dir, archs=(), keep_existing=True)
+    return load_package(jit_dir / spec.name).launch
 
 
 def _error(out, q, k, v, shape: Shape) -> float:

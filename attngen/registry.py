@@ -188,7 +188,7 @@ class AttentionKernel:
         return launch(q, k, v, scale=self.scale if scale is None else scale, out=out, layout=layout)
 
 
-registry = Registry()
+default_registry = Registry()
 
 
 def get_kernel(window: int | dict | tuple | None = None, *, causal: bool = True, gqa: int = 1,
@@ -199,7 +199,7 @@ def get_kernel(window: int | dict | tuple | None = None, *, causal: bool = True,
     ``head_dim``/``dtype``, when given, must have a kernel now (built, or generated on
     demand); otherwise they are picked from the tensors at call time.
     """
-    reg = registry or globals()["registry"]
+    reg = registry or default_registry
     family = _family(window, causal, gqa)
     if head_dim is not None and head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {list(HEAD_DIMS)}, got {head_dim!r}")
@@ -214,7 +214,7 @@ def get_kernel(window: int | dict | tuple | None = None, *, causal: bool = True,
 
 def get_layer_kernels(model: str, *, registry: Registry | None = None) -> list[AttentionKernel]:
     """One callable per layer of a model spec (a spec with ``layers``), in layer order."""
-    reg = registry or globals()["registry"]
+    reg = registry or default_registry
     specs = reg.specs()
     entry = specs.get(model)
     if entry is None or entry.get("layers") is None:

@@ -44,3 +44,11 @@ def test_run_without_gpu_says_so(capsys):
         pytest.skip("has a GPU")
     assert bench.main(["run", "--preset", "A"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_tiles_override_generates_its_own_kernel():
+    from attngen.mask import Mask
+    from attngen.spec import KernelSpec
+    spec = KernelSpec(Mask(True, 127), 8, 64, "bf16", Tiles(128, 64, 2, 1, 8))
+    launch = bench._launcher_for(spec)
+    assert launch.__module__ == f"{spec.name}.launcher"
