@@ -1,0 +1,1 @@
+"""Adapters that plug attngen kernels into frameworks (import the one you use)."""

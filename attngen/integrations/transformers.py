@@ -1,0 +1,142 @@
+"""attngen as a HuggingFace transformers attention implementation.
+
+    import attngen.integrations.transformers as ag
+    ag.register()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="attngen")
+
+Each layer's call carries what the registry needs: ``sliding_window`` (per layer), the GQA
+ratio (from the tensors), head_dim and dtype (from the tensors), ``scaling`` and causality
+(``is_causal`` or the module's ``is_causal``).  Window conventions, as transformers has them:
+
+* causal: ``sliding_window=W`` keeps ``kv_idx > q_idx - W``: the ``W`` most recent keys,
+  the query's own included — attngen's ``window=W``;
+* bidirectional (ModernBERT): the attention module passes ``sliding_window = config.sliding_window
+  + 1`` and means a reach of ``W - 1`` keys on each side (``abs(q_idx - kv_idx) <= W - 1``) —
+  attngen's ``{left: W - 1, right: W - 1}``.
+
+Prefill without padding runs on attngen kernels.  Everything else — decode steps and other
+calls with fewer queries than keys, padded batches (an attention mask), dropout while
+training, tensors that are not fp16/bf16 on CUDA, unsupported head dims, logit softcapping
+and attention sinks (not in attngen kernels yet) — falls back to PyTorch with the same
+window applied, and says so once per reason in the ``attngen`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..mask import Mask
+from ..registry import TORCH_TO_SPEC, get_kernel
+from ..spec import HEAD_DIMS
+
+NAME = "attngen"
+log = logging.getLogger("attngen")
+_said: set[str] = set()
+_kernels: dict[tuple, object] = {}
+
+
+def register(name: str = NAME) -> None:
+    """Make ``attn_implementation=name`` available to every transformers model."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(name, attention_forward)
+    # Like FlashAttention: no 4-D mask; None without padding, else the 2-D padding mask.
+    AttentionMaskInterface.register(name, flash_attention_mask)
+
+
+def layer_mask(sliding_window: int | None, causal: bool) -> Mask:
+    """The mask of one layer call, from transformers' ``sliding_window`` argument."""
+    if sliding_window is None or sliding_window <= 0:
+        return Mask(causal)
+    if causal:
+        return Mask.from_window(int(sliding_window), causal=True)
+    reach = int(sliding_window) - 1
+    return Mask(False, reach, reach)
+
+
+def _fallback_reason(module, query, key, attention_mask, dropout, kwargs) -> str | None:
+    if kwargs.get("s_aux") is not None:
+        return "attention sinks are not in attngen kernels yet"
+    if kwargs.get("softcap") is not None:
+        return "logit softcapping is not in attngen kernels yet"
+    if not query.is_cuda:
+        return f"tensors on {query.device.type}"
+    if query.dtype not in TORCH_TO_SPEC:
+        return f"dtype {query.dtype}"
+    if query.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {query.shape[-1]}"
+    if query.shape[2] != key.shape[2]:
+        return "fewer queries than keys (decode or cached prefix)"
+    if attention_mask is not None:
+        return "a padded batch (attention mask)"
+    if dropout and module.training:
+        return "dropout while training"
+    return None
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, is_causal: bool | None = None,
+                      sliding_window: int | None = None, **kwargs):
+    """transformers' attention-function signature; returns ((B, S, H, D), None)."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = layer_mask(sliding_window, bool(causal))
+    reason = _fallback_reason(module, query, key, attention_mask, dropout, kwargs)
+    if reason is not None:
+        if reason not in _said:
+            _said.add(reason)
+            log.warning("attngen: falling back to PyTorch attention (same window) for %s", reason)
+        return fallback(module, query, key, value, attention_mask, mask, dropout, scaling,
+                        softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux")), None
+    gqa = query.shape[1] // key.shape[1]
+    attn = _kernels.get((mask, gqa))
+    if attn is None:
+        attn = _kernels[(mask, gqa)] = get_kernel(mask.window, causal=mask.causal, gqa=gqa)
+    out = attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+               scale=scaling, layout="bshd")
+    return out, None
+
+
+def fallback_mask(mask: Mask, q_len: int, kv_len: int, padding: torch.Tensor | None,
+                  device) -> torch.Tensor:
+    """Boolean (B or 1, 1, q_len, kv_len) mask; queries are the last ``q_len`` of the keys."""
+    offset = kv_len - q_len
+    rows = torch.arange(offset, offset + q_len, device=device)[:, None]
+    cols = torch.arange(kv_len, device=device)[None, :]
+    allowed = mask.visible(rows, cols)[None, None]
+    if padding is not None:
+        allowed = allowed & padding[:, None, None, -kv_len:].to(device=device, dtype=torch.bool)
+    return allowed
+
+
+def fallback(module, query, key, value, attention_mask, mask: Mask, dropout: float,
+             scaling: float | None, softcap: float | None = None, sinks: torch.Tensor | None = None):
+    """PyTorch attention with attngen's mask; softcap and sinks as transformers' eager code."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"attngen expects transformers' 2-D padding mask, got {attention_mask.dim()}-D")
+    allowed = fallback_mask(mask, q_len, kv_len, attention_mask, query.device)
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    p = dropout if module.training else 0.0
+    if softcap is None and sinks is None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed, dropout_p=p, scale=scale)
+    else:
+        scores = torch.matmul(query, key.transpose(2, 3)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        if sinks is not None:
+            column = sinks.reshape(1, -1, 1, 1).expand(query.shape[0], -1, q_len, 1).to(scores.dtype)
+            scores = torch.cat([scores, column], dim=-1)
+        scores = scores - scores.amax(dim=-1, keepdim=True)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        if sinks is not None:
+            probs = probs[..., :-1]
+        probs = torch.nn.functional.dropout(probs, p=p, training=module.training)
+        out = torch.matmul(probs, value)
+    return out.transpose(1, 2).contiguous()

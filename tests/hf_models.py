@@ -1,0 +1,35 @@
+"""Tiny randomly initialized transformers models whose sequences outrun their windows."""
+import torch
+
+# family -> config class name, model class name, causal, config overrides
+MODELS = {
+    "mistral": dict(config="MistralConfig", model="MistralForCausalLM", causal=True,
+                    extra=dict(sliding_window=8)),
+    "gemma3": dict(config="Gemma3TextConfig", model="Gemma3ForCausalLM", causal=True,
+                   extra=dict(sliding_window=8, query_pre_attn_scalar=64,
+                              layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                           "sliding_attention"])),
+    "gpt-oss": dict(config="GptOssConfig", model="GptOssForCausalLM", causal=True,
+                    extra=dict(sliding_window=8, num_local_experts=4, num_experts_per_tok=2,
+                               layer_types=["sliding_attention", "full_attention"] * 2)),
+    "qwen2": dict(config="Qwen2Config", model="Qwen2ForCausalLM", causal=True,
+                  extra=dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)),
+    "modernbert": dict(config="ModernBertConfig", model="ModernBertForMaskedLM", causal=False,
+                       extra=dict(local_attention=16, global_attn_every_n_layers=2,
+                                  pad_token_id=0)),
+}
+
+
+def tiny_model(family, attn_implementation, dtype, initializer_range=0.02):
+    import transformers
+
+    spec = MODELS[family]
+    config_cls = getattr(transformers, spec["config"])
+    common = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=4, initializer_range=initializer_range)
+    if family != "modernbert":
+        common.update(num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
+    config = config_cls(**common, **spec["extra"])
+    model_cls = getattr(transformers, spec["model"])
+    model = model_cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    return model.eval()

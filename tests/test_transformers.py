@@ -1,0 +1,78 @@
+"""The transformers integration on the CPU: registration, window conventions, fallback masks
+against transformers' own, and whole tiny models against eager attention."""
+import logging
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import masking_utils  # noqa: E402
+
+from attngen.integrations import transformers as ag  # noqa: E402
+from attngen.mask import Mask  # noqa: E402
+
+from hf_models import MODELS, tiny_model  # noqa: E402
+
+
+def test_register_adds_attention_and_mask_functions():
+    ag.register()
+    assert transformers.AttentionInterface._global_mapping["attngen"] is ag.attention_forward
+    assert masking_utils.AttentionMaskInterface._global_mapping["attngen"] is masking_utils.flash_attention_mask
+
+
+def test_layer_mask_follows_transformers_conventions():
+    assert ag.layer_mask(4096, causal=True) == Mask(True, 4095)        # kv_idx > q_idx - W
+    assert ag.layer_mask(None, causal=True) == Mask(True)
+    assert ag.layer_mask(65, causal=False) == Mask(False, 64, 64)      # ModernBERT: window // 2 + 1
+    assert ag.layer_mask(None, causal=False) == Mask(False)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(9, 9), (1, 9), (3, 9)])
+@pytest.mark.parametrize("window", [None, 1, 4])
+def test_causal_fallback_mask_equals_transformers(q_len, kv_len, window):
+    padding = torch.ones(2, kv_len, dtype=torch.bool)
+    padding[1, :2] = False                                    # left padding in the 2nd row
+    fn = masking_utils.causal_mask_function if window is None else \
+        masking_utils.sliding_window_causal_mask_function(window)
+    expect = masking_utils.sdpa_mask(batch_size=2, q_length=q_len, kv_length=kv_len,
+                                     q_offset=kv_len - q_len, mask_function=fn,
+                                     attention_mask=padding, allow_is_causal_skip=False)
+    got = ag.fallback_mask(ag.layer_mask(window, True), q_len, kv_len, padding, "cpu")
+    assert torch.equal(got.expand_as(expect), expect)
+
+
+@pytest.mark.parametrize("half_window", [None, 0, 2])
+def test_bidirectional_fallback_mask_equals_transformers(half_window):
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    padding[0, -3:] = False                                   # right padding (encoder)
+    fn = masking_utils.bidirectional_mask_function if half_window is None else \
+        masking_utils.sliding_window_bidirectional_mask_function(half_window)
+    expect = masking_utils.sdpa_mask(batch_size=2, q_length=8, kv_length=8, mask_function=fn,
+                                     attention_mask=padding, allow_is_causal_skip=False)
+    # the attention module passes sliding_window = half_window + 1
+    mask = ag.layer_mask(None if half_window is None else half_window + 1, causal=False)
+    got = ag.fallback_mask(mask, 8, 8, padding, "cpu")
+    assert torch.equal(got.expand_as(expect), expect)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_tiny_model_on_cpu_matches_eager(family, caplog):
+    """On the CPU every call falls back, with the window: logits must equal eager's."""
+    ag.register()
+    ag._said.clear()
+    torch.manual_seed(0)
+    model = tiny_model(family, "eager", torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 23))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0 if MODELS[family]["causal"] else 1
+    if not MODELS[family]["causal"]:
+        mask[1, -3:] = 0
+    with torch.no_grad():
+        expect = model(input_ids=ids, attention_mask=mask).logits
+        model.set_attn_implementation("attngen")
+        with caplog.at_level(logging.WARNING, logger="attngen"):
+            got = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expect[keep], rtol=1e-4, atol=1e-4)
+    reasons = [r.message for r in caplog.records if "falling back" in r.message]
+    assert reasons and all("sinks" in m or "on cpu" in m for m in reasons), reasons
