@@ -14,17 +14,27 @@ def check_arch(arch: str) -> str:
 
 
 def signature(spec):
-    """The launch every generated launcher makes: four (B, H, S, D) arrays and a float."""
+    """The launch every generated launcher makes: Q, K, V, Out ((B, H, S, D), or
+    (total, H, D) when varlen), then the fp32 sinks, the int32 cu_seqlens, the scale."""
     import cuda.tile as ct
     from cuda.tile.compilation import (ArrayConstraint, CallingConvention, KernelSignature,
                                        ScalarConstraint)
 
-    dtype = {"fp16": ct.float16, "bf16": ct.bfloat16}[spec.dtype]
-    array = ArrayConstraint(dtype, 4, index_dtype=ct.int32, stride_lower_bound_incl=0,
-                            alias_groups=(), may_alias_internally=False,
-                            stride_constant=(None, None, None, 1), base_addr_divisible_by=16)
-    return KernelSignature([array, array, array, array, ScalarConstraint(ct.float32)],
-                           calling_convention=CallingConvention.cutile_python_v1())
+    def array(dtype, ndim, unit_last=True):
+        return ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0,
+                               alias_groups=(), may_alias_internally=False,
+                               stride_constant=(None,) * (ndim - 1) + (1 if unit_last else None,),
+                               base_addr_divisible_by=16 if ndim > 1 else 4)
+
+    f = spec.features
+    data = array({"fp16": ct.float16, "bf16": ct.bfloat16}[spec.dtype], 3 if f.varlen else 4)
+    params = [data] * 4
+    if f.sinks:
+        params.append(array(ct.float32, 1))
+    if f.varlen:
+        params += [array(ct.int32, 1)] * (2 if f.chunked else 1)
+    params.append(ScalarConstraint(ct.float32))
+    return KernelSignature(params, calling_convention=CallingConvention.cutile_python_v1())
 
 
 def export(kernel, spec, arch: str, output) -> None:

@@ -85,7 +85,8 @@ def _spec_entry(spec: Spec) -> dict:
              "kernels": [k.name for k in spec.kernels], "layers": None}
     if spec.layers is not None:
         entry.update(layers=[m.as_dict() for m in spec.layers], scale=spec.scale, gqa=spec.gqa,
-                     head_dim=spec.head_dim, dtypes=list(spec.dtypes))
+                     head_dim=spec.head_dim, dtypes=list(spec.dtypes),
+                     features=spec.kernels[0].features.as_dict())
     return entry
 
 

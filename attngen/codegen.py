@@ -47,7 +47,7 @@ def render(spec: KernelSpec, archs: tuple[str, ...] = ("sm_90",)) -> dict[str, s
     from .cases import cases_for
 
     env = _environment()
-    ctx = {"name": spec.name, "spec": spec, "m": spec.mask, "version": __version__,
+    ctx = {"name": spec.name, "spec": spec, "m": spec.mask, "f": spec.features, "version": __version__,
            "spec_dict": repr(spec.as_dict()),
            "torch_dtype": DTYPES[spec.dtype], "cases": cases_for(spec), "archs": list(archs)}
     return {

@@ -14,20 +14,78 @@ class InputError(ValueError):
     """Tensors a kernel cannot take; the message names the kernel and the problem."""
 
 
-def scale_log2(scale: float | None, head_dim: int) -> float:
-    """Softmax scale (default ``head_dim ** -0.5``) with log2(e) folded in, for ``exp2``."""
+def scale_arg(scale: float | None, head_dim: int, softcap: float | None = None) -> float:
+    """The kernel's scale argument: softmax scale (default ``head_dim ** -0.5``) times
+    log2(e) for ``exp2``, or divided by the softcap for kernels that cap their scores."""
     if scale is None:
         scale = head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
             or scale <= 0:
         raise InputError(f"scale must be a positive finite number, got {scale!r}")
-    return float(scale) * LOG2E
+    return float(scale) / softcap if softcap is not None else float(scale) * LOG2E
 
 
-def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, group: int, name: str):
+def prepare_sinks(sinks, heads: int, device, name: str) -> torch.Tensor:
+    """One fp32 sink logit per query head, as the kernel reads them."""
+    if not isinstance(sinks, torch.Tensor):
+        raise InputError(f"{name}: this kernel needs sinks=, a tensor of {heads} logits (one per "
+                         f"query head), got {type(sinks).__name__}")
+    if tuple(sinks.shape) != (heads,):
+        raise InputError(f"{name}: sinks must have shape ({heads},), got {tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise InputError(f"{name}: sinks are on {sinks.device}, q on {device}")
+    return sinks.to(torch.float32).contiguous()
+
+
+def _check_tensors(tensors: dict, ndim: int, dims: str, dtype: torch.dtype, fail) -> None:
+    for label, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            fail(f"{label} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            fail(f"{label} must be {ndim}-D ({dims}), got shape {tuple(t.shape)}")
+        if t.dtype != dtype:
+            fail(f"{label} has dtype {t.dtype}; this kernel takes {dtype}")
+        if t.stride(-1) != 1:
+            fail(f"{label} must have a unit stride in its last (head) dimension, "
+                 f"got strides {t.stride()}")
+
+
+def _check_devices(tensors: dict, fail) -> None:
+    for label, t in tensors.items():
+        if not t.is_cuda:
+            fail(f"{label} is on {t.device}; this kernel runs on CUDA tensors")
+    if len({t.device for t in tensors.values()}) != 1:
+        fail("q, k, v must be on one device, got " + ", ".join(str(t.device) for t in tensors.values()))
+
+
+def _check_heads(heads: int, kv_heads: int, group: int, fail) -> None:
+    if heads % group:
+        fail(f"this kernel has {group} query heads per KV head; q has {heads} heads, "
+             f"not a multiple of {group}")
+    if kv_heads * group != heads:
+        fail(f"this kernel has {group} query head(s) per KV head: q has {heads} heads, "
+             f"so k and v need {heads // group}, got {kv_heads}")
+
+
+def _output(out, q, dtype: torch.dtype, fail) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    if not isinstance(out, torch.Tensor):
+        fail(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(q.shape) or out.dtype != dtype or out.device != q.device:
+        fail(f"out must match q: shape {tuple(q.shape)}, {dtype}, {q.device}; got "
+             f"{tuple(out.shape)}, {out.dtype}, {out.device}")
+    if out.stride(-1) != 1:
+        fail(f"out must have a unit stride in its last dimension, got strides {out.stride()}")
+    return out
+
+
+def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, group: int, name: str,
+            chunked: bool = False):
     """Validate ``q, k, v`` (and ``out``) and return (B, H, S, D) views of all four plus ``out``.
 
-    Nothing is copied: a (B, S, H, D) tensor becomes a transposed view.
+    Nothing is copied: a (B, S, H, D) tensor becomes a transposed view.  ``chunked``
+    kernels take fewer queries than keys (the queries are the last ones).
     """
     def fail(message):
         raise InputError(f"{name}: {message}")
@@ -35,17 +93,7 @@ def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, gro
     if layout not in LAYOUTS:
         fail(f"layout must be one of {LAYOUTS}, got {layout!r}")
     tensors = {"q": q, "k": k, "v": v}
-    for label, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            fail(f"{label} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            fail(f"{label} must be 4-D ({'B, H, S, D' if layout == 'bhsd' else 'B, S, H, D'}), "
-                 f"got shape {tuple(t.shape)}")
-        if t.dtype != dtype:
-            fail(f"{label} has dtype {t.dtype}; this kernel takes {dtype}")
-        if t.stride(-1) != 1:
-            fail(f"{label} must have a unit stride in its last (head) dimension, "
-                 f"got strides {t.stride()}")
+    _check_tensors(tensors, 4, "B, H, S, D" if layout == "bhsd" else "B, S, H, D", dtype, fail)
     views = {label: (t if layout == "bhsd" else t.transpose(1, 2)) for label, t in tensors.items()}
     q4, k4, v4 = views["q"], views["k"], views["v"]
     (batch, heads, seq, d), (kb, kv_heads, seq_k, kd) = q4.shape, k4.shape
@@ -55,30 +103,61 @@ def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, gro
         fail(f"head_dim must be {head_dim}, got q {d} and k {kd}")
     if kb != batch:
         fail(f"batch sizes differ: q {batch}, k {kb}")
-    if seq_k != seq:
-        fail(f"prefill takes as many keys as queries, got {seq} queries and {seq_k} keys")
-    if heads % group:
-        fail(f"this kernel has {group} query heads per KV head; q has {heads} heads, "
-             f"not a multiple of {group}")
-    if kv_heads * group != heads:
-        fail(f"this kernel has {group} query head(s) per KV head: q has {heads} heads, "
-             f"so k and v need {heads // group}, got {kv_heads}")
-
-    for label, t in tensors.items():
-        if not t.is_cuda:
-            fail(f"{label} is on {t.device}; this kernel runs on CUDA tensors")
-    if len({t.device for t in tensors.values()}) != 1:
-        fail(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    else:
-        if not isinstance(out, torch.Tensor):
-            fail(f"out must be a torch.Tensor, got {type(out).__name__}")
-        if tuple(out.shape) != tuple(q.shape) or out.dtype != dtype or out.device != q.device:
-            fail(f"out must match q: shape {tuple(q.shape)}, {dtype}, {q.device}; got "
-                 f"{tuple(out.shape)}, {out.dtype}, {out.device}")
-        if out.stride(-1) != 1:
-            fail(f"out must have a unit stride in its last dimension, got strides {out.stride()}")
+    if chunked and seq_k < seq:
+        fail(f"the queries are the last of the keys, so S_q <= S_k; got {seq} queries, {seq_k} keys")
+    if not chunked and seq_k != seq:
+        fail(f"prefill takes as many keys as queries, got {seq} queries and {seq_k} keys "
+             f"(a variant with chunked: true takes queries after a cached prefix)")
+    _check_heads(heads, kv_heads, group, fail)
+    _check_devices(tensors, fail)
+    out = _output(out, q, dtype, fail)
     o4 = out if layout == "bhsd" else out.transpose(1, 2)
     return q4, k4, v4, o4, out
+
+
+def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, out, *, head_dim: int,
+                   dtype: torch.dtype, group: int, name: str, chunked: bool):
+    """Validate packed ``q (total_q, H, D)``, ``k, v (total_k, HKV, D)`` and their cu_seqlens.
+
+    Returns int32 ``cu_q``, ``cu_k``, the longest query sequence and ``out``.  Reads the
+    cu_seqlens on the host once (to check them and size the grid).
+    """
+    def fail(message):
+        raise InputError(f"{name}: {message}")
+
+    tensors = {"q": q, "k": k, "v": v}
+    _check_tensors(tensors, 3, "total_tokens, H, D", dtype, fail)
+    if tuple(k.shape) != tuple(v.shape):
+        fail(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != head_dim or k.shape[-1] != head_dim:
+        fail(f"head_dim must be {head_dim}, got q {q.shape[-1]} and k {k.shape[-1]}")
+    _check_heads(q.shape[1], k.shape[1], group, fail)
+    _check_devices(tensors, fail)
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+    lengths = {}
+    for label, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
+                             ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 \
+                or cu.dtype not in (torch.int32, torch.int64):
+            fail(f"{label} must be a 1-D int32 tensor of B+1 offsets, got {cu!r}")
+        if cu.device != q.device:
+            fail(f"{label} is on {cu.device}, q on {q.device}")
+        host = cu.tolist()
+        if host[0] != 0 or host[-1] != total or any(b < a for a, b in zip(host, host[1:])):
+            fail(f"{label} must rise from 0 to {total} (the packed length), got {host}")
+        lengths[label] = [b - a for a, b in zip(host, host[1:])]
+    len_q, len_k = lengths["cu_seqlens_q"], lengths["cu_seqlens_k"]
+    if len(len_q) != len(len_k):
+        fail(f"cu_seqlens_q and cu_seqlens_k describe {len(len_q)} and {len(len_k)} sequences")
+    if chunked and any(a > b for a, b in zip(len_q, len_k)):
+        fail(f"each sequence's queries are the last of its keys (S_q <= S_k), got {len_q} and {len_k}")
+    if not chunked and len_q != len_k:
+        fail(f"each sequence takes as many keys as queries, got {len_q} and {len_k} "
+             f"(a variant with chunked: true takes queries after a cached prefix)")
+    longest = max(len_q)
+    if max_seqlen_q is not None and max_seqlen_q < longest:
+        fail(f"max_seqlen_q is {max_seqlen_q} but a sequence has {longest} queries")
+    out = _output(out, q, dtype, fail)
+    return (cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous(),
+            longest, out)

@@ -22,7 +22,7 @@ from .build import build, cache_root, default_out, read_manifest
 from .codegen import load_package
 from .launch import InputError
 from .mask import Mask
-from .spec import DTYPES, HEAD_DIMS, Family, KernelSpec, Spec
+from .spec import DTYPES, HEAD_DIMS, Family, Features, KernelSpec, Spec
 from .tuning import tiles_for
 
 log = logging.getLogger("attngen")
@@ -33,14 +33,15 @@ class KernelNotFound(LookupError):
     """No kernel fits the query; the message lists the nearest ones that exist."""
 
 
-def _family(window, causal, gqa) -> Family:
+def _family(window, causal, gqa, features: Features) -> Family:
     if isinstance(gqa, bool) or not isinstance(gqa, int) or gqa <= 0:
         raise ValueError(f"gqa must be a positive integer (query heads per KV head), got {gqa!r}")
-    return Family(Mask.from_window(window, causal), gqa)
+    return Family(Mask.from_window(window, causal), gqa, features)
 
 
 def _describe_query(family: Family, head_dim=None, dtype=None) -> str:
     parts = [f"window={family.mask.window!r}", f"causal={family.mask.causal}", f"gqa={family.gqa}"]
+    parts += [f"{k}={v!r}" for k, v in family.features.as_dict().items() if v not in (None, False)]
     if head_dim is not None:
         parts.append(f"head_dim={head_dim}")
     if dtype is not None:
@@ -107,7 +108,7 @@ class Registry:
     def _match(self, family: Family, head_dim: int, dtype: str) -> KernelSpec | None:
         found = sorted((k for k in self.kernels() if k.family == family and k.head_dim == head_dim
                         and k.dtype == dtype), key=lambda k: k.name)
-        tuned = tiles_for(head_dim, family.mask, family.gqa)
+        tuned = tiles_for(head_dim, family.mask, 1 if family.features.varlen else family.gqa)
         return next((k for k in found if k.tiles == tuned), found[0] if found else None)
 
     def has_family(self, family: Family) -> bool:
@@ -143,8 +144,8 @@ class Registry:
             if spec is None:
                 if not self.jit:
                     raise self.not_found(family, head_dim, dtype)
-                spec = KernelSpec(family.mask, family.gqa, head_dim, dtype,
-                                  tiles_for(head_dim, family.mask, family.gqa))
+                tiles = tiles_for(head_dim, family.mask, 1 if family.features.varlen else family.gqa)
+                spec = KernelSpec(family.mask, family.gqa, head_dim, dtype, tiles, family.features)
                 log.warning("attngen: no built kernel for %s; generating %s into %s "
                             "(prebuild it with `attngen build` to skip this)",
                             _describe_query(family, head_dim, dtype), spec.name, self.jit_dir)
@@ -169,10 +170,12 @@ class AttentionKernel:
     def __repr__(self):
         return f"AttentionKernel({_describe_query(self.family, self.head_dim)}, scale={self.scale})"
 
-    def __call__(self, q, k, v, *, scale: float | None = None, out=None, layout: str = "bhsd"):
-        """Attention of ``q`` over ``k, v``; see the launcher docs for shapes and layouts."""
-        if not isinstance(q, torch.Tensor) or q.dim() != 4:
-            raise InputError(f"q must be a 4-D torch.Tensor, got {getattr(q, 'shape', type(q))}")
+    def __call__(self, q, k, v, *args, scale: float | None = None, **kwargs):
+        """Attention of ``q`` over ``k, v``; the other arguments go to the kernel's launcher
+        (``out=``, ``layout=``, ``sinks=``, or ``cu_seqlens_q`` for packed sequences)."""
+        dims = 3 if self.family.features.varlen else 4
+        if not isinstance(q, torch.Tensor) or q.dim() != dims:
+            raise InputError(f"q must be a {dims}-D torch.Tensor, got {getattr(q, 'shape', type(q))}")
         head_dim = q.shape[-1]
         dtype = TORCH_TO_SPEC.get(q.dtype)
         if dtype is None:
@@ -185,22 +188,24 @@ class AttentionKernel:
         launch = self._launch.get((head_dim, dtype))
         if launch is None:
             launch = self._launch[(head_dim, dtype)] = self.registry.launcher(self.family, head_dim, dtype)
-        return launch(q, k, v, scale=self.scale if scale is None else scale, out=out, layout=layout)
+        return launch(q, k, v, *args, scale=self.scale if scale is None else scale, **kwargs)
 
 
 default_registry = Registry()
 
 
 def get_kernel(window: int | dict | tuple | None = None, *, causal: bool = True, gqa: int = 1,
-               head_dim: int | None = None, dtype: str | None = None,
+               softcap: float | None = None, sinks: bool = False, chunked: bool = False,
+               varlen: bool = False, head_dim: int | None = None, dtype: str | None = None,
                scale: float | None = None, registry: Registry | None = None) -> AttentionKernel:
-    """The attention callable for a window (see :class:`attngen.Mask`) and GQA ratio.
+    """The attention callable for a window (see :class:`attngen.Mask`), GQA ratio and features
+    (:class:`attngen.spec.Features`: softcap, sinks, chunked prefill, packed sequences).
 
     ``head_dim``/``dtype``, when given, must have a kernel now (built, or generated on
     demand); otherwise they are picked from the tensors at call time.
     """
     reg = registry or default_registry
-    family = _family(window, causal, gqa)
+    family = _family(window, causal, gqa, Features(softcap, sinks, chunked, varlen))
     if head_dim is not None and head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {list(HEAD_DIMS)}, got {head_dim!r}")
     if dtype is not None and dtype not in DTYPES:
@@ -225,7 +230,8 @@ def get_layer_kernels(model: str, *, registry: Registry | None = None) -> list[A
     for mask_dict in entry["layers"]:
         mask = Mask(**mask_dict)
         if mask not in kernels:
-            kernels[mask] = AttentionKernel(Family(mask, entry["gqa"]), reg, entry["scale"],
+            features = Features(**entry["features"])
+            kernels[mask] = AttentionKernel(Family(mask, entry["gqa"], features), reg, entry["scale"],
                                             entry["head_dim"])
         layers.append(kernels[mask])
     return layers

@@ -60,17 +60,62 @@ def fingerprint() -> str:
 
 
 @dataclass(frozen=True)
+class Features:
+    """What a kernel computes beyond the masked softmax; each is generated only where used.
+
+    softcap  scores <- softcap * tanh(scores / softcap) before masking (Gemma 2)
+    sinks    one learned logit per query head joins the softmax denominator (gpt-oss)
+    chunked  queries are the last S_q of S_k >= S_q keys (prefill after a cached prefix)
+    varlen   packed (total_tokens, H, D) sequences described by cu_seqlens
+    """
+
+    softcap: float | None = None
+    sinks: bool = False
+    chunked: bool = False
+    varlen: bool = False
+
+    def __post_init__(self):
+        if self.softcap is not None:
+            if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) \
+                    or not math.isfinite(self.softcap) or self.softcap <= 0:
+                raise ValueError(f"softcap must be a positive number, got {self.softcap!r}")
+            object.__setattr__(self, "softcap", float(self.softcap))
+        for name in ("sinks", "chunked", "varlen"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def tag(self) -> str:
+        parts = [f"sc{self.softcap:g}".replace(".", "p")] if self.softcap is not None else []
+        parts += [name for name in ("sinks", "chunked", "varlen") if getattr(self, name)]
+        return "".join(f"_{p}" for p in parts)
+
+    def describe(self) -> str:
+        parts = [f"softcap {self.softcap:g}"] if self.softcap is not None else []
+        if self.sinks:
+            parts.append("attention sinks")
+        if self.chunked:
+            parts.append("queries after a cached prefix (S_q <= S_k)")
+        if self.varlen:
+            parts.append("packed variable-length sequences")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict:
+        return {"softcap": self.softcap, "sinks": self.sinks, "chunked": self.chunked,
+                "varlen": self.varlen}
+
+
+@dataclass(frozen=True)
 class Family:
-    """The semantics a caller selects on: mask and GQA ratio (head_dim/dtype dispatch later)."""
+    """The semantics a caller selects on: mask, GQA ratio, features (head_dim/dtype dispatch later)."""
 
     mask: Mask
     gqa: int
+    features: Features = Features()
 
     def describe(self) -> str:
-        return f"{self.mask.describe()}; gqa {self.gqa}"
-
-    def query(self) -> dict:
-        return {"window": self.mask.window, "causal": self.mask.causal, "gqa": self.gqa}
+        extra = self.features.describe()
+        return f"{self.mask.describe()}; gqa {self.gqa}" + (f"; {extra}" if extra else "")
 
 
 @dataclass(frozen=True)
@@ -82,6 +127,7 @@ class KernelSpec:
     head_dim: int
     dtype: str
     tiles: Tiles
+    features: Features = Features()
 
     def __post_init__(self):
         if isinstance(self.gqa, bool) or not isinstance(self.gqa, int) or self.gqa <= 0:
@@ -92,10 +138,12 @@ class KernelSpec:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.gqa % self.tiles.pack:
             raise ValueError(f"tiles.pack ({self.tiles.pack}) must divide gqa ({self.gqa})")
+        if self.features.varlen and self.tiles.pack > 1:
+            raise ValueError("varlen kernels take one query head per tile (tiles.pack 1)")
 
     @property
     def family(self) -> Family:
-        return Family(self.mask, self.gqa)
+        return Family(self.mask, self.gqa, self.features)
 
     @property
     def tile_d(self) -> int:
@@ -104,12 +152,12 @@ class KernelSpec:
 
     def as_dict(self) -> dict:
         return {"mask": self.mask.as_dict(), "gqa": self.gqa, "head_dim": self.head_dim,
-                "dtype": self.dtype, "tiles": self.tiles.as_dict()}
+                "dtype": self.dtype, "tiles": self.tiles.as_dict(), "features": self.features.as_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "KernelSpec":
         return cls(Mask(**data["mask"]), data["gqa"], data["head_dim"], data["dtype"],
-                   Tiles(**data["tiles"]))
+                   Tiles(**data["tiles"]), Features(**data["features"]))
 
     @property
     def hash(self) -> str:
@@ -119,10 +167,13 @@ class KernelSpec:
     @property
     def name(self) -> str:
         """Canonical name: file name, module name, registry key, cache key and test id."""
-        return f"{self.mask.tag}_g{self.gqa}_d{self.head_dim}_{self.dtype}_{self.tiles.tag}_{self.hash}"
+        return (f"{self.mask.tag}{self.features.tag}_g{self.gqa}_d{self.head_dim}_{self.dtype}"
+                f"_{self.tiles.tag}_{self.hash}")
 
     def describe(self) -> str:
-        return (f"{self.mask.describe()}; gqa {self.gqa}; head_dim {self.head_dim}; {self.dtype}; "
+        extra = self.features.describe()
+        return (f"{self.mask.describe()}{'; ' + extra if extra else ''}; gqa {self.gqa}; "
+                f"head_dim {self.head_dim}; {self.dtype}; "
                 f"tiles {self.tiles.block_m}x{self.tiles.block_n}, occupancy "
                 f"{self.tiles.occupancy}, {self.tiles.num_ctas} CTA(s) per cluster"
                 + (f", {self.tiles.pack} query heads per tile" if self.tiles.pack > 1 else ""))
@@ -217,7 +268,7 @@ def _documents(text: str, source: str) -> list[_Doc]:
 # ---------------------------------------------------------------------------------------
 
 TOP_KEYS = ("name", "description", "causal", "window", "layers", "gqa", "head_dim", "dtype",
-            "scale", "tiles")
+            "scale", "softcap", "sinks", "chunked", "varlen", "tiles")
 EXPANDING = ("causal", "window", "gqa", "head_dim", "dtype")
 TILE_KEYS = ("block_m", "block_n", "occupancy", "num_ctas", "pack")
 
@@ -285,7 +336,20 @@ def _tiles_override(doc: _Doc) -> dict:
     return dict(value)
 
 
-def _kernel(doc: _Doc, mask: Mask, gqa, head_dim, dtype, paths: dict, tiles: dict) -> KernelSpec:
+def _features(doc: _Doc) -> Features:
+    data = doc.data
+    for key in ("sinks", "chunked", "varlen"):
+        if not isinstance(data.get(key, False), bool):
+            raise doc.error(key, f"{key} must be true or false, got {data[key]!r}")
+    try:
+        return Features(data.get("softcap"), data.get("sinks", False), data.get("chunked", False),
+                        data.get("varlen", False))
+    except ValueError as exc:
+        raise doc.error("softcap", str(exc)) from None
+
+
+def _kernel(doc: _Doc, mask: Mask, gqa, head_dim, dtype, paths: dict, tiles: dict,
+            features: Features) -> KernelSpec:
     gqa = _positive_int(doc, paths["gqa"], gqa, "gqa")
     if head_dim not in HEAD_DIMS or isinstance(head_dim, bool):
         raise doc.error(paths["head_dim"], f"head_dim must be one of {list(HEAD_DIMS)}, got {head_dim!r}")
@@ -293,7 +357,10 @@ def _kernel(doc: _Doc, mask: Mask, gqa, head_dim, dtype, paths: dict, tiles: dic
         raise doc.error(paths["dtype"], f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     base = tiles_for(head_dim, mask, gqa)
     try:
-        return KernelSpec(mask, gqa, head_dim, dtype, replace(base, **tiles))
+        chosen = replace(base, **tiles)
+        if features.varlen and "pack" not in tiles:
+            chosen = replace(chosen, pack=1)
+        return KernelSpec(mask, gqa, head_dim, dtype, chosen, features)
     except (TypeError, ValueError) as exc:
         raise doc.error("tiles", str(exc)) from None
 
@@ -315,6 +382,7 @@ def _spec(doc: _Doc) -> Spec:
     if not isinstance(description, str):
         raise doc.error("description", "description must be a string")
     tiles = _tiles_override(doc)
+    features = _features(doc)
 
     scale = data.get("scale")
     if scale is not None:
@@ -339,7 +407,7 @@ def _spec(doc: _Doc) -> Spec:
         for mask in dict.fromkeys(layers):
             for dpath, dtype in dtypes:
                 kernels.append(_kernel(doc, mask, data["gqa"], data["head_dim"], dtype,
-                                       {**paths, "dtype": dpath}, tiles))
+                                       {**paths, "dtype": dpath}, tiles, features))
         return Spec(name, doc.source, tuple(kernels), description, layers, scale,
                     kernels[0].gqa, kernels[0].head_dim, tuple(d for _, d in dtypes))
 
@@ -355,7 +423,7 @@ def _spec(doc: _Doc) -> Spec:
             raise doc.error(paths["causal"], f"causal must be true or false, got {values['causal']!r}")
         mask = _mask(doc, paths["window"], values["window"], values["causal"])
         kernels.append(_kernel(doc, mask, values["gqa"], values["head_dim"], values["dtype"],
-                               paths, tiles))
+                               paths, tiles, features))
     return Spec(name, doc.source, tuple(dict.fromkeys(kernels)), description)
 
 

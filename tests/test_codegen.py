@@ -127,3 +127,48 @@ def test_packed_gqa_heads_share_a_tile():
     assert half_spec.name.split("_")[-2] == "128x64o2c1p2"
     with pytest.raises(ValueError, match="must divide gqa"):
         KernelSpec(Mask(True), 2, 64, "fp16", Tiles(128, 64, 2, 1, 4))
+
+
+def feature_source(**features):
+    from attngen.spec import Features
+    spec = KernelSpec(Mask(True, 127), 2, 64, "bf16", Tiles(64, 64, 4, 1), Features(**features))
+    return spec, codegen.render(spec)
+
+
+def test_features_are_generated_only_where_used():
+    plain, files = feature_source()
+    for word in ("tanh", "SOFTCAP", "Sinks", "slice", "seq_q", "Cu"):
+        assert word not in files["kernel.py"]
+    assert "qk_scale_log2: float" in files["kernel.py"]
+
+
+def test_softcap_kernel():
+    spec, files = feature_source(softcap=50.0)
+    text = files["kernel.py"]
+    assert "SOFTCAP_LOG2 = 72.13475204444816" in text and "qk_scale_over_cap: float" in text
+    assert "s = ct.tanh(s * qk_scale_over_cap) * SOFTCAP_LOG2" in text
+    assert "p = ct.exp2(s - m_new, flush_to_zero=True)" in text
+    assert "scale_arg(scale, HEAD_DIM, SOFTCAP)" in files["launcher.py"]
+    assert "_sc50_" in spec.name
+
+
+def test_sinks_chunked_and_varlen_kernels():
+    _, sinks = feature_source(sinks=True)
+    assert "(Q, K, V, Out, Sinks, qk_scale_log2: float)" in sinks["kernel.py"]
+    assert "def launch(q, k, v, *, scale=None, sinks, out=None" in sinks["launcher.py"]
+    _, chunked = feature_source(chunked=True)
+    assert "m0 = seq - seq_q + tile * BLOCK_M" in chunked["kernel.py"]
+    assert "chunked=True" in chunked["launcher.py"]
+    _, varlen = feature_source(varlen=True)
+    text = varlen["kernel.py"]
+    assert "(Q, K, V, Out, Cu, qk_scale_log2: float)" in text and "Qs = Q.slice(0, q_start" in text
+    assert "return  # this sequence is shorter" in text
+    assert "def launch(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=None" in varlen["launcher.py"]
+    _, both = feature_source(varlen=True, chunked=True)
+    assert "(Q, K, V, Out, CuQ, CuK, qk_scale_log2: float)" in both["kernel.py"]
+
+
+def test_varlen_takes_one_head_per_tile():
+    from attngen.spec import Features
+    with pytest.raises(ValueError, match="pack 1"):
+        KernelSpec(Mask(True), 8, 64, "fp16", Tiles(128, 64, 2, 1, 8), Features(varlen=True))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attngen.launch import InputError, prepare, scale_log2
+from attngen.launch import InputError, prepare, scale_arg
 
 ARGS = dict(layout="bhsd", head_dim=64, dtype=torch.float16, group=4, name="k")
 
@@ -34,7 +34,7 @@ def test_layout_and_scale_checks():
     with pytest.raises(InputError, match="layout"):
         prepare(*tensors(), None, **{**ARGS, "layout": "sbhd"})
     with pytest.raises(InputError, match="positive finite"):
-        scale_log2(float("nan"), 64)
+        scale_arg(float("nan"), 64)
     with pytest.raises(InputError, match="positive finite"):
-        scale_log2(-1.0, 64)
-    assert scale_log2(None, 64) == pytest.approx(0.125 * 1.4426950408889634)
+        scale_arg(-1.0, 64)
+    assert scale_arg(None, 64) == pytest.approx(0.125 * 1.4426950408889634)

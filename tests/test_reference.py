@@ -73,3 +73,38 @@ def test_query_slice_with_offset_equals_the_full_result():
         full = reference.attention(q, k, v, mask, chunk=16)
         part = reference.attention(q[:, :, 25:], k, v, mask, q_offset=25, chunk=16)
         torch.testing.assert_close(part, full[:, :, 25:], rtol=1e-12, atol=1e-12)
+
+
+def test_softcap_sinks_and_chunked_queries_equal_dense():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 9, 8, generator=gen, dtype=torch.float64) * 3
+    k, v = (torch.randn(2, 2, 30, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64)
+    for mask in MASKS:
+        kw = dict(softcap=2.0, sinks=sinks, q_offset=21)
+        banded = reference.attention(q, k, v, mask, chunk=4, **kw)
+        torch.testing.assert_close(banded, reference.dense(q, k, v, mask, **kw), rtol=1e-12, atol=1e-12)
+
+
+def test_sinks_follow_gpt_oss_eager_formula():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    sinks = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    scores = q @ k.transpose(-1, -2) * 8 ** -0.5
+    scores = scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    logits = torch.cat([scores, sinks.reshape(1, 2, 1, 1).expand(1, 2, 6, 1)], dim=-1)
+    expect = torch.softmax(logits, dim=-1)[..., :-1] @ v
+    torch.testing.assert_close(reference.attention(q, k, v, Mask(True), sinks=sinks), expect)
+
+
+def test_varlen_sequences_never_see_each_other():
+    gen = torch.Generator().manual_seed(6)
+    lens = [5, 1, 12]
+    cu = torch.tensor([0, 5, 6, 18])
+    q, k, v = (torch.randn(18, 4, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = Mask.from_window(3)
+    out = reference.varlen(q, k, v, cu, cu, mask)
+    for b, n in enumerate(lens):
+        s = cu[b].item()
+        one = reference.dense(q[None, s:s + n], k[None, s:s + n], v[None, s:s + n], mask, layout="bshd")[0]
+        torch.testing.assert_close(out[s:s + n], one)

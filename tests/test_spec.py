@@ -130,3 +130,24 @@ def test_canonical_name_is_mechanical_and_stable():
     assert again == kernel and again.name == kernel.name
     other = KernelSpec(kernel.mask, kernel.gqa, kernel.head_dim, "bf16", kernel.tiles)
     assert other.name != kernel.name and other.hash != kernel.hash
+
+
+def test_feature_fields():
+    (spec,) = load_text(BASE + "softcap: 50\nsinks: true\nchunked: true\nvarlen: true\n")
+    f = spec.kernels[0].features
+    assert (f.softcap, f.sinks, f.chunked, f.varlen) == (50.0, True, True, True)
+    assert "_sc50_sinks_chunked_varlen_" in spec.kernels[0].name
+    for extra, path, match in [("softcap: 0\n", "softcap", "positive"),
+                               ("softcap: [1, 2]\n", "softcap", "positive"),
+                               ("sinks: yes please\n", "sinks", "true or false"),
+                               ("varlen: 1\n", "varlen", "true or false"),
+                               ("varlen: true\ntiles: {pack: 2}\n", "tiles", "pack 1")]:
+        with pytest.raises(SpecError, match=match) as info:
+            load_text(BASE + extra)
+        assert info.value.path == path
+
+
+def test_model_spec_features_reach_the_layer_map():
+    specs = {s.name: s for s in load_files(SHIPPED)}
+    assert all(k.features.sinks for k in specs["gpt-oss-20b"].kernels)
+    assert all(k.features.softcap == 50.0 for k in specs["gemma2-9b"].kernels)
