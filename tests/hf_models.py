@@ -9,6 +9,8 @@ MODELS = {
                    extra=dict(sliding_window=8, query_pre_attn_scalar=64,
                               layer_types=["sliding_attention", "sliding_attention", "full_attention",
                                            "sliding_attention"])),
+    "gemma2": dict(config="Gemma2Config", model="Gemma2ForCausalLM", causal=True,
+                   extra=dict(sliding_window=8, query_pre_attn_scalar=64, attn_logit_softcapping=50.0)),
     "gpt-oss": dict(config="GptOssConfig", model="GptOssForCausalLM", causal=True,
                     extra=dict(sliding_window=8, num_local_experts=4, num_experts_per_tok=2,
                                layer_types=["sliding_attention", "full_attention"] * 2)),

@@ -14,11 +14,13 @@ ratio (from the tensors), head_dim and dtype (from the tensors), ``scaling`` and
   + 1`` and means a reach of ``W - 1`` keys on each side (``abs(q_idx - kv_idx) <= W - 1``) —
   attngen's ``{left: W - 1, right: W - 1}``.
 
-Prefill without padding runs on attngen kernels.  Everything else — decode steps and other
-calls with fewer queries than keys, padded batches (an attention mask), dropout while
-training, tensors that are not fp16/bf16 on CUDA, unsupported head dims, logit softcapping
-and attention sinks (not in attngen kernels yet) — falls back to PyTorch with the same
-window applied, and says so once per reason in the ``attngen`` logger.
+Prefill without padding runs on attngen kernels, with the layer's logit softcap (Gemma 2)
+and attention sinks (gpt-oss, ``s_aux``) where it has them, and so does a chunk of several
+queries after cached keys (chunked kernels).  Everything else — decode steps (one query),
+padded batches (an attention mask), dropout while training, tensors that are not fp16/bf16
+on CUDA, unsupported head dims — falls back to PyTorch with the same window (and softcap
+and sinks, as transformers' eager code has them), and says so once per reason in the
+``attngen`` logger.
 """
 
 from __future__ import annotations
@@ -57,19 +59,15 @@ def layer_mask(sliding_window: int | None, causal: bool) -> Mask:
     return Mask(False, reach, reach)
 
 
-def _fallback_reason(module, query, key, attention_mask, dropout, kwargs) -> str | None:
-    if kwargs.get("s_aux") is not None:
-        return "attention sinks are not in attngen kernels yet"
-    if kwargs.get("softcap") is not None:
-        return "logit softcapping is not in attngen kernels yet"
+def _fallback_reason(module, query, key, attention_mask, dropout) -> str | None:
     if not query.is_cuda:
         return f"tensors on {query.device.type}"
     if query.dtype not in TORCH_TO_SPEC:
         return f"dtype {query.dtype}"
     if query.shape[-1] not in HEAD_DIMS:
         return f"head_dim {query.shape[-1]}"
-    if query.shape[2] != key.shape[2]:
-        return "fewer queries than keys (decode or cached prefix)"
+    if query.shape[2] == 1 and key.shape[2] > 1:
+        return "decode steps (one query)"
     if attention_mask is not None:
         return "a padded batch (attention mask)"
     if dropout and module.training:
@@ -83,19 +81,24 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     """transformers' attention-function signature; returns ((B, S, H, D), None)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = layer_mask(sliding_window, bool(causal))
-    reason = _fallback_reason(module, query, key, attention_mask, dropout, kwargs)
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    reason = _fallback_reason(module, query, key, attention_mask, dropout)
     if reason is not None:
         if reason not in _said:
             _said.add(reason)
             log.warning("attngen: falling back to PyTorch attention (same window) for %s", reason)
         return fallback(module, query, key, value, attention_mask, mask, dropout, scaling,
-                        softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux")), None
-    gqa = query.shape[1] // key.shape[1]
-    attn = _kernels.get((mask, gqa))
+                        softcap=softcap, sinks=sinks), None
+    key_ = (mask, query.shape[1] // key.shape[1], softcap, sinks is not None,
+            query.shape[2] != key.shape[2])
+    attn = _kernels.get(key_)
     if attn is None:
-        attn = _kernels[(mask, gqa)] = get_kernel(mask.window, causal=mask.causal, gqa=gqa)
+        _, gqa, _, has_sinks, chunked = key_
+        attn = _kernels[key_] = get_kernel(mask.window, causal=mask.causal, gqa=gqa, softcap=softcap,
+                                           sinks=has_sinks, chunked=chunked)
+    extra = {} if sinks is None else {"sinks": sinks}
     out = attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-               scale=scaling, layout="bshd")
+               scale=scaling, layout="bshd", **extra)
     return out, None
 
 
