@@ -26,7 +26,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 
 from .mask import Mask
-from .spec import DTYPES, KernelSpec
+from .spec import DTYPES, Features, KernelSpec
 from .tuning import Tiles, tiles_for
 
 CHECK_ROWS = 256        # query rows checked at each end of the sequence
@@ -43,10 +43,18 @@ class Shape:
     dtype: str
     seqs: tuple[int, ...]
     batch: int = 1
+    softcap: float | None = None
+    sinks: bool = False
+    prefix: int = 0          # cached keys before the queries (chunked prefill)
 
     @property
     def mask(self) -> Mask:
         return Mask.from_window(self.window, causal=True)
+
+    @property
+    def plain(self) -> bool:
+        """Computes what full-causal SDPA and FlexAttention compute (up to the window)."""
+        return self.softcap is None and not self.sinks and not self.prefix
 
 
 PRESETS = {
@@ -55,7 +63,16 @@ PRESETS = {
     "B'": Shape("B' gemma3-27b local", 32, 16, 128, 1024, "bf16", (4096, 8192, 16384, 32768)),
     "C": Shape("C gpt-oss local", 64, 8, 64, 128, "bf16", (4096, 8192, 16384, 32768)),
     "C16": Shape("C gpt-oss local fp16", 64, 8, 64, 128, "fp16", (4096, 8192, 16384, 32768)),
+    # features: what each costs over the plain kernel of the same shape
+    "C-sinks": Shape("C gpt-oss local + sinks", 64, 8, 64, 128, "bf16", (8192, 32768), sinks=True),
+    "G2": Shape("gemma2-9b local", 16, 8, 256, 4096, "bf16", (8192, 32768)),
+    "G2-softcap": Shape("gemma2-9b local + softcap", 16, 8, 256, 4096, "bf16", (8192, 32768), softcap=50.0),
+    "A-chunk": Shape("A mistral-7b, chunk after 28k prefix", 32, 8, 128, 4096, "fp16", (1024, 4096),
+                     prefix=28672),
 }
+
+
+DEFAULT_PRESETS = ("A", "B", "B'", "C", "C16")
 
 
 def parse_tiles(text: str) -> Tiles:
@@ -78,12 +95,16 @@ def _inputs(shape: Shape, seq: int):
     import torch
 
     dtype = getattr(torch, DTYPES[shape.dtype])
-    make = lambda h: torch.randn(shape.batch, h, seq, shape.head_dim, device="cuda",  # noqa: E731
-                                 dtype=torch.float32).to(dtype)
-    return make(shape.heads), make(shape.heads_kv), make(shape.heads_kv)
+    make = lambda h, s: torch.randn(shape.batch, h, s, shape.head_dim, device="cuda",  # noqa: E731
+                                    dtype=torch.float32).to(dtype)
+    q = make(shape.heads, seq)
+    if shape.softcap is not None:
+        q = q * (shape.softcap / 4)          # scores large enough for the cap to matter
+    sinks = torch.randn(shape.heads, device="cuda") if shape.sinks else None
+    return q, make(shape.heads_kv, seq + shape.prefix), make(shape.heads_kv, seq + shape.prefix), sinks
 
 
-def _implementations(shape: Shape, seq: int, q, k, v, tiles: Tiles | None, names):
+def _implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles | None, names):
     """name -> zero-argument callable returning the output, for the requested peers."""
     import torch
     import torch.nn.functional as F
@@ -94,13 +115,16 @@ def _implementations(shape: Shape, seq: int, q, k, v, tiles: Tiles | None, names
     impls = {}
     group = shape.heads // shape.heads_kv
     if "attngen" in names:
+        features = Features(shape.softcap, shape.sinks, chunked=shape.prefix > 0)
+        extra = {"sinks": sinks} if shape.sinks else {}
         if tiles is None:
-            attn = get_kernel(shape.window, gqa=group)
-            impls["attngen"] = lambda: attn(q, k, v)
+            attn = get_kernel(shape.window, gqa=group, softcap=shape.softcap, sinks=shape.sinks,
+                              chunked=shape.prefix > 0)
         else:
-            spec = KernelSpec(shape.mask, group, shape.head_dim, shape.dtype, tiles)
-            launch = _launcher_for(spec)
-            impls["attngen"] = lambda: launch(q, k, v)
+            attn = _launcher_for(KernelSpec(shape.mask, group, shape.head_dim, shape.dtype, tiles, features))
+        impls["attngen"] = lambda: attn(q, k, v, **extra)
+    if not shape.plain:
+        names = [n for n in names if n == "flex"] if not shape.sinks else []
     needs_expanded = {"sdpa-flash", "sdpa-cudnn", "sdpa-band"} & set(names)
     if needs_expanded:
         ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -120,12 +144,16 @@ def _implementations(shape: Shape, seq: int, q, k, v, tiles: Tiles | None, names
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         flex = torch.compile(flex_attention, dynamic=False)
-        mask = shape.mask
+        mask, prefix, cap = shape.mask, shape.prefix, shape.softcap
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return mask.visible(q_idx, kv_idx)
-        block_mask = create_block_mask(mask_mod, None, None, seq, seq, device="cuda")
-        impls["flex"] = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+            return mask.visible(q_idx + prefix, kv_idx)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
+        block_mask = create_block_mask(mask_mod, None, None, seq, seq + prefix, device="cuda")
+        mods = {"score_mod": score_mod} if cap is not None else {}
+        impls["flex"] = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True, **mods)
     return impls
 
 
@@ -141,17 +169,16 @@ def _launcher_for(spec: KernelSpec):
     return load_package(jit_dir / spec.name).launch
 
 
-def _error(out, q, k, v, shape: Shape) -> float:
+def _error(out, q, k, v, sinks, shape: Shape) -> float:
     """Relative error of ``out`` against the float64 reference on the first and last rows."""
-    import torch
-
     from .reference import attention
 
     seq = q.shape[2]
     errs = []
     for start in sorted({0, max(0, seq - CHECK_ROWS)}):
         stop = min(seq, start + CHECK_ROWS)
-        ref = attention(q[:, :, start:stop], k, v, shape.mask, q_offset=start)
+        ref = attention(q[:, :, start:stop], k, v, shape.mask, q_offset=shape.prefix + start,
+                        softcap=shape.softcap, sinks=sinks)
         got = out[:, :, start:stop].double()
         errs.append(((got - ref).norm() / ref.norm()).item())
     return max(errs) if all(math.isfinite(e) for e in errs) else float("nan")
@@ -199,17 +226,17 @@ def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print) -> l
     rows = []
     env = environment()
     for seq in shape.seqs:
-        q, k, v = _inputs(shape, seq)
-        pairs = shape.mask.pairs(seq)
+        q, k, v, sinks = _inputs(shape, seq)
+        pairs = shape.mask.pairs(seq, seq + shape.prefix)
         flops = 4 * shape.head_dim * pairs * shape.batch * shape.heads
         io_bytes = (2 * q.numel() + 2 * k.numel()) * q.element_size()
-        impls = _implementations(shape, seq, q, k, v, tiles, names)
+        impls = _implementations(shape, seq, q, k, v, sinks, tiles, names)
         base = None
         for name, fn in impls.items():
             out = fn()
             torch.cuda.synchronize()
             # peers that compute full causal attention are not expected to match the window
-            err = _error(out, q, k, v, shape) if name in ("attngen", "flex", "sdpa-band") else None
+            err = _error(out, q, k, v, sinks, shape) if name in ("attngen", "flex", "sdpa-band") else None
             p20, p50, p80 = _time(fn)
             extra = _extra_memory(fn, out.numel() * out.element_size())
             del out
@@ -217,7 +244,8 @@ def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print) -> l
                 base = p50
             row = {**env, "shape": shape.label, "batch": shape.batch, "heads": shape.heads,
                    "heads_kv": shape.heads_kv, "head_dim": shape.head_dim, "window": shape.window,
-                   "dtype": shape.dtype, "seq": seq, "impl": name, "us_p20": p20, "us_p50": p50,
+                   "dtype": shape.dtype, "seq": seq, "prefix": shape.prefix, "softcap": shape.softcap,
+                   "sinks": shape.sinks, "impl": name, "us_p20": p20, "us_p50": p50,
                    "us_p80": p80, "tflops": flops / (p50 * 1e-6) / 1e12,
                    "io_gb_s": io_bytes / (p50 * 1e-6) / 1e9, "extra_mem_bytes": extra,
                    "rel_err": err, "tiles": asdict(tiles) if tiles and name == "attngen" else None}
@@ -299,8 +327,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "tune"):
         p = sub.add_parser(name)
-        p.add_argument("--preset", action="append", choices=sorted(PRESETS),
-                       help="shape presets (repeatable); default: all")
+        p.add_argument("--preset", action="append", choices=list(PRESETS),
+                       help=f"shape presets (repeatable); default: {' '.join(DEFAULT_PRESETS)}")
         p.add_argument("--seq", type=int, nargs="+", help="override the sequence lengths")
         p.add_argument("--json", help="write the rows here (long format)")
         if name == "run":
@@ -323,7 +351,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("attngen bench: needs a CUDA GPU", file=sys.stderr)
         return 2
-    shapes = [PRESETS[p] for p in (args.preset or PRESETS)]
+    shapes = [PRESETS[p] for p in (args.preset or DEFAULT_PRESETS)]
     if args.seq:
         shapes = [replace(s, seqs=tuple(args.seq)) for s in shapes]
     rows = []

@@ -147,10 +147,11 @@ class Mask:
             hi = q_stop + self.right
         return lo, min(hi, seq_k)
 
-    def pairs(self, seq: int) -> int:
-        """Number of visible (query, key) pairs for ``seq`` queries over ``seq`` keys."""
+    def pairs(self, seq_q: int, seq_k: int | None = None) -> int:
+        """Visible (query, key) pairs of ``seq_q`` queries, the last of ``seq_k`` keys."""
+        seq_k = seq_q if seq_k is None else seq_k
         total = 0
-        for i in range(seq):
-            lo, hi = self.key_range(i, i + 1, seq)
+        for i in range(seq_k - seq_q, seq_k):
+            lo, hi = self.key_range(i, i + 1, seq_k)
             total += max(0, hi - lo)
         return total
