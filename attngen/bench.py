@@ -104,24 +104,18 @@ def _inputs(shape: Shape, seq: int):
     return q, make(shape.heads_kv, seq + shape.prefix), make(shape.heads_kv, seq + shape.prefix), sinks
 
 
-def _implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles | None, names):
+def _implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles, names):
     """name -> zero-argument callable returning the output, for the requested peers."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from .registry import get_kernel
 
     impls = {}
     group = shape.heads // shape.heads_kv
     if "attngen" in names:
         features = Features(shape.softcap, shape.sinks, chunked=shape.prefix > 0)
         extra = {"sinks": sinks} if shape.sinks else {}
-        if tiles is None:
-            attn = get_kernel(shape.window, gqa=group, softcap=shape.softcap, sinks=shape.sinks,
-                              chunked=shape.prefix > 0)
-        else:
-            attn = _launcher_for(KernelSpec(shape.mask, group, shape.head_dim, shape.dtype, tiles, features))
+        attn = _launcher_for(KernelSpec(shape.mask, group, shape.head_dim, shape.dtype, tiles, features))
         impls["attngen"] = lambda: attn(q, k, v, **extra)
     if not shape.plain:
         names = [n for n in names if n == "flex"] if not shape.sinks else []
@@ -225,6 +219,8 @@ def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print) -> l
 
     rows = []
     env = environment()
+    # the tuned kernel for the shape, not whichever built variant happens to match it
+    tiles = tiles or tiles_for(shape.head_dim, shape.mask, shape.heads // shape.heads_kv)
     for seq in shape.seqs:
         q, k, v, sinks = _inputs(shape, seq)
         pairs = shape.mask.pairs(seq, seq + shape.prefix)
@@ -248,7 +244,7 @@ def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print) -> l
                    "sinks": shape.sinks, "impl": name, "us_p20": p20, "us_p50": p50,
                    "us_p80": p80, "tflops": flops / (p50 * 1e-6) / 1e12,
                    "io_gb_s": io_bytes / (p50 * 1e-6) / 1e9, "extra_mem_bytes": extra,
-                   "rel_err": err, "tiles": asdict(tiles) if tiles and name == "attngen" else None}
+                   "rel_err": err, "tiles": asdict(tiles) if name == "attngen" else None}
             rows.append(row)
         for row in rows[-len(impls):]:
             row["attngen_speedup"] = row["us_p50"] / base if base else None

@@ -2,7 +2,10 @@
 # The GPU plan in one call.  On the device machine, from the repository root:
 #     bash scripts/device.sh tests bench tune
 # tests: every generated suite against the float64 reference (+ the unit tests);
-# bench: `attngen bench run` on the issue's shapes; tune: tile sweep per shape.
+# bench: `attngen bench run` on the issue's shapes; tune: tile sweep per shape;
+# hf: tiny transformers models with attngen vs eager (logits, greedy generation);
+# features: what softcap, sinks and a chunk offset cost next to the plain kernel;
+# profile: Nsight Compute on the shape A and C kernels (one launch each).
 # Logs and JSON go to $OUT (the device tool brings them back).
 set -uo pipefail
 source .gpu/env.sh
@@ -31,6 +34,22 @@ for k in sorted(worst):
 PY
       ;;
     bench) python -m attngen.bench run --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/bench.log" ;;
+    hf) python -m pytest -m gpu tests -q -s -p no:cacheprovider 2>&1 | tee "$OUT/hf.log" | grep -v -i warn | tail -n 30 ;;
+    features)
+      python -m attngen.bench run --preset A --preset C --preset C-sinks --preset G2 --preset G2-softcap \
+        --seq 8192 32768 --impl attngen flex --json "$OUT/features.json" 2>&1 | grep -v -i warn | tee "$OUT/features.log"
+      python -m attngen.bench run --preset A-chunk --impl attngen flex --json "$OUT/chunk.json" 2>&1 \
+        | grep -v -i warn | tee -a "$OUT/features.log" ;;
+    profile)
+      for p in "A 16384" "C 32768"; do
+        set -- $p
+        ncu --clock-control none -k regex:_g[0-9]+_d[0-9]+_ -c 1 --section SpeedOfLight --section Occupancy \
+          --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+          --section WarpStateStats python -m attngen.bench run --preset "$1" --seq "$2" --impl attngen \
+          > "$OUT/ncu-$1.txt" 2>&1
+        grep -E "Duration|Throughput|Pipe|Occupancy|Registers|Shared Memory|Warp Cycles|Stall|Block Size|Grid Size|Waves" \
+          "$OUT/ncu-$1.txt" | head -60
+      done ;;
     tune) python -m attngen.bench tune --json "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/tune.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

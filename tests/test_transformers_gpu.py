@@ -4,8 +4,9 @@ Rule for logits: the same model in float32 with eager attention is the reference
 model with attngen must be as close to it as the bf16 model with eager attention is:
 rel(attngen) <= 1.5 * rel(eager) + 2e-3, rel(x) = ||x - ref|| / ||ref||.  Greedy generation
 of 32 tokens must be identical to eager's, except that the two may part where the float32
-model itself is at a near tie (its top two logits within 1 % of the largest |logit|): there
-bf16 rounding, not attention, decides the token.
+model is at a near tie: where the gap between its top two logits is smaller than the amount by
+which bf16 eager attention alone moves that position's logits away from float32.  There bf16
+rounding, not attention, decides the token; the token chosen must still be one of the top two.
 """
 import logging
 
@@ -54,13 +55,17 @@ def test_logits_and_greedy_generation_match_eager(family, caplog, capsys):
             out = model.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)
         if not torch.equal(out, ref):
             at = int((out[0] != ref[0]).nonzero()[0])
+            prefix = ref[:, :at]
             with torch.no_grad():
-                model.float().set_attn_implementation("eager")
-                last = model(input_ids=ref[:, :at]).logits[0, -1]
-            top = last.topk(2)
-            margin = (top.values[0] - top.values[1]).item() / last.abs().max().item()
+                model.set_attn_implementation("eager")
+                noisy = model(input_ids=prefix).logits[0, -1].float()        # bf16 eager
+                model.float()
+                exact = model(input_ids=prefix).logits[0, -1]               # float32 eager
+            top = exact.topk(2)
+            gap = (top.values[0] - top.values[1]).item()
+            noise = (noisy - exact).abs().max().item()
             with capsys.disabled():
                 print(f"{family}: generations part at token {at - prompt.shape[1]} of 32; float32 "
-                      f"top-2 margin there {margin:.2e} of max |logit|")
-            assert margin <= 1e-2 and int(out[0, at]) in top.indices.tolist(), \
+                      f"top-2 gap there {gap:.3e}, bf16 eager logit noise {noise:.3e}")
+            assert gap <= noise and int(out[0, at]) in top.indices.tolist(), \
                 f"{family}: generations differ where the float32 model is not at a tie"
