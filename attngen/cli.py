@@ -58,8 +58,33 @@ def _list(args) -> int:
     return 0
 
 
+def _spec(args) -> int:
+    import os
+    import tempfile
+
+    from .hfconfig import spec_from_hf_config
+
+    text = spec_from_hf_config(args.from_hf_config, args.name, args.dtype)
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+        return 0
+    # whole file or nothing: write beside the target, then rename over it
+    target = os.path.abspath(args.output)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".attngen-spec-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    print(f"wrote {args.output}; build it with: attngen build {args.output}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .build import DEFAULT_ARCHS, default_out
+    from .spec import DTYPES
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:                 # its own parser: run / tune / plot
@@ -88,6 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("list", help="show the built kernels and model specs the registry sees")
     p.add_argument("--out", default=None, help="build directory (default: ATTNGEN_PATH or the default)")
     p.set_defaults(func=_list)
+
+    p = sub.add_parser("spec", help="write the YAML model spec of a transformers model")
+    p.add_argument("--from-hf-config", required=True, metavar="CONFIG",
+                   help="config.json, a model directory, or a model id in the local HF cache")
+    p.add_argument("--name", help="spec name (default: from the model id or folder)")
+    p.add_argument("--dtype", action="append", choices=sorted(DTYPES),
+                   help="kernel dtype, repeatable (default: the config's, else bf16)")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.set_defaults(func=_spec)
 
     args = parser.parse_args(argv)
     if args.command == "build":

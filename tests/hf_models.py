@@ -22,7 +22,7 @@ MODELS = {
 }
 
 
-def tiny_model(family, attn_implementation, dtype, initializer_range=0.02):
+def tiny_config(family, initializer_range=0.02):
     import transformers
 
     spec = MODELS[family]
@@ -31,7 +31,13 @@ def tiny_model(family, attn_implementation, dtype, initializer_range=0.02):
                   num_attention_heads=4, initializer_range=initializer_range)
     if family != "modernbert":
         common.update(num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
-    config = config_cls(**common, **spec["extra"])
-    model_cls = getattr(transformers, spec["model"])
+    return config_cls(**common, **spec["extra"])
+
+
+def tiny_model(family, attn_implementation, dtype, initializer_range=0.02):
+    import transformers
+
+    config = tiny_config(family, initializer_range)
+    model_cls = getattr(transformers, MODELS[family]["model"])
     model = model_cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()

@@ -76,3 +76,20 @@ def test_tiny_model_on_cpu_matches_eager(family, caplog):
     torch.testing.assert_close(got[keep], expect[keep], rtol=1e-4, atol=1e-4)
     reasons = [r.message for r in caplog.records if "falling back" in r.message]
     assert reasons and all("on cpu" in m for m in reasons), reasons
+
+
+def test_from_pretrained_takes_attn_implementation_attngen(tmp_path):
+    """The README's way in: register, then from_pretrained(..., attn_implementation="attngen")."""
+    import attngen
+
+    tiny_model("gemma3", "eager", torch.float32).save_pretrained(tmp_path / "tiny-gemma3")
+    attngen.register_transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "tiny-gemma3", attn_implementation="attngen", dtype=torch.float32)
+    assert model.config._attn_implementation == "attngen"
+    eager = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "tiny-gemma3", attn_implementation="eager", dtype=torch.float32)
+    ids = torch.randint(1, 512, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, eager(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
