@@ -98,11 +98,13 @@ def attention_of(config, source: str = "<config>") -> ModelAttention:
         notes.append("no layer_types: sliding_window applies to every layer" if window
                      else "no sliding_window: every layer attends to every key")
     if any(sliding):
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            raise err("sliding_window", f"sliding_window must be a positive integer, got {window!r}")
         if causal:
-            local = Mask.from_window(int(window), causal=True)
+            local = Mask.from_window(window, causal=True)
             notes.append(f"sliding_window {window}: query i sees keys i-{window - 1}..i")
         else:
-            local = Mask(False, int(window), int(window))
+            local = Mask(False, window, window)
             notes.append(f"sliding_window {window} (bidirectional): query i sees keys "
                          f"i-{window}..i+{window}")
     full = Mask(causal)

@@ -140,3 +140,10 @@ def test_unsupported_layer_types_are_refused():
     config.layer_types = ["chunked_attention", "full_attention"]
     with pytest.raises(SpecError, match="chunked_attention"):
         hfconfig.attention_of(config)
+
+
+def test_bad_sliding_window_is_refused():
+    config = small("MistralConfig", num_hidden_layers=2, head_dim=64, sliding_window=64)
+    config.sliding_window = -3
+    with pytest.raises(SpecError, match="sliding_window must be a positive integer, got -3"):
+        hfconfig.attention_of(config)
