@@ -5,7 +5,7 @@
 # bench: `attngen bench run` on the issue's shapes; tune: tile sweep per shape;
 # hf: tiny transformers models with attngen vs eager (logits, greedy generation);
 # features: what softcap, sinks and a chunk offset cost next to the plain kernel;
-# profile: Nsight Compute on the shape A and C kernels (one launch each).
+# profile: Nsight Compute on the shape A, B and C kernels (one launch each; PROFILE_SHAPES).
 # Logs and JSON go to $OUT (the device tool brings them back).
 set -uo pipefail
 source .gpu/env.sh
@@ -41,8 +41,8 @@ PY
       python -m attngen.bench run --preset A-chunk --impl attngen flex --json "$OUT/chunk.json" 2>&1 \
         | grep -v -i warn | tee -a "$OUT/features.log" ;;
     profile)
-      for p in "A 16384" "C 32768"; do
-        set -- $p
+      for p in ${PROFILE_SHAPES:-A:16384 B:32768 C:32768}; do
+        set -- ${p/:/ }
         ncu --clock-control none -k regex:_g[0-9]+_d[0-9]+_ -c 1 --section SpeedOfLight --section Occupancy \
           --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
           --section WarpStateStats python -m attngen.bench run --preset "$1" --seq "$2" --impl attngen \
