@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .integrations.transformers import layer_mask
 from .mask import Mask
 from .spec import DTYPES, HEAD_DIMS, NAME_RE, SpecError, load_text
 
 ENCODERS = {"modernbert"}          # bidirectional attention: no causal mask
 SINKS = {"gpt_oss"}                # a learned sink logit per query head
 LAYER_TYPES = {"sliding_attention": True, "full_attention": False}
-TORCH_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
+TORCH_DTYPES = {torch_name: short for short, torch_name in DTYPES.items()}   # "bfloat16" -> "bf16"
 
 
 @dataclass(frozen=True)
@@ -100,13 +101,10 @@ def attention_of(config, source: str = "<config>") -> ModelAttention:
     if any(sliding):
         if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
             raise err("sliding_window", f"sliding_window must be a positive integer, got {window!r}")
-        if causal:
-            local = Mask.from_window(window, causal=True)
-            notes.append(f"sliding_window {window}: query i sees keys i-{window - 1}..i")
-        else:
-            local = Mask(False, window, window)
-            notes.append(f"sliding_window {window} (bidirectional): query i sees keys "
-                         f"i-{window}..i+{window}")
+        # what each layer's attention module will pass as sliding_window (encoders pass
+        # config.sliding_window + 1), read with the integration's own convention
+        local = layer_mask(window if causal else window + 1, causal)
+        notes.append(f"sliding_window {window}: {local.describe()}")
     full = Mask(causal)
     masks = tuple(local if s else full for s in sliding)
 
@@ -184,9 +182,6 @@ def to_yaml(model: ModelAttention, name: str, dtypes: list[str] | None = None,
     if not dtypes and not model.dtype:
         notes.append("the config names no fp16/bf16 dtype: bf16 (pass --dtype to change)")
     dtypes = dtypes or [model.dtype or "bf16"]
-    for d in dtypes:
-        if d not in DTYPES:
-            raise SpecError(f"dtype must be one of {list(DTYPES)}, got {d!r}", source, "dtype")
     period = _period(model.layers)
     pattern = ", ".join(_window_yaml(m) for m in model.layers[:period])
     windows = ", ".join(dict.fromkeys(_window_words(m) for m in model.layers))
