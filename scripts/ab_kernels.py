@@ -17,7 +17,7 @@ import cuda.tile as ct
 import torch
 import triton
 
-LOG2E = 1.4426950408889634
+from attngen.launch import scale_arg
 
 
 def load(directory: pathlib.Path):
@@ -49,7 +49,7 @@ def main() -> None:
         runs, outs = {}, {}
         for tag, kern in (("before", kern_a), ("after", kern_b)):
             out = outs[tag] = torch.empty_like(q)
-            launch_args = (q, k, v, out, d ** -0.5 * LOG2E)
+            launch_args = (q, k, v, out, scale_arg(None, d))
             runs[tag] = lambda kern=kern, a=launch_args: ct.launch(
                 torch.cuda.current_stream(), (math.ceil(seq / bm), args.heads, 1), kern, a)
             runs[tag]()
