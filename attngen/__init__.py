@@ -7,6 +7,7 @@
 
 __version__ = "0.1.0"
 
+from .launch import GradientNotSupported, InputError  # noqa: E402
 from .mask import Mask, MaskError  # noqa: E402
 from .spec import SpecError  # noqa: E402
 from .registry import (AttentionKernel, KernelNotFound, default_registry,  # noqa: E402
@@ -20,4 +21,5 @@ def register_transformers(name: str = "attngen") -> None:
 
 
 __all__ = ["__version__", "get_kernel", "get_layer_kernels", "register_transformers",
-           "default_registry", "AttentionKernel", "KernelNotFound", "Mask", "MaskError", "SpecError"]
+           "default_registry", "AttentionKernel", "KernelNotFound", "GradientNotSupported", "InputError",
+           "Mask", "MaskError", "SpecError"]

@@ -14,6 +14,25 @@ class InputError(ValueError):
     """Tensors a kernel cannot take; the message names the kernel and the problem."""
 
 
+class GradientNotSupported(RuntimeError):
+    """Inputs that require grad, with grad mode on: attngen kernels have no backward yet."""
+
+
+def refuse_grad(name: str, **tensors) -> None:
+    """Never hand autograd an output that silently drops its inputs' gradients: with grad
+    mode on, inputs that require grad are an error until backward kernels exist."""
+    if not torch.is_grad_enabled():
+        return
+    wanting = [label for label, t in tensors.items()
+               if isinstance(t, torch.Tensor) and t.requires_grad]
+    if wanting:
+        raise GradientNotSupported(
+            f"{name}: {', '.join(wanting)} require{'s' if len(wanting) == 1 else ''} grad, but "
+            f"attngen kernels have no backward yet, so the output could not carry gradients. "
+            f"Call it under torch.no_grad() or torch.inference_mode(), or pass detached tensors; "
+            f"the transformers integration falls back to PyTorch attention while training.")
+
+
 def scale_arg(scale: float | None, head_dim: int, softcap: float | None = None) -> float:
     """The kernel's scale argument: softmax scale (default ``head_dim ** -0.5``) times
     log2(e) for ``exp2``, or divided by the softcap for kernels that cap their scores."""
@@ -27,6 +46,7 @@ def scale_arg(scale: float | None, head_dim: int, softcap: float | None = None) 
 
 def prepare_sinks(sinks, heads: int, device, name: str) -> torch.Tensor:
     """One fp32 sink logit per query head, as the kernel reads them."""
+    refuse_grad(name, sinks=sinks)
     if not isinstance(sinks, torch.Tensor):
         raise InputError(f"{name}: this kernel needs sinks=, a tensor of {heads} logits (one per "
                          f"query head), got {type(sinks).__name__}")
@@ -90,6 +110,7 @@ def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, gro
     def fail(message):
         raise InputError(f"{name}: {message}")
 
+    refuse_grad(name, q=q, k=k, v=v)
     if layout not in LAYOUTS:
         fail(f"layout must be one of {LAYOUTS}, got {layout!r}")
     tensors = {"q": q, "k": k, "v": v}
@@ -125,6 +146,7 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, out, *, he
     def fail(message):
         raise InputError(f"{name}: {message}")
 
+    refuse_grad(name, q=q, k=k, v=v)
     tensors = {"q": q, "k": k, "v": v}
     _check_tensors(tensors, 3, "total_tokens, H, D", dtype, fail)
     if tuple(k.shape) != tuple(v.shape):

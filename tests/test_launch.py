@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attngen.launch import InputError, prepare, scale_arg
+from attngen.launch import GradientNotSupported, InputError, prepare, prepare_sinks, scale_arg
 
 ARGS = dict(layout="bhsd", head_dim=64, dtype=torch.float16, group=4, name="k")
 
@@ -38,3 +38,24 @@ def test_layout_and_scale_checks():
     with pytest.raises(InputError, match="positive finite"):
         scale_arg(-1.0, 64)
     assert scale_arg(None, 64) == pytest.approx(0.125 * 1.4426950408889634)
+
+
+@pytest.mark.parametrize("grad", ["q", "k", "v"])
+def test_inputs_that_require_grad_are_refused(grad):
+    """No backward kernels yet: an output without grad_fn would silently lose the gradients."""
+    q, k, v = tensors()
+    named = {"q": q, "k": k, "v": v}
+    named[grad].requires_grad_(True)
+    with pytest.raises(GradientNotSupported, match=rf"^k: {grad} requires grad.*no backward"):
+        prepare(named["q"], named["k"], named["v"], None, **ARGS)
+    with torch.no_grad():         # inference: the usual checks run (and stop at the CPU device)
+        with pytest.raises(InputError, match="runs on CUDA tensors"):
+            prepare(named["q"], named["k"], named["v"], None, **ARGS)
+
+
+def test_sinks_that_require_grad_are_refused():
+    sinks = torch.zeros(8, requires_grad=True)
+    with pytest.raises(GradientNotSupported, match="sinks requires grad"):
+        prepare_sinks(sinks, 8, sinks.device, "k")
+    with torch.inference_mode():
+        assert prepare_sinks(sinks, 8, sinks.device, "k").dtype == torch.float32

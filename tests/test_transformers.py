@@ -93,3 +93,32 @@ def test_from_pretrained_takes_attn_implementation_attngen(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, eager(input_ids=ids).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_training_step_keeps_attention_gradients(family, caplog):
+    """A model in train() mode (attention dropout 0) must never lose gradients through attention:
+    until attngen has backward kernels, training calls fall back to PyTorch, logged once."""
+    ag.register()
+    ag._said.clear()
+    torch.manual_seed(0)
+    model = tiny_model(family, "eager", torch.float32).train()
+    ids = torch.randint(1, model.config.vocab_size, (2, 21))
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids).logits.float().square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expect = grads()
+    model.set_attn_implementation("attngen")
+    with caplog.at_level(logging.WARNING, logger="attngen"):
+        got = grads()
+    assert set(got) == set(expect)
+    attention = [n for n in got if any(p in n for p in ("q_proj", "k_proj", "Wqkv", "sinks"))]
+    assert attention and all(got[n].abs().sum() > 0 for n in attention)
+    for name in expect:
+        torch.testing.assert_close(got[name], expect[name], rtol=1e-4, atol=1e-5, msg=name)
+    reasons = [r.message for r in caplog.records if "falling back" in r.message]
+    assert reasons == ["attngen: falling back to PyTorch attention (same window) for training "
+                       "(inputs require grad; attngen has no backward kernels yet)"], reasons

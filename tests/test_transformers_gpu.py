@@ -69,3 +69,30 @@ def test_logits_and_greedy_generation_match_eager(family, caplog, capsys):
                       f"top-2 gap there {gap:.3e}, bf16 eager logit noise {noise:.3e}")
             assert gap <= noise and int(out[0, at]) in top.indices.tolist(), \
                 f"{family}: generations differ where the float32 model is not at a tie"
+
+
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_training_step_keeps_attention_gradients(family, caplog):
+    """train() mode on the GPU: every parameter's gradient as with eager attention (bf16), and
+    the attention inputs' gradients never silently dropped."""
+    ag.register()
+    ag._said.clear()
+    torch.manual_seed(0)
+    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1).cuda().train()
+    ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device="cuda")
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids).logits.float().square().mean().backward()
+        return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expect = grads()
+    model.set_attn_implementation("attngen")
+    with caplog.at_level(logging.WARNING, logger="attngen"):
+        got = grads()
+    assert set(got) == set(expect)
+    for name in expect:
+        rel = ((got[name] - expect[name]).norm() / expect[name].norm().clamp_min(1e-30)).item()
+        assert rel <= 2e-2, f"{family} {name}: gradient differs from eager by {rel:.2e}"
+    reasons = [r.message for r in caplog.records if "falling back" in r.message]
+    assert any("training" in m for m in reasons), reasons
