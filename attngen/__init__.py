@@ -5,13 +5,11 @@
     o = attn(q, k, v)          # q: (B, H, S, D), k/v: (B, H // 4, S, D), fp16/bf16 CUDA
 """
 
-__version__ = "0.1.0"
-
-from .launch import GradientNotSupported, InputError  # noqa: E402
-from .mask import Mask, MaskError  # noqa: E402
-from .spec import SpecError  # noqa: E402
-from .registry import (AttentionKernel, KernelNotFound, default_registry,  # noqa: E402
-                       get_kernel, get_layer_kernels)
+from .inputs import GradientNotSupported, InputError
+from .mask import Mask, MaskError
+from .registry import AttentionKernel, KernelNotFound, default_registry, get_kernel, get_layer_kernels
+from .spec import SpecError
+from .version import __version__
 
 
 def register_transformers(name: str = "attngen") -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from .support import DTYPES
+
 ARCH_RE = re.compile(r"^sm_\d{2,3}[a-z]?$")
 
 
@@ -14,27 +16,23 @@ def check_arch(arch: str) -> str:
 
 
 def signature(spec):
-    """The launch every generated launcher makes: Q, K, V, Out ((B, H, S, D), or
-    (total, H, D) when varlen), then the fp32 sinks, the int32 cu_seqlens, the scale."""
+    """The kernel's signature as every generated launcher launches it, from ``spec.params``:
+    fp16/bf16 arrays with a unit last stride, 1-D fp32 / int32 arrays, fp32 scalars."""
     import cuda.tile as ct
     from cuda.tile.compilation import (ArrayConstraint, CallingConvention, KernelSignature,
                                        ScalarConstraint)
 
-    def array(dtype, ndim, unit_last=True):
+    def array(dtype, ndim):
         return ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0,
                                alias_groups=(), may_alias_internally=False,
-                               stride_constant=(None,) * (ndim - 1) + (1 if unit_last else None,),
+                               stride_constant=(None,) * (ndim - 1) + (1,),
                                base_addr_divisible_by=16 if ndim > 1 else 4)
 
-    f = spec.features
-    data = array({"fp16": ct.float16, "bf16": ct.bfloat16}[spec.dtype], 3 if f.varlen else 4)
-    params = [data] * 4
-    if f.sinks:
-        params.append(array(ct.float32, 1))
-    if f.varlen:
-        params += [array(ct.int32, 1)] * (2 if f.chunked else 1)
-    params.append(ScalarConstraint(ct.float32))
-    return KernelSignature(params, calling_convention=CallingConvention.cutile_python_v1())
+    kinds = {"io": lambda: array(getattr(ct, DTYPES[spec.dtype]), 3 if spec.features.varlen else 4),
+             "f32[]": lambda: array(ct.float32, 1), "i32[]": lambda: array(ct.int32, 1),
+             "f32": lambda: ScalarConstraint(ct.float32)}
+    return KernelSignature([kinds[p.kind]() for p in spec.params],
+                           calling_convention=CallingConvention.cutile_python_v1())
 
 
 def export(kernel, spec, arch: str, output) -> None:

@@ -26,8 +26,9 @@ import sys
 from dataclasses import asdict, dataclass, replace
 
 from .mask import Mask
-from .spec import DTYPES, Features, KernelSpec
+from .support import DTYPES
 from .tuning import Tiles, tiles_for
+from .variant import Features, KernelSpec
 
 CHECK_ROWS = 256        # query rows checked at each end of the sequence
 PEERS = ("attngen", "sdpa-flash", "sdpa-cudnn", "flex", "sdpa-band")
@@ -113,9 +114,12 @@ def _implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles, names
     impls = {}
     group = shape.heads // shape.heads_kv
     if "attngen" in names:
+        from .registry import default_registry
+
         features = Features(shape.softcap, shape.sinks, chunked=shape.prefix > 0)
         extra = {"sinks": sinks} if shape.sinks else {}
-        attn = _launcher_for(KernelSpec(shape.mask, group, shape.head_dim, shape.dtype, tiles, features))
+        attn = default_registry.ensure(KernelSpec(shape.mask, group, shape.head_dim, shape.dtype,
+                                                  tiles, features))
         impls["attngen"] = lambda: attn(q, k, v, **extra)
     if not shape.plain:
         names = [n for n in names if n == "flex"] if not shape.sinks else []
@@ -149,18 +153,6 @@ def _implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles, names
         mods = {"score_mod": score_mod} if cap is not None else {}
         impls["flex"] = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True, **mods)
     return impls
-
-
-def _launcher_for(spec: KernelSpec):
-    """The launch function of ``spec`` (tiles chosen by the caller), generated on demand."""
-    from .build import build
-    from .codegen import load_package
-    from .registry import default_registry
-    from .spec import Spec
-
-    jit_dir = default_registry.jit_dir
-    build([Spec(f"bench-{spec.name}", "attngen.bench", (spec,))], jit_dir, archs=(), keep_existing=True)
-    return load_package(jit_dir / spec.name).launch
 
 
 def _error(out, q, k, v, sinks, shape: Shape) -> float:
@@ -202,15 +194,10 @@ def _extra_memory(fn, out_bytes: int) -> int:
 def environment() -> dict:
     import torch
 
-    from . import __version__
-    try:
-        from importlib.metadata import version
-        cutile = version("cuda-tile")
-    except Exception:   # noqa: BLE001
-        import cuda.tile
-        cutile = getattr(cuda.tile, "__version__", "?")
+    from .version import __version__, cutile_version
+
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cuda_tile": cutile, "attngen": __version__, "python": platform.python_version()}
+            "cuda_tile": cutile_version(), "attngen": __version__, "python": platform.python_version()}
 
 
 def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print) -> list[dict]:
@@ -275,7 +262,7 @@ def tune(shape: Shape, candidates: list[Tiles], say=print) -> list[dict]:
     rows = []
     for tiles in candidates:
         try:
-            got = bench(replace(shape), names=("attngen",), tiles=tiles, say=lambda _: None)
+            got = bench(shape, names=("attngen",), tiles=tiles, say=lambda _: None)
         except Exception as exc:    # noqa: BLE001 - a config the compiler rejects is a result
             say(f"{shape.label}: {tiles.tag}: failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue

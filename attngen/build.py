@@ -14,80 +14,29 @@ compiled only when missing: a repeated build with unchanged specs does no work.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import __version__
 from .aot import check_arch, export
 from .codegen import load_package, render
-from .spec import KernelSpec, Spec, unique_kernels
+from .spec import Spec, unique_kernels
+from .store import (MANIFEST, KernelEntry, Manifest, SpecEntry, StoreError, cubin_name, locked,
+                    manifest_text, read_manifest)
+from .variant import KernelSpec
 
-MANIFEST = "manifest.json"
-FORMAT = 1
 DEFAULT_ARCHS = ("sm_90",)
 
 
-class BuildError(RuntimeError):
+class BuildError(StoreError):
     """A build that failed; the previous output is intact."""
-
-
-def cache_root() -> Path:
-    if os.environ.get("ATTNGEN_CACHE_DIR"):
-        return Path(os.environ["ATTNGEN_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "attngen"
-
-
-def default_out() -> Path:
-    """Where `attngen build` writes and the registry looks, unless told otherwise."""
-    return Path(os.environ["ATTNGEN_BUILD_DIR"]) if os.environ.get("ATTNGEN_BUILD_DIR") \
-        else cache_root() / "build"
-
-
-def cubin_name(spec: KernelSpec, arch: str) -> str:
-    return f"{spec.name}.{arch}.cubin"
-
-
-@contextlib.contextmanager
-def locked(directory: Path):
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def read_manifest(directory: Path) -> dict:
-    path = Path(directory) / MANIFEST
-    if not path.exists():
-        return {"format": FORMAT, "kernels": {}, "specs": {}}
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
-        raise BuildError(f"{path}: manifest format {data.get('format')} is not {FORMAT}; rebuild")
-    return data
-
-
-def _spec_entry(spec: Spec) -> dict:
-    entry = {"source": spec.source, "description": spec.description,
-             "kernels": [k.name for k in spec.kernels], "layers": None}
-    if spec.layers is not None:
-        entry.update(layers=[m.as_dict() for m in spec.layers], scale=spec.scale, gqa=spec.gqa,
-                     head_dim=spec.head_dim, dtypes=list(spec.dtypes),
-                     features=spec.kernels[0].features.as_dict())
-    return entry
 
 
 @dataclass
@@ -130,13 +79,12 @@ def build(specs: Iterable[Spec], out: Path, archs: Iterable[str] = DEFAULT_ARCHS
                     os.replace(src, dst)
             for name, arch_times in report.compiled.items():
                 for arch in arch_times:
-                    src = staging / "cubins" / f"{name}.{arch}.cubin"
-                    os.replace(src, out / name / src.name)
+                    os.replace(staging / "cubins" / cubin_name(name, arch), out / name / cubin_name(name, arch))
             if manifest != old:
                 tmp = staging / MANIFEST
-                tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+                tmp.write_text(manifest_text(manifest))
                 os.replace(tmp, out / MANIFEST)
-            for name in set(old.get("kernels", {})) - set(manifest["kernels"]):
+            for name in set(old.kernels) - set(manifest.kernels):
                 shutil.rmtree(out / name, ignore_errors=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -173,7 +121,7 @@ def _stage(kernels, out, staging, archs, report) -> list[tuple[Path, Path]]:
 
 def _compile(kernels, out, staging, archs, report, jobs, say) -> None:
     todo = [(spec, arch) for spec in kernels for arch in archs
-            if not (out / spec.name / cubin_name(spec, arch)).exists()]
+            if not (out / spec.name / cubin_name(spec.name, arch)).exists()]
     if not todo:
         return
     (staging / "cubins").mkdir()
@@ -185,7 +133,7 @@ def _compile(kernels, out, staging, archs, report, jobs, say) -> None:
     # The cuTile front end is Python: compile in processes, not threads.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [((spec, arch), pool.submit(_export_one, where[spec.name], spec.as_dict(), arch,
-                                               staging / "cubins" / cubin_name(spec, arch)))
+                                               staging / "cubins" / cubin_name(spec.name, arch)))
                    for spec, arch in todo]
         for done, ((spec, arch), future) in enumerate(futures, 1):
             try:
@@ -215,16 +163,17 @@ def _export_one(directory: Path, spec_dict: dict, arch: str, output: Path) -> fl
     return time.perf_counter() - start
 
 
-def _manifest(specs, kernels, archs, old, report, keep_existing) -> dict:
-    old_kernels = old.get("kernels", {})
-    entries = dict(old_kernels) if keep_existing else {}
+def _manifest(specs, kernels, archs, old: Manifest, report, keep_existing) -> Manifest:
+    entries = dict(old.kernels) if keep_existing else {}
     for spec in kernels:
-        before = old_kernels.get(spec.name, {})
-        seconds = dict(before.get("compile_seconds", {}))
+        before = old.kernels.get(spec.name)
+        seconds = dict(before.compile_seconds) if before else {}
         seconds.update(report.compiled.get(spec.name, {}))
-        cubins = sorted(set(before.get("cubins", [])) | set(archs)) if keep_existing else list(archs)
-        entries[spec.name] = {"spec": spec.as_dict(), "cubins": cubins,
-                              "compile_seconds": {a: seconds[a] for a in cubins if a in seconds}}
-    spec_entries = dict(old.get("specs", {})) if keep_existing else {}
-    spec_entries.update({s.name: _spec_entry(s) for s in specs})
-    return {"format": FORMAT, "attngen": __version__, "kernels": entries, "specs": spec_entries}
+        cubins = tuple(archs)
+        if keep_existing and before:
+            cubins = tuple(sorted(set(before.cubins) | set(archs)))
+        entries[spec.name] = KernelEntry(spec.name, spec, cubins,
+                                         {a: seconds[a] for a in cubins if a in seconds})
+    spec_entries = dict(old.specs) if keep_existing else {}
+    spec_entries.update({s.name: SpecEntry.of(s) for s in specs})
+    return Manifest(entries, spec_entries)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .mask import Mask
-from .spec import KernelSpec
+from .variant import KernelSpec
 
 #: relative error ||o - ref|| / ||ref|| allowed per dtype
 TOLERANCE = {"fp16": 2e-3, "bf16": 1.5e-2}
@@ -36,16 +35,11 @@ class Case:
         return f"Case({', '.join(fields)})"
 
 
-def _span(mask: Mask) -> int | None:
-    """Keys in a full window, or None without a window."""
-    return None if mask.left is None else mask.left + 1 + (mask.right or 0)
-
-
 def cases_for(spec: KernelSpec) -> list[Case]:
     """Shapes that reach every code path of the variant's kernel."""
     bm, bn, g = spec.tiles.block_m, spec.tiles.block_n, spec.gqa
     mask, f = spec.mask, spec.features
-    span = _span(mask)
+    span = mask.span
     tag = mask.tag.replace("causal_", "").replace("bidir_", "")
 
     def case(what, batch, heads_kv, seq, **kw):

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from . import __version__
+from .version import __version__
 
 
 def _build(args) -> int:
@@ -49,9 +49,9 @@ def _list(args) -> int:
     for kernel in kernels:
         print(f"{kernel.name}\n    {kernel.describe()}")
     for name, entry in sorted(reg.specs().items()):
-        if entry.get("layers") is not None:
-            print(f"model {name}: {len(entry['layers'])} layers, gqa {entry['gqa']}, "
-                  f"head_dim {entry['head_dim']} ({entry['source']})")
+        if entry.layers is not None:
+            print(f"model {name}: {len(entry.layers)} layers, gqa {entry.gqa}, "
+                  f"head_dim {entry.head_dim} ({entry.source})")
     if not kernels:
         print(f"no kernels in {', '.join(str(p) for p in reg.paths)}; run `attngen build SPEC...`",
               file=sys.stderr)
@@ -83,8 +83,9 @@ def _spec(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .build import DEFAULT_ARCHS, default_out
-    from .spec import DTYPES
+    from .build import DEFAULT_ARCHS
+    from .store import default_out
+    from .support import DTYPES
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:                 # its own parser: run / tune / plot
@@ -127,11 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         args.arch = args.arch or list(DEFAULT_ARCHS)
     from .spec import SpecError
+    from .store import StoreError
     try:
         return args.func(args)
     except SpecError as exc:
         print(f"attngen: error: {exc}", file=sys.stderr)
         return 2
+    except StoreError as exc:
+        print(f"attngen: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("attngen: interrupted; the previous output is intact", file=sys.stderr)
         return 130

@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .integrations.transformers import layer_mask
 from .mask import Mask
-from .spec import DTYPES, HEAD_DIMS, NAME_RE, SpecError, load_text
+from .spec import NAME_RE, SpecError, load_text
+from .support import check_head_dim, dtype_name
 
 ENCODERS = {"modernbert"}          # bidirectional attention: no causal mask
 SINKS = {"gpt_oss"}                # a learned sink logit per query head
 LAYER_TYPES = {"sliding_attention": True, "full_attention": False}
-TORCH_DTYPES = {torch_name: short for short, torch_name in DTYPES.items()}   # "bfloat16" -> "bf16"
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,10 @@ def attention_of(config, source: str = "<config>") -> ModelAttention:
     if heads % kv_heads:
         raise err("num_key_value_heads", f"{heads} query heads do not split into {kv_heads} KV heads")
     head_dim = _field(text, "head_dim") or _field(text, "hidden_size", 0) // heads
-    if head_dim not in HEAD_DIMS:
-        raise err("head_dim", f"head_dim {head_dim} is not supported (attngen has {list(HEAD_DIMS)})")
+    try:
+        check_head_dim(head_dim)
+    except ValueError as exc:
+        raise err("head_dim", f"head_dim {head_dim} is not supported: {exc}") from None
 
     causal = model_type not in ENCODERS
     window = _field(text, "sliding_window")
@@ -103,7 +104,7 @@ def attention_of(config, source: str = "<config>") -> ModelAttention:
             raise err("sliding_window", f"sliding_window must be a positive integer, got {window!r}")
         # what each layer's attention module will pass as sliding_window (encoders pass
         # config.sliding_window + 1), read with the integration's own convention
-        local = layer_mask(window if causal else window + 1, causal)
+        local = Mask.from_transformers(window if causal else window + 1, causal)
         notes.append(f"sliding_window {window}: {local.describe()}")
     full = Mask(causal)
     masks = tuple(local if s else full for s in sliding)
@@ -116,7 +117,7 @@ def attention_of(config, source: str = "<config>") -> ModelAttention:
     softcap = _field(text, "attn_logit_softcapping")
     sinks = model_type in SINKS
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    dtype = TORCH_DTYPES.get(str(dtype).removeprefix("torch."))
+    dtype = dtype_name(dtype)
     return ModelAttention(model_type, causal, heads, kv_heads, head_dim, masks, scale,
                           None if softcap is None else float(softcap), sinks, dtype, tuple(notes))
 

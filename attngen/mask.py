@@ -89,6 +89,19 @@ class Mask:
                 f"i-L <= j <= i+R), got {window!r}")
         return cls(False, left=_reach(left, "window left"), right=_reach(right, "window right"))
 
+    @classmethod
+    def from_transformers(cls, sliding_window: int | None, causal: bool) -> "Mask":
+        """The mask of a transformers attention call from its ``sliding_window`` argument
+        (``None`` or <= 0: no window).  Causal ``W`` keeps ``kv_idx > q_idx - W``: the ``W``
+        most recent keys.  Bidirectional (ModernBERT): the attention module passes
+        ``sliding_window = R + 1`` for a reach of ``R`` keys on each side."""
+        if sliding_window is None or sliding_window <= 0:
+            return cls(causal)
+        if causal:
+            return cls.from_window(int(sliding_window), causal=True)
+        reach = int(sliding_window) - 1
+        return cls(False, reach, reach)
+
     # -- descriptions ---------------------------------------------------------------
     @property
     def window(self) -> int | dict | None:
@@ -98,6 +111,11 @@ class Mask:
         if self.causal:
             return self.left + 1
         return {"left": self.left, "right": self.right}
+
+    @property
+    def span(self) -> int | None:
+        """Keys in a full window (``None`` without one)."""
+        return None if self.left is None else self.left + 1 + (self.right or 0)
 
     @property
     def tag(self) -> str:

@@ -13,12 +13,7 @@ from __future__ import annotations
 import torch
 
 from .mask import Mask
-
-
-def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout not in ("bhsd", "bshd"):
-        raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
-    return t if layout == "bhsd" else t.transpose(1, 2)
+from .support import bhsd
 
 
 def _check(q, k, v):
@@ -53,7 +48,7 @@ def attention(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = 
     chunk of queries after a cached prefix, or the start of a slice of the queries checked
     on its own.  ``sinks`` has one logit per query head.
     """
-    q, k, v = (_bhsd(t, layout).to(dtype) for t in (q, k, v))
+    q, k, v = (bhsd(t, layout).to(dtype) for t in (q, k, v))
     _check(q, k, v)
     batch, heads, seq_q, d = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
@@ -80,7 +75,7 @@ def dense(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = "bhs
           q_offset: int = 0, softcap: float | None = None, sinks: torch.Tensor | None = None,
           dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Full (S_q x S_k) masked softmax; O(S^2) memory, for checking :func:`attention`."""
-    q, k, v = (_bhsd(t, layout).to(dtype) for t in (q, k, v))
+    q, k, v = (bhsd(t, layout).to(dtype) for t in (q, k, v))
     _check(q, k, v)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

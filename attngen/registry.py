@@ -6,7 +6,9 @@ registry reads the manifests of the build directories (``ATTNGEN_PATH``, a
 ``os.pathsep``-separated list; default: ``attngen build``'s default output) and of its
 on-demand cache.  A valid query with no built kernel is generated once into the on-demand
 cache (``<cache>/jit``), logged, unless ``ATTNGEN_JIT=0``; then it is an error that lists
-the nearest kernels that exist.
+the nearest kernels that exist.  A kernel built by another attngen, cuTile or template
+version is never used: it is regenerated, or, with ``ATTNGEN_JIT=0``, an error that names
+the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -16,37 +18,27 @@ import os
 import threading
 from pathlib import Path
 
-import torch
-
-from .build import build, cache_root, default_out, read_manifest
+from .build import build
 from .codegen import load_package
-from .launch import InputError
+from .inputs import InputError
 from .mask import Mask
-from .spec import DTYPES, HEAD_DIMS, Family, Features, KernelSpec, Spec
+from .spec import Spec
+from .store import KernelEntry, SpecEntry, default_out, jit_dir, read_manifest
+from .support import HEAD_DIMS, check_dtype, check_head_dim, dtype_name
 from .tuning import tiles_for
+from .variant import Family, Features, KernelSpec
 
 log = logging.getLogger("attngen")
-TORCH_TO_SPEC = {getattr(torch, name): short for short, name in DTYPES.items()}
 
 
 class KernelNotFound(LookupError):
-    """No kernel fits the query; the message lists the nearest ones that exist."""
+    """No usable kernel fits the query; the message lists the nearest ones or the rebuild."""
 
 
-def _family(window, causal, gqa, features: Features) -> Family:
-    if isinstance(gqa, bool) or not isinstance(gqa, int) or gqa <= 0:
-        raise ValueError(f"gqa must be a positive integer (query heads per KV head), got {gqa!r}")
-    return Family(Mask.from_window(window, causal), gqa, features)
-
-
-def _describe_query(family: Family, head_dim=None, dtype=None) -> str:
-    parts = [f"window={family.mask.window!r}", f"causal={family.mask.causal}", f"gqa={family.gqa}"]
-    parts += [f"{k}={v!r}" for k, v in family.features.as_dict().items() if v not in (None, False)]
-    if head_dim is not None:
-        parts.append(f"head_dim={head_dim}")
-    if dtype is not None:
-        parts.append(f"dtype={dtype}")
-    return ", ".join(parts)
+def _describe(family: Family, head_dim=None, dtype=None) -> str:
+    extra = [f"head_dim={head_dim}"] if head_dim is not None else []
+    extra += [f"dtype={dtype}"] if dtype is not None else []
+    return ", ".join([family.describe(), *extra])
 
 
 class Registry:
@@ -58,8 +50,8 @@ class Registry:
         self._jit_dir = Path(jit_dir) if jit_dir is not None else None
         self._jit = jit
         self._lock = threading.RLock()
-        self._kernels: dict[str, tuple[KernelSpec, Path]] | None = None
-        self._specs: dict[str, dict] = {}
+        self._kernels: dict[str, tuple[KernelEntry, Path]] | None = None
+        self._specs: dict[str, SpecEntry] = {}
         self._launchers: dict[str, object] = {}
 
     # -- configuration, resolved late so environment changes before first use count --------
@@ -72,7 +64,7 @@ class Registry:
 
     @property
     def jit_dir(self) -> Path:
-        return self._jit_dir if self._jit_dir is not None else cache_root() / "jit"
+        return self._jit_dir if self._jit_dir is not None else jit_dir()
 
     @property
     def jit(self) -> bool:
@@ -85,30 +77,32 @@ class Registry:
             self._kernels = None
             self._specs = {}
 
-    def _index(self) -> dict[str, tuple[KernelSpec, Path]]:
+    def _index(self) -> dict[str, tuple[KernelEntry, Path]]:
+        """Built name -> (entry, directory), first directory first."""
         with self._lock:
             if self._kernels is None:
-                kernels: dict[str, tuple[KernelSpec, Path]] = {}
+                kernels: dict[str, tuple[KernelEntry, Path]] = {}
                 for directory in [*self.paths, self.jit_dir]:
                     manifest = read_manifest(directory)
-                    for name, entry in manifest["kernels"].items():
-                        kernels.setdefault(name, (KernelSpec.from_dict(entry["spec"]), directory))
-                    for name, entry in manifest["specs"].items():
+                    for name, entry in manifest.kernels.items():
+                        kernels.setdefault(name, (entry, directory))
+                    for name, entry in manifest.specs.items():
                         self._specs.setdefault(name, entry)
                 self._kernels = kernels
             return self._kernels
 
     def kernels(self) -> list[KernelSpec]:
-        return [spec for spec, _ in self._index().values()]
+        """The usable kernels (built by this attngen, cuTile and templates)."""
+        return [entry.spec for entry, _ in self._index().values() if not entry.stale]
 
-    def specs(self) -> dict[str, dict]:
+    def specs(self) -> dict[str, SpecEntry]:
         self._index()
         return dict(self._specs)
 
     def _match(self, family: Family, head_dim: int, dtype: str) -> KernelSpec | None:
         found = sorted((k for k in self.kernels() if k.family == family and k.head_dim == head_dim
                         and k.dtype == dtype), key=lambda k: k.name)
-        tuned = tiles_for(head_dim, family.mask, 1 if family.features.varlen else family.gqa)
+        tuned = tiles_for(head_dim, family.mask, family.gqa, family.features.varlen)
         return next((k for k in found if k.tiles == tuned), found[0] if found else None)
 
     def has_family(self, family: Family) -> bool:
@@ -124,19 +118,46 @@ class Registry:
         groups: dict[Family, list[KernelSpec]] = {}
         for k in sorted(self.kernels(), key=distance):
             groups.setdefault(k.family, []).append(k)
-        return [f"{_describe_query(fam)} (head_dim/dtype: "
+        return [f"{fam.describe()} (head_dim/dtype: "
                 f"{', '.join(sorted({f'{k.head_dim}/{k.dtype}' for k in ks}))})"
                 for fam, ks in list(groups.items())[:limit]]
 
     def not_found(self, family: Family, head_dim=None, dtype=None) -> KernelNotFound:
+        stale = [(entry, directory) for entry, directory in self._index().values()
+                 if entry.stale and entry.spec.family == family
+                 and head_dim in (None, entry.spec.head_dim) and dtype in (None, entry.spec.dtype)]
+        if stale:
+            entry, directory = stale[0]
+            sources = sorted({s.source for s in read_manifest(directory).specs.values()
+                              if entry.name in s.kernels})
+            command = f"attngen build {' '.join(sources) or 'SPEC...'} --out {directory}"
+            return KernelNotFound(
+                f"the kernel for {_describe(family, head_dim, dtype)} in {directory} ({entry.name}) "
+                f"was built by another attngen, cuTile or template version and cannot be used; "
+                f"rebuild it with `{command}` (or allow on-demand generation: unset ATTNGEN_JIT=0)")
         near = self.nearest(family)
         where = ", ".join(str(p) for p in [*self.paths, self.jit_dir])
         listing = "\n  ".join(near) if near else "(none: run `attngen build SPEC...`)"
         return KernelNotFound(
-            f"no built kernel for {_describe_query(family, head_dim, dtype)} in {where} and "
+            f"no built kernel for {_describe(family, head_dim, dtype)} in {where} and "
             f"on-demand generation is off (ATTNGEN_JIT=0). Nearest available:\n  {listing}")
 
     # -- launchers ----------------------------------------------------------------------
+    def ensure(self, spec: KernelSpec):
+        """The ``launch`` function of exactly ``spec``: built, or generated now into the
+        on-demand cache (logged).  The one way anything gets a launcher."""
+        with self._lock:
+            if spec.name not in self._launchers:
+                if spec.name not in self._index():
+                    log.warning("attngen: no built kernel %s; generating it into %s "
+                                "(prebuild it with `attngen build` to skip this)", spec.name, self.jit_dir)
+                    build([Spec(f"jit-{spec.name}", "attngen.get_kernel", (spec,))], self.jit_dir,
+                          archs=(), keep_existing=True)
+                    self.refresh()
+                _, directory = self._index()[spec.name]
+                self._launchers[spec.name] = load_package(directory / spec.name).launch
+            return self._launchers[spec.name]
+
     def launcher(self, family: Family, head_dim: int, dtype: str):
         """The ``launch`` function of the kernel for these semantics, head_dim and dtype."""
         with self._lock:
@@ -144,19 +165,9 @@ class Registry:
             if spec is None:
                 if not self.jit:
                     raise self.not_found(family, head_dim, dtype)
-                tiles = tiles_for(head_dim, family.mask, 1 if family.features.varlen else family.gqa)
+                tiles = tiles_for(head_dim, family.mask, family.gqa, family.features.varlen)
                 spec = KernelSpec(family.mask, family.gqa, head_dim, dtype, tiles, family.features)
-                log.warning("attngen: no built kernel for %s; generating %s into %s "
-                            "(prebuild it with `attngen build` to skip this)",
-                            _describe_query(family, head_dim, dtype), spec.name, self.jit_dir)
-                build([Spec(f"jit-{spec.name}", "attngen.get_kernel", (spec,))], self.jit_dir,
-                      archs=(), keep_existing=True)
-                self.refresh()
-                spec = self._match(family, head_dim, dtype)
-            if spec.name not in self._launchers:
-                _, directory = self._index()[spec.name]
-                self._launchers[spec.name] = load_package(directory / spec.name).launch
-            return self._launchers[spec.name]
+            return self.ensure(spec)
 
 
 class AttentionKernel:
@@ -168,19 +179,20 @@ class AttentionKernel:
         self._launch: dict[tuple[int, str], object] = {}
 
     def __repr__(self):
-        return f"AttentionKernel({_describe_query(self.family, self.head_dim)}, scale={self.scale})"
+        return f"AttentionKernel({_describe(self.family, self.head_dim)}, scale={self.scale})"
 
     def __call__(self, q, k, v, *args, scale: float | None = None, **kwargs):
         """Attention of ``q`` over ``k, v``; the other arguments go to the kernel's launcher
         (``out=``, ``layout=``, ``sinks=``, or ``cu_seqlens_q`` for packed sequences)."""
+        import torch
+
         dims = 3 if self.family.features.varlen else 4
         if not isinstance(q, torch.Tensor) or q.dim() != dims:
             raise InputError(f"q must be a {dims}-D torch.Tensor, got {getattr(q, 'shape', type(q))}")
         head_dim = q.shape[-1]
-        dtype = TORCH_TO_SPEC.get(q.dtype)
+        dtype = dtype_name(q.dtype)
         if dtype is None:
-            raise InputError(f"q has dtype {q.dtype}; attngen kernels take "
-                             f"{', '.join(str(t) for t in TORCH_TO_SPEC)}")
+            raise InputError(f"q has dtype {q.dtype}; attngen kernels take torch.float16, torch.bfloat16")
         if self.head_dim is not None and head_dim != self.head_dim:
             raise InputError(f"this kernel was asked for head_dim {self.head_dim}, q has {head_dim}")
         if head_dim not in HEAD_DIMS:
@@ -194,22 +206,30 @@ class AttentionKernel:
 default_registry = Registry()
 
 
-def get_kernel(window: int | dict | tuple | None = None, *, causal: bool = True, gqa: int = 1,
-               softcap: float | None = None, sinks: bool = False, chunked: bool = False,
-               varlen: bool = False, head_dim: int | None = None, dtype: str | None = None,
-               scale: float | None = None, registry: Registry | None = None) -> AttentionKernel:
-    """The attention callable for a window (see :class:`attngen.Mask`), GQA ratio and features
-    (:class:`attngen.spec.Features`: softcap, sinks, chunked prefill, packed sequences).
+def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool | None = None,
+               gqa: int = 1, softcap: float | None = None, sinks: bool = False,
+               chunked: bool = False, varlen: bool = False, head_dim: int | None = None,
+               dtype: str | None = None, scale: float | None = None,
+               registry: Registry | None = None) -> AttentionKernel:
+    """The attention callable for a window (see :class:`attngen.Mask`; a ``Mask`` itself is
+    taken as it is), GQA ratio and features (:class:`attngen.variant.Features`: softcap,
+    sinks, chunked prefill, packed sequences).  ``causal`` defaults to True for a window.
 
     ``head_dim``/``dtype``, when given, must have a kernel now (built, or generated on
     demand); otherwise they are picked from the tensors at call time.
     """
     reg = registry or default_registry
-    family = _family(window, causal, gqa, Features(softcap, sinks, chunked, varlen))
-    if head_dim is not None and head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {list(HEAD_DIMS)}, got {head_dim!r}")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if isinstance(window, Mask):
+        if causal is not None and causal != window.causal:
+            raise ValueError(f"causal={causal} contradicts the mask given ({window.describe()})")
+        mask = window
+    else:
+        mask = Mask.from_window(window, True if causal is None else causal)
+    family = Family(mask, gqa, Features(softcap, sinks, chunked, varlen))
+    if head_dim is not None:
+        check_head_dim(head_dim)
+    if dtype is not None:
+        check_dtype(dtype)
     if not reg.jit and not reg.has_family(family):
         raise reg.not_found(family, head_dim, dtype)
     if head_dim is not None and dtype is not None:
@@ -222,16 +242,12 @@ def get_layer_kernels(model: str, *, registry: Registry | None = None) -> list[A
     reg = registry or default_registry
     specs = reg.specs()
     entry = specs.get(model)
-    if entry is None or entry.get("layers") is None:
-        models = sorted(n for n, e in specs.items() if e.get("layers") is not None)
+    if entry is None or entry.layers is None:
+        models = sorted(n for n, e in specs.items() if e.layers is not None)
         raise KernelNotFound(f"no built model spec named {model!r}; built: {models or 'none'}")
     kernels: dict[Mask, AttentionKernel] = {}
-    layers = []
-    for mask_dict in entry["layers"]:
-        mask = Mask(**mask_dict)
+    for mask in entry.layers:
         if mask not in kernels:
-            features = Features(**entry["features"])
-            kernels[mask] = AttentionKernel(Family(mask, entry["gqa"], features), reg, entry["scale"],
-                                            entry["head_dim"])
-        layers.append(kernels[mask])
-    return layers
+            kernels[mask] = AttentionKernel(Family(mask, entry.gqa, entry.features), reg,
+                                            entry.scale, entry.head_dim)
+    return [kernels[mask] for mask in entry.layers]

@@ -1,17 +1,16 @@
-"""Variant specs: YAML in, validated frozen dataclasses out.
+"""The YAML reader: spec files in, validated :class:`Spec` documents of
+:class:`~attngen.variant.KernelSpec` values out.
 
 A spec file holds one spec or several (YAML documents separated by ``---``, or a
 top-level list).  Every list-valued field among ``causal``, ``window``, ``gqa``,
 ``head_dim`` and ``dtype`` expands into the cross product.  ``docs/spec.md`` is the
-reference for users; this module is the only place that reads specs.
+reference for users; this module is the only place that reads specs.  What is supported is
+asked of :mod:`attngen.support`, never restated here.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import itertools
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -21,10 +20,10 @@ from typing import Any, Iterable
 import yaml
 
 from .mask import Mask, MaskError
-from .tuning import Tiles, tiles_for
+from .support import check_dtype, check_gqa, check_head_dim
+from .tuning import tiles_for
+from .variant import Features, KernelSpec
 
-HEAD_DIMS = (64, 80, 96, 128, 256)
-DTYPES = {"fp16": "float16", "bf16": "bfloat16"}   # spec name -> torch / cuda.tile name
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
@@ -35,148 +34,6 @@ class SpecError(ValueError):
         self.source, self.path, self.line, self.message = source, path, line, message
         where = source if line is None else f"{source}:{line}"
         super().__init__(f"{where}: {path + ': ' if path else ''}{message}")
-
-
-# ---------------------------------------------------------------------------------------
-# Kernel identity
-# ---------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=1)
-def fingerprint() -> str:
-    """What, besides the spec, decides a generated kernel: attngen, cuTile, the templates."""
-    from importlib import metadata
-
-    from . import __version__
-    from .codegen import template_sources
-
-    try:
-        cutile = metadata.version("cuda-tile")
-    except metadata.PackageNotFoundError:
-        cutile = "absent"
-    digest = hashlib.sha256(f"attngen {__version__}\ncuda-tile {cutile}\n".encode())
-    for name, text in sorted(template_sources().items()):
-        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class Features:
-    """What a kernel computes beyond the masked softmax; each is generated only where used.
-
-    softcap  scores <- softcap * tanh(scores / softcap) before masking (Gemma 2)
-    sinks    one learned logit per query head joins the softmax denominator (gpt-oss)
-    chunked  queries are the last S_q of S_k >= S_q keys (prefill after a cached prefix)
-    varlen   packed (total_tokens, H, D) sequences described by cu_seqlens
-    """
-
-    softcap: float | None = None
-    sinks: bool = False
-    chunked: bool = False
-    varlen: bool = False
-
-    def __post_init__(self):
-        if self.softcap is not None:
-            if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) \
-                    or not math.isfinite(self.softcap) or self.softcap <= 0:
-                raise ValueError(f"softcap must be a positive number, got {self.softcap!r}")
-            object.__setattr__(self, "softcap", float(self.softcap))
-        for name in ("sinks", "chunked", "varlen"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-
-    @property
-    def tag(self) -> str:
-        parts = [f"sc{self.softcap:g}".replace(".", "p")] if self.softcap is not None else []
-        parts += [name for name in ("sinks", "chunked", "varlen") if getattr(self, name)]
-        return "".join(f"_{p}" for p in parts)
-
-    def describe(self) -> str:
-        parts = [f"softcap {self.softcap:g}"] if self.softcap is not None else []
-        if self.sinks:
-            parts.append("attention sinks")
-        if self.chunked:
-            parts.append("queries after a cached prefix (S_q <= S_k)")
-        if self.varlen:
-            parts.append("packed variable-length sequences")
-        return "; ".join(parts)
-
-    def as_dict(self) -> dict:
-        return {"softcap": self.softcap, "sinks": self.sinks, "chunked": self.chunked,
-                "varlen": self.varlen}
-
-
-@dataclass(frozen=True)
-class Family:
-    """The semantics a caller selects on: mask, GQA ratio, features (head_dim/dtype dispatch later)."""
-
-    mask: Mask
-    gqa: int
-    features: Features = Features()
-
-    def describe(self) -> str:
-        extra = self.features.describe()
-        return f"{self.mask.describe()}; gqa {self.gqa}" + (f"; {extra}" if extra else "")
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """Everything one generated kernel is specialized on."""
-
-    mask: Mask
-    gqa: int
-    head_dim: int
-    dtype: str
-    tiles: Tiles
-    features: Features = Features()
-
-    def __post_init__(self):
-        if isinstance(self.gqa, bool) or not isinstance(self.gqa, int) or self.gqa <= 0:
-            raise ValueError(f"gqa must be a positive integer, got {self.gqa!r}")
-        if self.head_dim not in HEAD_DIMS:
-            raise ValueError(f"head_dim must be one of {list(HEAD_DIMS)}, got {self.head_dim!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.gqa % self.tiles.pack:
-            raise ValueError(f"tiles.pack ({self.tiles.pack}) must divide gqa ({self.gqa})")
-        if self.features.varlen and self.tiles.pack > 1:
-            raise ValueError("varlen kernels take one query head per tile (tiles.pack 1)")
-
-    @property
-    def family(self) -> Family:
-        return Family(self.mask, self.gqa, self.features)
-
-    @property
-    def tile_d(self) -> int:
-        """Head dimension padded to a power of two (tile extents must be powers of two)."""
-        return 1 << (self.head_dim - 1).bit_length()
-
-    def as_dict(self) -> dict:
-        return {"mask": self.mask.as_dict(), "gqa": self.gqa, "head_dim": self.head_dim,
-                "dtype": self.dtype, "tiles": self.tiles.as_dict(), "features": self.features.as_dict()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "KernelSpec":
-        return cls(Mask(**data["mask"]), data["gqa"], data["head_dim"], data["dtype"],
-                   Tiles(**data["tiles"]), Features(**data["features"]))
-
-    @property
-    def hash(self) -> str:
-        text = json.dumps(self.as_dict(), sort_keys=True) + fingerprint()
-        return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-    @property
-    def name(self) -> str:
-        """Canonical name: file name, module name, registry key, cache key and test id."""
-        return (f"{self.mask.tag}{self.features.tag}_g{self.gqa}_d{self.head_dim}_{self.dtype}"
-                f"_{self.tiles.tag}_{self.hash}")
-
-    def describe(self) -> str:
-        extra = self.features.describe()
-        return (f"{self.mask.describe()}{'; ' + extra if extra else ''}; gqa {self.gqa}; "
-                f"head_dim {self.head_dim}; {self.dtype}; "
-                f"tiles {self.tiles.block_m}x{self.tiles.block_n}, occupancy "
-                f"{self.tiles.occupancy}, {self.tiles.num_ctas} CTA(s) per cluster"
-                + (f", {self.tiles.pack} query heads per tile" if self.tiles.pack > 1 else ""))
 
 
 @dataclass(frozen=True)
@@ -192,11 +49,6 @@ class Spec:
     gqa: int | None = None                      # model specs: one GQA ratio ...
     head_dim: int | None = None                 # ... and one head dimension
     dtypes: tuple[str, ...] = field(default=())
-
-    def layer_kernels(self, dtype: str) -> list[KernelSpec]:
-        """The kernel of each layer for ``dtype`` (model specs only)."""
-        by_mask = {k.mask: k for k in self.kernels if k.dtype == dtype}
-        return [by_mask[m] for m in self.layers]
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,9 +91,10 @@ def _to_python(node, path: str, lines: dict, loader, source: str):
 
 
 def _documents(text: str, source: str) -> list[_Doc]:
-    loader = yaml.SafeLoader(text)
     docs: list[_Doc] = []
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)          # reading starts here: it can fail already
         while loader.check_node():
             node = loader.get_node()
             if node is None:
@@ -254,12 +107,13 @@ def _documents(text: str, source: str) -> list[_Doc]:
             else:
                 lines = {}
                 docs.append(_Doc(_to_python(node, "", lines, loader, source), lines, source))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise SpecError(f"invalid YAML: {exc.problem or exc}", source, "",
+    except yaml.YAMLError as exc:              # syntax, unreadable characters, unknown tags
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        raise SpecError(f"invalid YAML: {getattr(exc, 'problem', None) or exc}", source, "",
                         mark.line + 1 if mark else None) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return docs
 
 
@@ -273,6 +127,26 @@ EXPANDING = ("causal", "window", "gqa", "head_dim", "dtype")
 TILE_KEYS = ("block_m", "block_n", "occupancy", "num_ctas", "pack")
 
 
+WINDOW_KEYS = ("left", "right")
+LAYER_KEYS = ("count", "pattern")
+
+
+def _keys(doc: _Doc, path: str, value: dict, allowed: tuple[str, ...], what: str) -> None:
+    """The one check of every mapping in a spec: it holds only the keys it takes."""
+    for key in value:
+        if key not in allowed:
+            raise doc.error(f"{path}.{key}" if path else str(key),
+                            f"unknown key {key!r}; {what} takes {list(allowed)}")
+
+
+def _rule(doc: _Doc, path: str, check, value):
+    """Apply a rule of :mod:`attngen.support` (or a value type's own checks) at ``path``."""
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise doc.error(path, str(exc)) from None
+
+
 def _options(doc: _Doc, key: str, default: Any) -> list[tuple[str, Any]]:
     value = doc.data.get(key, default)
     if isinstance(value, list):
@@ -282,19 +156,9 @@ def _options(doc: _Doc, key: str, default: Any) -> list[tuple[str, Any]]:
     return [(key, value)]
 
 
-def _positive_int(doc: _Doc, path: str, value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise doc.error(path, f"{what} must be a positive integer, got {value!r}")
-    if value <= 0:
-        raise doc.error(path, f"{what} must be a positive integer, got {value}")
-    return value
-
-
 def _mask(doc: _Doc, path: str, window: Any, causal: bool) -> Mask:
     if isinstance(window, dict):
-        for k in window:
-            if k not in ("left", "right"):
-                raise doc.error(f"{path}.{k}", f"unknown key {k!r}; a window takes left and right")
+        _keys(doc, path, window, WINDOW_KEYS, "a window")
     try:
         return Mask.from_window(window, causal)
     except MaskError as exc:
@@ -307,12 +171,12 @@ def _layers(doc: _Doc, causal: bool) -> tuple[Mask, ...]:
         entries, base = value, "layers"
         count = len(value)
     elif isinstance(value, dict):
-        for k in value:
-            if k not in ("count", "pattern"):
-                raise doc.error(f"layers.{k}", f"unknown key {k!r}; layers takes count and pattern")
+        _keys(doc, "layers", value, LAYER_KEYS, "layers")
         if "count" not in value or "pattern" not in value:
             raise doc.error("layers", "layers needs both count and pattern")
-        count = _positive_int(doc, "layers.count", value["count"], "layers.count")
+        count = value["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            raise doc.error("layers.count", f"layers.count must be a positive integer, got {count!r}")
         entries, base = value["pattern"], "layers.pattern"
         if not isinstance(entries, list):
             raise doc.error(base, "pattern must be a list of windows (one per layer, repeated)")
@@ -330,38 +194,31 @@ def _tiles_override(doc: _Doc) -> dict:
         return {}
     if not isinstance(value, dict):
         raise doc.error("tiles", f"tiles is a mapping with keys {list(TILE_KEYS)}")
-    for k, v in value.items():
-        if k not in TILE_KEYS:
-            raise doc.error(f"tiles.{k}", f"unknown key {k!r}; tiles takes {list(TILE_KEYS)}")
+    _keys(doc, "tiles", value, TILE_KEYS, "tiles")
     return dict(value)
 
 
 def _features(doc: _Doc) -> Features:
     data = doc.data
-    for key in ("sinks", "chunked", "varlen"):
+    for key in Features.FLAGS:
         if not isinstance(data.get(key, False), bool):
             raise doc.error(key, f"{key} must be true or false, got {data[key]!r}")
-    try:
-        return Features(data.get("softcap"), data.get("sinks", False), data.get("chunked", False),
-                        data.get("varlen", False))
-    except ValueError as exc:
-        raise doc.error("softcap", str(exc)) from None
+    return _rule(doc, "softcap", lambda cap: Features(cap, *(data.get(k, False) for k in Features.FLAGS)),
+                 data.get("softcap"))
 
 
 def _kernel(doc: _Doc, mask: Mask, gqa, head_dim, dtype, paths: dict, tiles: dict,
             features: Features) -> KernelSpec:
-    gqa = _positive_int(doc, paths["gqa"], gqa, "gqa")
-    if head_dim not in HEAD_DIMS or isinstance(head_dim, bool):
-        raise doc.error(paths["head_dim"], f"head_dim must be one of {list(HEAD_DIMS)}, got {head_dim!r}")
-    if dtype not in DTYPES:
-        raise doc.error(paths["dtype"], f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    base = tiles_for(head_dim, mask, gqa)
+    gqa = _rule(doc, paths["gqa"], check_gqa, gqa)
+    head_dim = _rule(doc, paths["head_dim"], check_head_dim, head_dim)
+    dtype = _rule(doc, paths["dtype"], check_dtype, dtype)
+
+    def chosen(override):
+        return KernelSpec(mask, gqa, head_dim, dtype,
+                          replace(tiles_for(head_dim, mask, gqa, features.varlen), **override), features)
     try:
-        chosen = replace(base, **tiles)
-        if features.varlen and "pack" not in tiles:
-            chosen = replace(chosen, pack=1)
-        return KernelSpec(mask, gqa, head_dim, dtype, chosen, features)
-    except (TypeError, ValueError) as exc:
+        return _rule(doc, "tiles", chosen, tiles)
+    except TypeError as exc:
         raise doc.error("tiles", str(exc)) from None
 
 
@@ -369,9 +226,7 @@ def _spec(doc: _Doc) -> Spec:
     data = doc.data
     if not isinstance(data, dict):
         raise doc.error("", f"a spec is a mapping of {list(TOP_KEYS)}, got {type(data).__name__}")
-    for key in data:
-        if key not in TOP_KEYS:
-            raise doc.error(key, f"unknown key {key!r}; a spec takes {list(TOP_KEYS)}")
+    _keys(doc, "", data, TOP_KEYS, "a spec")
     for key in ("name", "gqa", "head_dim", "dtype"):
         if key not in data:
             raise doc.error("", f"missing required key {key!r}")

@@ -17,7 +17,8 @@ import torch
 from . import reference
 from .cases import TOLERANCE, Case
 from .mask import Mask
-from .spec import DTYPES, KernelSpec
+from .support import DTYPES
+from .variant import KernelSpec
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,10 +1,10 @@
 """Tile shapes and compiler hints per head dimension.
 
 ``TUNED`` is the table the templates read (through :func:`tiles_for`).  Rows are keyed
-by GPU architecture and head dimension; a window narrower than ``narrow_window`` keys
+by GPU architecture and head dimension; a window narrower than ``NARROW_WINDOW`` keys
 picks the row's ``narrow`` entry, because with only a few KV blocks per query tile the
 masked keys of a wide block cost more than the extra loop iterations of a narrow one.
-An architecture without a row falls back to ``DEFAULT_ARCH``.  ``docs/performance.md``
+Only ``DEFAULT_ARCH`` has rows so far.  ``docs/performance.md``
 records the measurements behind each row.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from .mask import Mask
+from .support import forced_pack
 
 DEFAULT_ARCH = "sm_90"
 
@@ -68,21 +69,16 @@ TUNED: dict[str, dict[int, dict[str, Tiles]]] = {
 NARROW_WINDOW = 512
 
 
-def tiles_for(head_dim: int, mask: Mask, gqa: int = 1, arch: str = DEFAULT_ARCH) -> Tiles:
-    table = TUNED.get(arch, TUNED[DEFAULT_ARCH])
+def tiles_for(head_dim: int, mask: Mask, gqa: int = 1, varlen: bool = False) -> Tiles:
+    """The tuned tiles of a variant on ``DEFAULT_ARCH``, with ``pack`` lowered to what the
+    GQA ratio and the features allow."""
     try:
-        row = table[head_dim]
+        row = TUNED[DEFAULT_ARCH][head_dim]
     except KeyError:
         raise ValueError(f"no tile table entry for head_dim {head_dim}") from None
-    span = None
-    if mask.left is not None:
-        span = mask.left + 1 + (mask.right or 0)
-    return fits(row["narrow" if span is not None and span < NARROW_WINDOW else "wide"], gqa)
-
-
-def fits(tiles: Tiles, gqa: int) -> Tiles:
-    """``tiles`` with ``pack`` lowered to what a GQA ratio allows (pack must divide gqa)."""
-    pack = tiles.pack
+    narrow = mask.span is not None and mask.span < NARROW_WINDOW
+    tiles = row["narrow" if narrow else "wide"]
+    pack = forced_pack(varlen) or tiles.pack
     while gqa % pack:
         pack //= 2
     return tiles if pack == tiles.pack else replace(tiles, pack=pack)

@@ -1,30 +1,23 @@
-"""Time two generated kernels of the same plain variant against each other (GPU).
+"""Time two generated builds of the same plain variant against each other (GPU).
 
-    python scripts/ab_kernels.py BEFORE_DIR AFTER_DIR --heads 32 --seq 8192 32768
+    python scripts/ab_kernels.py BEFORE_DIR AFTER_DIR --heads 32 --seq 8192 32768 [--batch 2]
 
 BEFORE_DIR / AFTER_DIR are variant directories written by `attngen build` (e.g. one built
-from an older commit with `git worktree`, one from HEAD).  Both kernels get the same fresh
-random inputs; their outputs must be bit-identical; they are timed in interleaved rounds of
-`triton.testing.do_bench` and the median round is reported.  Plain variants only (no
-sinks, chunked or varlen arguments): it measures whether a template change slowed them.
+from an older commit with `git worktree`, one from HEAD).  Each is called through its public
+launcher (`launch`), so the grid, GQA packing and batch are the variant's own.  Both get the
+same fresh random inputs; their outputs must be bit-identical; they are timed in interleaved
+rounds of `triton.testing.do_bench` and the median round is reported.  Plain variants only
+(no sinks, chunked or varlen arguments): it measures whether a template change slowed them.
 """
 import argparse
-import importlib.util
-import math
 import pathlib
 
-import cuda.tile as ct
 import torch
 import triton
 
-from attngen.launch import scale_arg
-
-
-def load(directory: pathlib.Path):
-    spec = importlib.util.spec_from_file_location(directory.name, directory / "kernel.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, getattr(module, directory.name)
+from attngen.codegen import load_package
+from attngen.support import DTYPES
+from attngen.variant import KernelSpec
 
 
 def main() -> None:
@@ -32,31 +25,32 @@ def main() -> None:
     p.add_argument("before", type=pathlib.Path)
     p.add_argument("after", type=pathlib.Path)
     p.add_argument("--heads", type=int, required=True, help="query heads H")
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
 
-    (mod_a, kern_a), (mod_b, kern_b) = load(args.before), load(args.after)
-    for name in ("HEAD_DIM", "BLOCK_M", "GROUP"):
-        if getattr(mod_a, name) != getattr(mod_b, name):
-            raise SystemExit(f"the kernels differ in {name}: not the same variant")
-    dtype = torch.bfloat16 if "_bf16_" in args.before.name else torch.float16
-    d, bm, group = mod_a.HEAD_DIM, mod_a.BLOCK_M, mod_a.GROUP
+    packages = {"before": load_package(args.before.resolve()), "after": load_package(args.after.resolve())}
+    specs = {tag: KernelSpec.from_dict(pkg.SPEC) for tag, pkg in packages.items()}
+    if specs["before"] != specs["after"]:
+        raise SystemExit(f"not the same variant: {specs['before'].describe()} vs {specs['after'].describe()}")
+    spec = specs["before"]
+    f = spec.features
+    if f.sinks or f.chunked or f.varlen:
+        raise SystemExit("plain variants only (no sinks, chunked or varlen arguments)")
+    dtype = getattr(torch, DTYPES[spec.dtype])
     for seq in args.seq:
-        q = torch.randn(1, args.heads, seq, d, device="cuda", dtype=dtype)
-        k = torch.randn(1, args.heads // group, seq, d, device="cuda", dtype=dtype)
+        q = torch.randn(args.batch, args.heads, seq, spec.head_dim, device="cuda", dtype=dtype)
+        k = torch.randn(args.batch, args.heads // spec.gqa, seq, spec.head_dim, device="cuda", dtype=dtype)
         v = torch.randn_like(k)
-        runs, outs = {}, {}
-        for tag, kern in (("before", kern_a), ("after", kern_b)):
-            out = outs[tag] = torch.empty_like(q)
-            launch_args = (q, k, v, out, scale_arg(None, d))
-            runs[tag] = lambda kern=kern, a=launch_args: ct.launch(
-                torch.cuda.current_stream(), (math.ceil(seq / bm), args.heads, 1), kern, a)
-            runs[tag]()
+        outs = {tag: torch.empty_like(q) for tag in packages}
+        runs = {tag: (lambda pkg=pkg, o=outs[tag]: pkg.launch(q, k, v, out=o)) for tag, pkg in packages.items()}
+        for run in runs.values():
+            run()
         torch.cuda.synchronize()
         if not torch.equal(outs["before"], outs["after"]):
             raise SystemExit(f"S={seq}: the two kernels' outputs differ")
-        times = {"before": [], "after": []}
+        times = {tag: [] for tag in runs}
         for _ in range(args.rounds):
             for tag in times:
                 times[tag].append(triton.testing.do_bench(runs[tag], warmup=25, rep=100) * 1e3)

@@ -3,8 +3,9 @@ import os
 
 import pytest
 
-from attngen import build as build_module
-from attngen.build import BuildError, build, read_manifest
+from attngen import build as build_module, store
+from attngen.build import BuildError, build
+from attngen.store import Manifest, StoreError, read_manifest
 from attngen.spec import load_files, load_text
 
 from conftest import write
@@ -33,14 +34,15 @@ def test_build_writes_packages_and_manifest(tmp_path):
     report = build(specs, tmp_path / "out", archs=())
     out = tmp_path / "out"
     manifest = read_manifest(out)
-    assert sorted(manifest["kernels"]) == sorted(report.kernels)
+    assert sorted(manifest.kernels) == sorted(report.kernels)
     assert len(report.kernels) == 2                  # the model reuses both kernels of `small`
     for name in report.kernels:
         files = {p.name for p in (out / name).iterdir()}
         assert files == {"__init__.py", "kernel.py", "launcher.py", f"test_{name}.py"}
-    layers = manifest["specs"]["tiny-model"]["layers"]
-    assert [entry["left"] for entry in layers] == [63, None, 63, None]
-    assert manifest["specs"]["small"]["layers"] is None
+    layers = manifest.specs["tiny-model"].layers
+    assert [mask.left for mask in layers] == [63, None, 63, None]
+    assert manifest.specs["small"].layers is None
+    assert read_manifest(out) == manifest == Manifest.from_dict(manifest.to_dict())
     assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
 
 
@@ -60,7 +62,7 @@ def test_changed_spec_replaces_output_and_drops_stale_variants(tmp_path):
     second = build(load_text(SPEC.replace("[64, null]", "[64]")), out, archs=())
     assert len(second.kernels) == 1 and second.kernels[0] in first.kernels
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == second.kernels
-    assert list(read_manifest(out)["kernels"]) == second.kernels
+    assert list(read_manifest(out).kernels) == second.kernels
 
 
 def test_failed_compile_leaves_previous_output_intact(tmp_path, monkeypatch):
@@ -116,8 +118,8 @@ def test_real_compile_writes_cubins_and_times(tmp_path):
     (name,) = report.kernels
     cubin = out / name / f"{name}.sm_90.cubin"
     assert cubin.read_bytes()[:4] == b"\x7fELF"
-    entry = read_manifest(out)["kernels"][name]
-    assert entry["cubins"] == ["sm_90"] and entry["compile_seconds"]["sm_90"] > 0
+    entry = read_manifest(out).kernels[name]
+    assert entry.cubins == ("sm_90",) and entry.compile_seconds["sm_90"] > 0 and not entry.stale
     again = build(load_text(SPEC.replace("[64, null]", "16")), out, archs=("sm_90",))
     assert again.did_nothing
 
@@ -130,12 +132,12 @@ def test_bad_arch_is_rejected_before_writing(tmp_path):
 
 def test_manifest_format_is_checked(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": 99}))
-    with pytest.raises(BuildError, match="format 99"):
+    with pytest.raises(StoreError, match="format 99"):
         read_manifest(tmp_path)
 
 
 def test_default_out_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNGEN_BUILD_DIR", str(tmp_path / "b"))
-    assert build_module.default_out() == tmp_path / "b"
+    assert store.default_out() == tmp_path / "b"
     monkeypatch.delenv("ATTNGEN_BUILD_DIR")
-    assert build_module.default_out() == tmp_path / "cache" / "build"
+    assert store.default_out() == tmp_path / "cache" / "build"

@@ -90,17 +90,18 @@ def test_layer_pattern_is_folded_to_its_period():
 def test_spec_matches_what_each_layer_passes_at_run_time(family, monkeypatch):
     """Run the tiny model (CPU, fallback path) and record the mask every layer call asks for."""
     seen = {}
-    real = ag.layer_mask
+    real = Mask.from_transformers
 
-    def spy(sliding_window, causal):
+    def spy(cls, sliding_window, causal):
         mask = real(sliding_window, causal)
         seen.setdefault(len(seen), mask)
         return mask
-    monkeypatch.setattr(ag, "layer_mask", spy)
+    monkeypatch.setattr(Mask, "from_transformers", classmethod(spy))
     ag.register()
     model = tiny_model(family, "attngen", torch.float32)
     with torch.no_grad():
         model(input_ids=torch.randint(1, 512, (1, 12)))
+    monkeypatch.undo()
     expect = hfconfig.attention_of(tiny_config(family)).layers
     assert tuple(seen[i] for i in range(len(seen))) == expect
 

@@ -5,10 +5,10 @@ import torch
 
 import attngen
 from attngen.build import build, read_manifest
-from attngen.launch import InputError
+from attngen.inputs import InputError
 from attngen.mask import Mask, MaskError
 from attngen.registry import KernelNotFound, Registry
-from attngen.spec import load_text
+from attngen.spec import load_files, load_text
 
 SPECS = """name: lib
 window: [128, 4096]
@@ -81,7 +81,7 @@ def test_on_demand_generation_happens_once_across_threads(built, tmp_path, caplo
     for t in threads:
         t.join()
     assert len(results) == 4 and all(r is results[0] for r in results)
-    jit = read_manifest(tmp_path / "jit")["kernels"]
+    jit = read_manifest(tmp_path / "jit").kernels
     assert len(jit) == 1 and next(iter(jit)).startswith("causal_w300_g3_d96_bf16_")
     assert sum("generating" in r.message for r in caplog.records) == 1
     # a fresh registry finds it in the cache without generating again
@@ -125,3 +125,43 @@ def test_callable_checks_inputs_before_launching(built, tmp_path):
     layer = attngen.get_layer_kernels("toy-model", registry=reg)[0]
     with pytest.raises(InputError, match="head_dim 64, q has 128"):
         layer(torch.randn(1, 4, 16, 128, dtype=torch.bfloat16), k, k)
+
+
+def test_ensure_generates_exactly_the_spec_asked_for(tmp_path, caplog):
+    """The one way to a launcher (registry, bench, integration): a tile override included."""
+    from attngen.tuning import Tiles
+    from attngen.variant import KernelSpec
+
+    reg = Registry([], jit_dir=tmp_path / "jit", jit=True)
+    spec = KernelSpec(Mask(True, 127), 8, 64, "bf16", Tiles(128, 64, 2, 1, 8))
+    launch = reg.ensure(spec)
+    assert launch.__module__ == f"{spec.name}.launcher"
+    assert reg.ensure(spec) is launch and sum("generating" in r.message for r in caplog.records) == 1
+    assert read_manifest(tmp_path / "jit").kernels[spec.name].spec == spec
+
+
+def test_stale_build_names_the_command_that_rebuilds_it(tmp_path, monkeypatch):
+    """A kernel built by other templates (or attngen, cuTile) is never used: with on-demand
+    generation off it is an error naming the rebuild; with it on, it is regenerated."""
+    from attngen import version
+    from attngen.variant import Family
+
+    spec_file = tmp_path / "lib.yaml"
+    spec_file.write_text(SPECS.split("---")[0])
+    build(load_files([spec_file]), tmp_path / "build", archs=())
+    sources = dict(version.template_sources())
+    sources["kernel.py.j2"] += "\n# changed\n"
+    monkeypatch.setattr(version, "template_sources", lambda: sources)
+    version.fingerprint.cache_clear()
+    try:
+        reg = Registry([tmp_path / "build"], jit_dir=tmp_path / "jit", jit=False)
+        family = Family(Mask(True, 127), 4)
+        with pytest.raises(KernelNotFound, match=rf"another attngen.*`attngen build {spec_file} --out "):
+            reg.launcher(family, 64, "fp16")
+        with pytest.raises(KernelNotFound, match="rebuild it"):
+            attngen.get_kernel(window=128, gqa=4, registry=reg)
+        fresh = Registry([tmp_path / "build"], jit_dir=tmp_path / "jit", jit=True)
+        launch = fresh.launcher(family, 64, "fp16")
+        assert launch.__module__.split(".")[0] in read_manifest(tmp_path / "jit").kernels
+    finally:
+        version.fingerprint.cache_clear()

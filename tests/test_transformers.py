@@ -21,10 +21,10 @@ def test_register_adds_attention_and_mask_functions():
 
 
 def test_layer_mask_follows_transformers_conventions():
-    assert ag.layer_mask(4096, causal=True) == Mask(True, 4095)        # kv_idx > q_idx - W
-    assert ag.layer_mask(None, causal=True) == Mask(True)
-    assert ag.layer_mask(65, causal=False) == Mask(False, 64, 64)      # ModernBERT: window // 2 + 1
-    assert ag.layer_mask(None, causal=False) == Mask(False)
+    assert Mask.from_transformers(4096, causal=True) == Mask(True, 4095)     # kv_idx > q_idx - W
+    assert Mask.from_transformers(None, causal=True) == Mask(True)
+    assert Mask.from_transformers(65, causal=False) == Mask(False, 64, 64)   # ModernBERT: window // 2 + 1
+    assert Mask.from_transformers(None, causal=False) == Mask(False)
 
 
 @pytest.mark.parametrize("q_len,kv_len", [(9, 9), (1, 9), (3, 9)])
@@ -37,7 +37,7 @@ def test_causal_fallback_mask_equals_transformers(q_len, kv_len, window):
     expect = masking_utils.sdpa_mask(batch_size=2, q_length=q_len, kv_length=kv_len,
                                      q_offset=kv_len - q_len, mask_function=fn,
                                      attention_mask=padding, allow_is_causal_skip=False)
-    got = ag.fallback_mask(ag.layer_mask(window, True), q_len, kv_len, padding, "cpu")
+    got = ag.fallback_mask(Mask.from_transformers(window, True), q_len, kv_len, padding, "cpu")
     assert torch.equal(got.expand_as(expect), expect)
 
 
@@ -50,7 +50,7 @@ def test_bidirectional_fallback_mask_equals_transformers(half_window):
     expect = masking_utils.sdpa_mask(batch_size=2, q_length=8, kv_length=8, mask_function=fn,
                                      attention_mask=padding, allow_is_causal_skip=False)
     # the attention module passes sliding_window = half_window + 1
-    mask = ag.layer_mask(None if half_window is None else half_window + 1, causal=False)
+    mask = Mask.from_transformers(None if half_window is None else half_window + 1, causal=False)
     got = ag.fallback_mask(mask, 8, 8, padding, "cpu")
     assert torch.equal(got.expand_as(expect), expect)
 

@@ -6,7 +6,8 @@
 
 Each layer's call carries what the registry needs: ``sliding_window`` (per layer), the GQA
 ratio (from the tensors), head_dim and dtype (from the tensors), ``scaling`` and causality
-(``is_causal`` or the module's ``is_causal``).  Window conventions, as transformers has them:
+(``is_causal`` or the module's ``is_causal``).  Window conventions, as transformers has them
+(:meth:`attngen.Mask.from_transformers`):
 
 * causal: ``sliding_window=W`` keeps ``kv_idx > q_idx - W``: the ``W`` most recent keys,
   the query's own included — attngen's ``window=W``;
@@ -31,8 +32,8 @@ import logging
 import torch
 
 from ..mask import Mask
-from ..registry import TORCH_TO_SPEC, get_kernel
-from ..spec import HEAD_DIMS
+from ..registry import get_kernel
+from ..support import HEAD_DIMS, dtype_name
 
 NAME = "attngen"
 log = logging.getLogger("attngen")
@@ -50,23 +51,13 @@ def register(name: str = NAME) -> None:
     AttentionMaskInterface.register(name, flash_attention_mask)
 
 
-def layer_mask(sliding_window: int | None, causal: bool) -> Mask:
-    """The mask of one layer call, from transformers' ``sliding_window`` argument."""
-    if sliding_window is None or sliding_window <= 0:
-        return Mask(causal)
-    if causal:
-        return Mask.from_window(int(sliding_window), causal=True)
-    reach = int(sliding_window) - 1
-    return Mask(False, reach, reach)
-
-
 def _fallback_reason(module, query, key, value, attention_mask, dropout, sinks) -> str | None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (query, key, value, sinks)):
         return "training (inputs require grad; attngen has no backward kernels yet)"
     if not query.is_cuda:
         return f"tensors on {query.device.type}"
-    if query.dtype not in TORCH_TO_SPEC:
+    if dtype_name(query.dtype) is None:
         return f"dtype {query.dtype}"
     if query.shape[-1] not in HEAD_DIMS:
         return f"head_dim {query.shape[-1]}"
@@ -84,7 +75,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                       sliding_window: int | None = None, **kwargs):
     """transformers' attention-function signature; returns ((B, S, H, D), None)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    mask = layer_mask(sliding_window, bool(causal))
+    mask = Mask.from_transformers(sliding_window, bool(causal))
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     reason = _fallback_reason(module, query, key, value, attention_mask, dropout, sinks)
     if reason is not None:
@@ -98,8 +89,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     attn = _kernels.get(key_)
     if attn is None:
         _, gqa, _, has_sinks, chunked = key_
-        attn = _kernels[key_] = get_kernel(mask.window, causal=mask.causal, gqa=gqa, softcap=softcap,
-                                           sinks=has_sinks, chunked=chunked)
+        attn = _kernels[key_] = get_kernel(mask, gqa=gqa, softcap=softcap, sinks=has_sinks,
+                                           chunked=chunked)
     extra = {} if sinks is None else {"sinks": sinks}
     out = attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                scale=scaling, layout="bshd", **extra)

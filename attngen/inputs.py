@@ -1,4 +1,5 @@
-"""Input checks shared by every generated launcher."""
+"""Input checks shared by every generated launcher: it only validates and converts what the
+caller passed (tensors, sinks, cu_seqlens, scale); it launches nothing."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import math
 
 import torch
 
-LOG2E = 1.4426950408889634
-LAYOUTS = ("bhsd", "bshd")
+from .support import LOG2E, bhsd, check_layout
 
 
 class InputError(ValueError):
@@ -111,11 +111,13 @@ def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, gro
         raise InputError(f"{name}: {message}")
 
     refuse_grad(name, q=q, k=k, v=v)
-    if layout not in LAYOUTS:
-        fail(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    try:
+        check_layout(layout)
+    except ValueError as exc:
+        fail(str(exc))
     tensors = {"q": q, "k": k, "v": v}
     _check_tensors(tensors, 4, "B, H, S, D" if layout == "bhsd" else "B, S, H, D", dtype, fail)
-    views = {label: (t if layout == "bhsd" else t.transpose(1, 2)) for label, t in tensors.items()}
+    views = {label: bhsd(t, layout) for label, t in tensors.items()}
     q4, k4, v4 = views["q"], views["k"], views["v"]
     (batch, heads, seq, d), (kb, kv_heads, seq_k, kd) = q4.shape, k4.shape
     if tuple(k4.shape) != tuple(v4.shape):
@@ -132,8 +134,7 @@ def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, gro
     _check_heads(heads, kv_heads, group, fail)
     _check_devices(tensors, fail)
     out = _output(out, q, dtype, fail)
-    o4 = out if layout == "bhsd" else out.transpose(1, 2)
-    return q4, k4, v4, o4, out
+    return q4, k4, v4, bhsd(out, layout), out
 
 
 def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, out, *, head_dim: int,

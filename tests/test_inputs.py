@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attngen.launch import GradientNotSupported, InputError, prepare, prepare_sinks, scale_arg
+from attngen.inputs import GradientNotSupported, InputError, prepare, prepare_sinks, scale_arg
 
 ARGS = dict(layout="bhsd", head_dim=64, dtype=torch.float16, group=4, name="k")
 

@@ -1,0 +1,60 @@
+"""What attngen supports, stated once.  The YAML reader, the value types, ``get_kernel``, the
+transformers integration, ``hfconfig``, the launchers and the AOT signature all ask here.
+
+=============  ==========================================================================
+head_dim       64, 80, 96, 128, 256 (80 and 96 run in tiles padded to 128)
+dtype          fp16, bf16 (the spec names; :data:`DTYPES` maps them to torch / cuTile)
+gqa            a positive integer: query heads per KV head (1 = MHA; H = MQA)
+layout         ``bhsd`` (B, H, S, D) or ``bshd`` (B, S, H, D); packed sequences are (T, H, D)
+features       softcap, sinks, chunked, varlen, in any combination
+tiles          ``pack`` (query heads per tile) must divide gqa; varlen forces pack 1
+=============  ==========================================================================
+"""
+
+from __future__ import annotations
+
+HEAD_DIMS = (64, 80, 96, 128, 256)
+DTYPES = {"fp16": "float16", "bf16": "bfloat16"}   # spec name -> torch / cuda.tile attribute
+LAYOUTS = ("bhsd", "bshd")
+LOG2E = 1.4426950408889634                          # the kernels work in exp2 / log2 units
+
+
+def check_gqa(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"gqa must be a positive integer (query heads per KV head), got {value!r}")
+    return value
+
+
+def check_head_dim(value) -> int:
+    if isinstance(value, bool) or value not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {list(HEAD_DIMS)}, got {value!r}")
+    return value
+
+
+def check_dtype(value) -> str:
+    if value not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {value!r}")
+    return value
+
+
+def dtype_name(torch_dtype) -> str | None:
+    """The spec name of a torch dtype or its name (``torch.bfloat16``, ``"bfloat16"`` ->
+    ``"bf16"``); None if attngen has no kernels for it."""
+    name = str(torch_dtype).removeprefix("torch.")
+    return next((short for short, full in DTYPES.items() if full == name), None)
+
+
+def forced_pack(varlen: bool) -> int | None:
+    """The ``tiles.pack`` a feature combination forces: packed sequences take one head a tile."""
+    return 1 if varlen else None
+
+
+def check_layout(layout) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def bhsd(t, layout: str):
+    """A (B, H, S, D) view of a tensor in ``layout``; no copy."""
+    return t if check_layout(layout) == "bhsd" else t.transpose(1, 2)

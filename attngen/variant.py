@@ -1,0 +1,176 @@
+"""The value types of a variant: what a kernel computes (:class:`Features`, with the
+:class:`~attngen.mask.Mask` and GQA ratio: a :class:`Family`), what it is specialized on
+(:class:`KernelSpec`) and the parameters it takes (:class:`Param`).  Nothing here reads
+files or templates; the YAML reader (:mod:`attngen.spec`) and the renderer
+(:mod:`attngen.codegen`) build on these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from .mask import Mask
+from .support import check_dtype, check_gqa, check_head_dim, forced_pack
+from .tuning import Tiles
+from .version import fingerprint
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a kernel computes beyond the masked softmax; each is generated only where used.
+
+    softcap  scores <- softcap * tanh(scores / softcap) before masking (Gemma 2)
+    sinks    one learned logit per query head joins the softmax denominator (gpt-oss)
+    chunked  queries are the last S_q of S_k >= S_q keys (prefill after a cached prefix)
+    varlen   packed (total_tokens, H, D) sequences described by cu_seqlens
+    """
+
+    softcap: float | None = None
+    sinks: bool = False
+    chunked: bool = False
+    varlen: bool = False
+
+    FLAGS = ("sinks", "chunked", "varlen")
+
+    def __post_init__(self):
+        if self.softcap is not None:
+            if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) \
+                    or not math.isfinite(self.softcap) or self.softcap <= 0:
+                raise ValueError(f"softcap must be a positive number, got {self.softcap!r}")
+            object.__setattr__(self, "softcap", float(self.softcap))
+        for name in self.FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def tag(self) -> str:
+        parts = [f"sc{self.softcap:g}".replace(".", "p")] if self.softcap is not None else []
+        parts += [name for name in self.FLAGS if getattr(self, name)]
+        return "".join(f"_{p}" for p in parts)
+
+    def describe(self) -> str:
+        parts = [f"softcap {self.softcap:g}"] if self.softcap is not None else []
+        if self.sinks:
+            parts.append("attention sinks")
+        if self.chunked:
+            parts.append("queries after a cached prefix (S_q <= S_k)")
+        if self.varlen:
+            parts.append("packed variable-length sequences")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict:
+        return {"softcap": self.softcap, "sinks": self.sinks, "chunked": self.chunked,
+                "varlen": self.varlen}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a caller selects on: mask, GQA ratio, features (head_dim and dtype dispatch later)."""
+
+    mask: Mask
+    gqa: int
+    features: Features = Features()
+
+    def __post_init__(self):
+        check_gqa(self.gqa)
+
+    def describe(self) -> str:
+        """The query that selects this family, as ``get_kernel`` arguments."""
+        parts = [f"window={self.mask.window!r}", f"causal={self.mask.causal}", f"gqa={self.gqa}"]
+        parts += [f"{k}={v!r}" for k, v in self.features.as_dict().items() if v not in (None, False)]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One kernel parameter: its name in the kernel, its kind and what the launcher passes.
+
+    kinds: ``io`` (an fp16/bf16 array: (B, H, S, D), or (total, H, D) packed), ``f32[]`` and
+    ``i32[]`` (1-D arrays), ``f32`` (a scalar).
+    """
+
+    name: str
+    kind: str
+    arg: str
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything one generated kernel is specialized on."""
+
+    mask: Mask
+    gqa: int
+    head_dim: int
+    dtype: str
+    tiles: Tiles
+    features: Features = Features()
+
+    def __post_init__(self):
+        check_gqa(self.gqa)
+        check_head_dim(self.head_dim)
+        check_dtype(self.dtype)
+        if self.gqa % self.tiles.pack:
+            raise ValueError(f"tiles.pack ({self.tiles.pack}) must divide gqa ({self.gqa})")
+        forced = forced_pack(self.features.varlen)
+        if forced is not None and self.tiles.pack != forced:
+            raise ValueError(f"varlen kernels take one query head per tile (tiles.pack {forced})")
+
+    @property
+    def family(self) -> Family:
+        return Family(self.mask, self.gqa, self.features)
+
+    @property
+    def tile_d(self) -> int:
+        """Head dimension padded to a power of two (tile extents must be powers of two)."""
+        return 1 << (self.head_dim - 1).bit_length()
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        """The kernel's parameters, in order; its signature, the AOT signature and the
+        launcher's argument list are all generated from this one list.  Each feature adds
+        its own here: sinks a logit per head, varlen the sequence offsets, softcap changes
+        what the scale argument means."""
+        f = self.features
+        params = [Param("Q", "io", "q"), Param("K", "io", "k"), Param("V", "io", "v"),
+                  Param("Out", "io", "out" if f.varlen else "o")]
+        if f.sinks:
+            params.append(Param("Sinks", "f32[]", "prepare_sinks(sinks, heads, q.device, NAME)"))
+        if f.varlen and f.chunked:
+            params += [Param("CuQ", "i32[]", "cu_q"), Param("CuK", "i32[]", "cu_k")]
+        elif f.varlen:
+            params.append(Param("Cu", "i32[]", "cu_q"))
+        if f.softcap is not None:
+            params.append(Param("qk_scale_over_cap", "f32", "scale_arg(scale, HEAD_DIM, SOFTCAP)"))
+        else:
+            params.append(Param("qk_scale_log2", "f32", "scale_arg(scale, HEAD_DIM)"))
+        return tuple(params)
+
+    def as_dict(self) -> dict:
+        return {"mask": self.mask.as_dict(), "gqa": self.gqa, "head_dim": self.head_dim,
+                "dtype": self.dtype, "tiles": self.tiles.as_dict(), "features": self.features.as_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KernelSpec":
+        return cls(Mask(**data["mask"]), data["gqa"], data["head_dim"], data["dtype"],
+                   Tiles(**data["tiles"]), Features(**data["features"]))
+
+    @property
+    def hash(self) -> str:
+        text = json.dumps(self.as_dict(), sort_keys=True) + fingerprint()
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+    @property
+    def name(self) -> str:
+        """Canonical name: file name, module name, registry key, cache key and test id."""
+        return (f"{self.mask.tag}{self.features.tag}_g{self.gqa}_d{self.head_dim}_{self.dtype}"
+                f"_{self.tiles.tag}_{self.hash}")
+
+    def describe(self) -> str:
+        extra = self.features.describe()
+        return (f"{self.mask.describe()}{'; ' + extra if extra else ''}; gqa {self.gqa}; "
+                f"head_dim {self.head_dim}; {self.dtype}; "
+                f"tiles {self.tiles.block_m}x{self.tiles.block_n}, occupancy "
+                f"{self.tiles.occupancy}, {self.tiles.num_ctas} CTA(s) per cluster"
+                + (f", {self.tiles.pack} query heads per tile" if self.tiles.pack > 1 else ""))
