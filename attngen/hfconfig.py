@@ -171,13 +171,13 @@ def default_name(source: str, model: ModelAttention) -> str:
     stem = path.parent.name if path.name == "config.json" else path.stem if path.suffix == ".json" \
         else path.name
     name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")
-    return name if name and NAME_RE.match(name) else model.model_type.replace("_", "-")
+    return name if name and NAME_RE.fullmatch(name) else model.model_type.replace("_", "-")
 
 
 def to_yaml(model: ModelAttention, name: str, dtypes: list[str] | None = None,
             source: str = "<config>") -> str:
     """The YAML model spec, with comments saying where each value came from."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise SpecError(f"name must match {NAME_RE.pattern}, got {name!r}", source, "name")
     notes = list(model.notes)
     if not dtypes and not model.dtype:

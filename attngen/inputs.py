@@ -3,11 +3,10 @@ caller passed (tensors, sinks, cu_seqlens, scale); it launches nothing."""
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-from .support import LOG2E, bhsd, check_layout
+from .support import LOG2E, bhsd, check_layout, check_positive_number
 
 
 class InputError(ValueError):
@@ -38,10 +37,11 @@ def scale_arg(scale: float | None, head_dim: int, softcap: float | None = None) 
     log2(e) for ``exp2``, or divided by the softcap for kernels that cap their scores."""
     if scale is None:
         scale = head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-            or scale <= 0:
-        raise InputError(f"scale must be a positive finite number, got {scale!r}")
-    return float(scale) / softcap if softcap is not None else float(scale) * LOG2E
+    try:
+        scale = check_positive_number(scale, "scale")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    return scale / softcap if softcap is not None else scale * LOG2E
 
 
 def prepare_sinks(sinks, heads: int, device, name: str) -> torch.Tensor:

@@ -11,7 +11,6 @@ asked of :mod:`attngen.support`, never restated here.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,11 +19,11 @@ from typing import Any, Iterable
 import yaml
 
 from .mask import Mask, MaskError
-from .support import check_dtype, check_gqa, check_head_dim
+from .support import check_dtype, check_gqa, check_head_dim, check_positive_number
 from .tuning import tiles_for
 from .variant import Features, KernelSpec
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")    # the whole name (fullmatch)
 
 
 class SpecError(ValueError):
@@ -62,20 +61,39 @@ class _Doc:
         self.data, self.lines, self.source = data, lines, source
 
     def error(self, path: str, message: str) -> SpecError:
-        line = self.lines.get(path)
+        """An error at ``path``, on the line of the nearest enclosing key that has one."""
         probe = path
+        line = self.lines.get(probe)
         while line is None and probe:
-            probe = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", probe)
+            parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", probe)
+            probe = parent if parent != probe else ""       # a top-level key: the document
             line = self.lines.get(probe)
         return SpecError(message, self.source, path, line)
 
 
-def _to_python(node, path: str, lines: dict, loader, source: str):
+def _scalar(node, path: str, loader, source: str):
+    """A scalar's value; PyYAML's own conversion errors (a bad date, ``!!bool maybe``, a
+    malformed tag) become SpecErrors at the scalar's line."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, yaml.YAMLError) as exc:
+        raise SpecError(f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}: {exc}",
+                        source, path, node.start_mark.line + 1) from None
+
+
+def _to_python(node, path: str, lines: dict, loader, source: str, parents: tuple = ()):
     lines.setdefault(path, node.start_mark.line + 1)
+    if any(node is p for p in parents):
+        raise SpecError("a YAML alias refers to a node that contains it (recursive data)",
+                        source, path, node.start_mark.line + 1)
+    parents = (*parents, node)
     if isinstance(node, yaml.MappingNode):
         out = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError("keys must be strings, got a mapping or list", source, path,
+                                key_node.start_mark.line + 1)
+            key = _scalar(key_node, path, loader, source)
             sub = f"{path}.{key}" if path else str(key)
             if not isinstance(key, str):
                 raise SpecError(f"keys must be strings, got {key!r}", source, sub,
@@ -83,11 +101,12 @@ def _to_python(node, path: str, lines: dict, loader, source: str):
             if key in out:
                 raise SpecError("duplicate key", source, sub, key_node.start_mark.line + 1)
             lines[sub] = key_node.start_mark.line + 1
-            out[key] = _to_python(value_node, sub, lines, loader, source)
+            out[key] = _to_python(value_node, sub, lines, loader, source, parents)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(n, f"{path}[{i}]", lines, loader, source) for i, n in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+        return [_to_python(n, f"{path}[{i}]", lines, loader, source, parents)
+                for i, n in enumerate(node.value)]
+    return _scalar(node, path, loader, source)
 
 
 def _documents(text: str, source: str) -> list[_Doc]:
@@ -231,7 +250,7 @@ def _spec(doc: _Doc) -> Spec:
         if key not in data:
             raise doc.error("", f"missing required key {key!r}")
     name = data["name"]
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise doc.error("name", f"name must match {NAME_RE.pattern}, got {name!r}")
     description = data.get("description", "")
     if not isinstance(description, str):
@@ -241,10 +260,7 @@ def _spec(doc: _Doc) -> Spec:
 
     scale = data.get("scale")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-                or scale <= 0:
-            raise doc.error("scale", f"scale must be a positive number, got {scale!r}")
-        scale = float(scale)
+        scale = _rule(doc, "scale", lambda s: check_positive_number(s, "scale"), scale)
 
     if "layers" in data:
         if "window" in data:
@@ -263,8 +279,8 @@ def _spec(doc: _Doc) -> Spec:
             for dpath, dtype in dtypes:
                 kernels.append(_kernel(doc, mask, data["gqa"], data["head_dim"], dtype,
                                        {**paths, "dtype": dpath}, tiles, features))
-        return Spec(name, doc.source, tuple(kernels), description, layers, scale,
-                    kernels[0].gqa, kernels[0].head_dim, tuple(d for _, d in dtypes))
+        return Spec(name, doc.source, tuple(dict.fromkeys(kernels)), description, layers, scale,
+                    kernels[0].gqa, kernels[0].head_dim, tuple(dict.fromkeys(d for _, d in dtypes)))
 
     if scale is not None:
         raise doc.error("scale", "scale is the default of a model's layer kernels: add layers, or "

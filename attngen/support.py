@@ -13,10 +13,24 @@ tiles          ``pack`` (query heads per tile) must divide gqa; varlen forces pa
 
 from __future__ import annotations
 
+import math
+
 HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}   # spec name -> torch / cuda.tile attribute
 LAYOUTS = ("bhsd", "bshd")
 LOG2E = 1.4426950408889634                          # the kernels work in exp2 / log2 units
+
+
+def check_positive_number(value, what: str) -> float:
+    """A finite number > 0 (softmax scale, softcap), as a float."""
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) \
+            and math.isfinite(value) and value > 0
+    except OverflowError:                                   # an int beyond float range
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def check_gqa(value) -> int:
@@ -26,13 +40,13 @@ def check_gqa(value) -> int:
 
 
 def check_head_dim(value) -> int:
-    if isinstance(value, bool) or value not in HEAD_DIMS:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {list(HEAD_DIMS)}, got {value!r}")
     return value
 
 
 def check_dtype(value) -> str:
-    if value not in DTYPES:
+    if not isinstance(value, str) or value not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {value!r}")
     return value
 
@@ -50,7 +64,7 @@ def forced_pack(varlen: bool) -> int | None:
 
 
 def check_layout(layout) -> str:
-    if layout not in LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return layout
 

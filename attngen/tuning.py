@@ -35,7 +35,8 @@ class Tiles:
         if isinstance(self.occupancy, bool) or not isinstance(self.occupancy, int) \
                 or not 1 <= self.occupancy <= 32:
             raise ValueError(f"occupancy must be an integer in 1..32, got {self.occupancy!r}")
-        if isinstance(self.num_ctas, bool) or self.num_ctas not in (1, 2, 4, 8, 16):
+        if isinstance(self.num_ctas, bool) or not isinstance(self.num_ctas, int) \
+                or self.num_ctas not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_ctas must be 1, 2, 4, 8 or 16, got {self.num_ctas!r}")
         if isinstance(self.pack, bool) or not isinstance(self.pack, int) or self.pack < 1 \
                 or self.pack & (self.pack - 1) or self.pack > self.block_m:

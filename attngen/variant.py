@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 
 from .mask import Mask
-from .support import check_dtype, check_gqa, check_head_dim, forced_pack
+from .support import check_dtype, check_gqa, check_head_dim, check_positive_number, forced_pack
 from .tuning import Tiles
 from .version import fingerprint
 
@@ -36,10 +35,7 @@ class Features:
 
     def __post_init__(self):
         if self.softcap is not None:
-            if isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float)) \
-                    or not math.isfinite(self.softcap) or self.softcap <= 0:
-                raise ValueError(f"softcap must be a positive number, got {self.softcap!r}")
-            object.__setattr__(self, "softcap", float(self.softcap))
+            object.__setattr__(self, "softcap", check_positive_number(self.softcap, "softcap"))
         for name in self.FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

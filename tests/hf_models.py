@@ -1,5 +1,4 @@
 """Tiny randomly initialized transformers models whose sequences outrun their windows."""
-import torch
 
 # family -> config class name, model class name, causal, config overrides
 MODELS = {

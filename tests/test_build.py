@@ -1,14 +1,12 @@
 import json
-import os
 
 import pytest
 
 from attngen import build as build_module, store
 from attngen.build import BuildError, build
 from attngen.store import Manifest, StoreError, read_manifest
-from attngen.spec import load_files, load_text
+from attngen.spec import load_text
 
-from conftest import write
 
 SPEC = """name: small
 window: [64, null]

@@ -151,3 +151,11 @@ def test_model_spec_features_reach_the_layer_map():
     specs = {s.name: s for s in load_files(SHIPPED)}
     assert all(k.features.sinks for k in specs["gpt-oss-20b"].kernels)
     assert all(k.features.softcap == 50.0 for k in specs["gemma2-9b"].kernels)
+
+
+def test_error_on_a_key_without_a_line_falls_back_to_the_document():
+    """Found by fuzzing: an error at a top-level key the document does not hold (say "tiles",
+    raised by a value type's own check) looped forever looking for a parent key's line."""
+    from attngen.spec import _Doc
+    err = _Doc({}, {"": 1}, "f.yaml").error("tiles", "x")
+    assert (err.path, err.line) == ("tiles", 1)
