@@ -72,27 +72,37 @@ def test_logits_and_greedy_generation_match_eager(family, caplog, capsys):
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_training_step_keeps_attention_gradients(family, caplog):
-    """train() mode on the GPU: every parameter's gradient as with eager attention (bf16), and
-    the attention inputs' gradients never silently dropped."""
+def test_training_step_keeps_attention_gradients(family, caplog, capsys):
+    """train() mode: no gradient is lost through attention.  Rule (the logits' rule, for
+    every parameter): against the float32 eager model with the same weights, the attngen
+    model's gradient is within 2 x the bf16 eager model's error + 5e-3."""
+    import copy
+
     ag.register()
     ag._said.clear()
     torch.manual_seed(0)
     model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1).cuda().train()
+    exact_model = copy.deepcopy(model).float()            # the same (bf16) weights in float32
     ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device="cuda")
 
-    def grads():
-        model.zero_grad()
-        model(input_ids=ids).logits.float().square().mean().backward()
-        return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    def grads(m):
+        m.zero_grad()
+        m(input_ids=ids).logits.float().square().mean().backward()
+        return {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
 
-    expect = grads()
+    exact, eager = grads(exact_model), grads(model)
     model.set_attn_implementation("attngen")
     with caplog.at_level(logging.WARNING, logger="attngen"):
-        got = grads()
-    assert set(got) == set(expect)
-    for name in expect:
-        rel = ((got[name] - expect[name]).norm() / expect[name].norm().clamp_min(1e-30)).item()
-        assert rel <= 2e-2, f"{family} {name}: gradient differs from eager by {rel:.2e}"
+        got = grads(model)
+    assert set(got) == set(eager) == set(exact)
+    worst = (0.0, 0.0, "")
+    for name, ref in exact.items():
+        rel = lambda g: ((g[name] - ref).norm() / ref.norm().clamp_min(1e-30)).item()  # noqa: E731
+        assert rel(got) <= 2 * rel(eager) + 5e-3, \
+            f"{family} {name}: gradient error {rel(got):.2e} vs bf16 eager {rel(eager):.2e}"
+        worst = max(worst, (rel(got), rel(eager), name))
+    with capsys.disabled():
+        print(f"\n{family}: worst gradient vs fp32 eager: attngen {worst[0]:.2e} "
+              f"(bf16 eager {worst[1]:.2e}) at {worst[2]}")
     reasons = [r.message for r in caplog.records if "falling back" in r.message]
     assert any("training" in m for m in reasons), reasons
