@@ -85,7 +85,14 @@ def dump(doc, flow, many: bool = False) -> str:
 # ---------------------------------------------------------------------------------------
 
 names = st.from_regex(r"\A[a-z0-9][a-z0-9._-]{0,23}\Z", fullmatch=True)
-descriptions = st.text(max_size=40)
+def _round_trips(text: str) -> bool:
+    """PyYAML writes a lone NEL, U+2028 or U+2029 raw inside quotes and reads it back as a
+    folded space: a dumper quirk, not the reader's, so such strings are left out."""
+    return yaml.safe_load(yaml.safe_dump({"k": text}, allow_unicode=True)) == {"k": text} and \
+        yaml.safe_load(yaml.safe_dump({text: 1}, allow_unicode=True)) == {text: 1}
+
+
+descriptions = st.text(max_size=40).filter(_round_trips)
 positive_numbers = st.one_of(st.integers(1, 10**6),
                              st.floats(min_value=0, exclude_min=True, allow_infinity=False))
 causal_windows = st.one_of(st.none(), st.integers(1, 10**6))
@@ -317,7 +324,7 @@ bad_names = st.one_of(
     st.text(max_size=12).filter(lambda s: not re.fullmatch(NAME_RE, s)),
     st.sampled_from(["", "Upper", "has space", "-lead", ".lead", "_lead", "a/b", "a:b", "é"]),
     not_str)
-unknown_keys = st.text(max_size=10)
+unknown_keys = st.text(max_size=10).filter(_round_trips)
 non_str_keys = st.one_of(st.integers(), st.booleans(), st.none(),
                          st.floats(allow_nan=False))
 
