@@ -5,7 +5,7 @@
     o = attn(q, k, v)          # q: (B, H, S, D), k/v: (B, H // 4, S, D), fp16/bf16 CUDA
 """
 
-from .inputs import GradientNotSupported, InputError
+from .inputs import InputError
 from .mask import Mask, MaskError
 from .registry import AttentionKernel, KernelNotFound, default_registry, get_kernel, get_layer_kernels
 from .spec import SpecError
@@ -19,5 +19,5 @@ def register_transformers(name: str = "attngen") -> None:
 
 
 __all__ = ["__version__", "get_kernel", "get_layer_kernels", "register_transformers",
-           "default_registry", "AttentionKernel", "KernelNotFound", "GradientNotSupported", "InputError",
+           "default_registry", "AttentionKernel", "KernelNotFound", "InputError",
            "Mask", "MaskError", "SpecError"]

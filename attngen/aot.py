@@ -15,9 +15,10 @@ def check_arch(arch: str) -> str:
     return arch
 
 
-def signature(spec):
-    """The kernel's signature as every generated launcher launches it, from ``spec.params``:
-    fp16/bf16 arrays with a unit last stride, 1-D fp32 / int32 arrays, fp32 scalars."""
+def signature(spec, params=None):
+    """A kernel's signature as the generated launcher launches it, from its parameters
+    (default: the inference kernel's, ``spec.params``): fp16/bf16 arrays and fp32 row
+    statistics with a unit last stride, 1-D fp32 / int32 arrays, fp32 scalars."""
     import cuda.tile as ct
     from cuda.tile.compilation import (ArrayConstraint, CallingConvention, KernelSignature,
                                        ScalarConstraint)
@@ -28,16 +29,19 @@ def signature(spec):
                                stride_constant=(None,) * (ndim - 1) + (1,),
                                base_addr_divisible_by=16 if ndim > 1 else 4)
 
-    kinds = {"io": lambda: array(getattr(ct, DTYPES[spec.dtype]), 3 if spec.features.varlen else 4),
+    packed = spec.features.varlen
+    kinds = {"io": lambda: array(getattr(ct, DTYPES[spec.dtype]), 3 if packed else 4),
+             "rows": lambda: array(ct.float32, 2 if packed else 3),
              "f32[]": lambda: array(ct.float32, 1), "i32[]": lambda: array(ct.int32, 1),
              "f32": lambda: ScalarConstraint(ct.float32)}
-    return KernelSignature([kinds[p.kind]() for p in spec.params],
+    return KernelSignature([kinds[p.kind]() for p in (spec.params if params is None else params)],
                            calling_convention=CallingConvention.cutile_python_v1())
 
 
-def export(kernel, spec, arch: str, output) -> None:
-    """Write the cubin of ``kernel`` (a ``@ct.kernel``) for ``arch`` to ``output``."""
+def export(kernel, spec, arch: str, output, params=None) -> None:
+    """Write the cubin of ``kernel`` (a ``@ct.kernel`` taking ``params``, by default the
+    inference kernel's) for ``arch`` to ``output``."""
     from cuda.tile.compilation import export_kernel
 
-    export_kernel(kernel, [signature(spec)], output, gpu_code=check_arch(arch),
+    export_kernel(kernel, [signature(spec, params)], output, gpu_code=check_arch(arch),
                   output_format="cubin")

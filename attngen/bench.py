@@ -11,7 +11,9 @@ For one shape and a list of sequence lengths, on the current GPU and in one proc
 Times are medians (p20/p80 too) of ``triton.testing.do_bench`` with warm-up excluded, on fresh
 random inputs; before timing, each implementation's output is checked against the float64
 reference on the first and last query rows.  Effective TFLOP/s count only the attended
-(query, key) pairs: ``4 * D * pairs * B * H``.  Rows go to a long-format JSON file; ``plot``
+(query, key) pairs: ``4 * D * pairs * B * H`` for the forward, 2.5 times that for the backward
+(``--pass bwd`` times the backward of one recorded forward; ``--pass fwd+bwd`` both; extra
+memory then counts everything a pass allocates, the gradients included).  Rows go to a long-format JSON file; ``plot``
 draws them (needs matplotlib).  ``tune`` times candidate tile shapes for a shape and prints
 the best, for ``attngen/tuning.py``.
 """
@@ -200,8 +202,30 @@ def environment() -> dict:
             "cuda_tile": cutile_version(), "attngen": __version__, "python": platform.python_version()}
 
 
-def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print) -> list[dict]:
-    """Time every implementation at every sequence length of ``shape``; one dict per row."""
+PASSES = ("fwd", "bwd", "fwd+bwd")
+#: FLOPs of a pass as a multiple of the forward's (the backward's five matmuls against two)
+PASS_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+
+def _pass(fn, which: str, q, k, v, sinks):
+    """A zero-argument callable timing ``which`` of ``fn`` (the forward), and its output.
+    ``bwd`` runs the backward of one recorded forward again and again (retain_graph)."""
+    import torch
+
+    if which == "fwd":
+        return fn, fn()
+    inputs = [t for t in (q, k, v, sinks) if t is not None]
+    out = fn()
+    dout = torch.randn_like(out)
+    if which == "bwd":
+        return (lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)), out
+    return (lambda: torch.autograd.grad(fn(), inputs, dout)), out
+
+
+def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print,
+          which: str = "fwd") -> list[dict]:
+    """Time every implementation at every sequence length of ``shape`` for one pass (``fwd``,
+    ``bwd`` or ``fwd+bwd``); one dict per row."""
     import torch
 
     rows = []
@@ -210,25 +234,31 @@ def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print) -> l
     tiles = tiles or tiles_for(shape.head_dim, shape.mask, shape.heads // shape.heads_kv)
     for seq in shape.seqs:
         q, k, v, sinks = _inputs(shape, seq)
+        if which != "fwd":       # before the peers are built: SDPA's repeated K/V must be in the graph
+            for t in (q, k, v, sinks):
+                if t is not None:
+                    t.requires_grad_(True)
         pairs = shape.mask.pairs(seq, seq + shape.prefix)
-        flops = 4 * shape.head_dim * pairs * shape.batch * shape.heads
+        flops = 4 * shape.head_dim * pairs * shape.batch * shape.heads * PASS_FLOPS[which]
         io_bytes = (2 * q.numel() + 2 * k.numel()) * q.element_size()
         impls = _implementations(shape, seq, q, k, v, sinks, tiles, names)
         base = None
-        for name, fn in impls.items():
-            out = fn()
+        for name, forward in impls.items():
+            fn, out = _pass(forward, which, q, k, v, sinks)
             torch.cuda.synchronize()
             # peers that compute full causal attention are not expected to match the window
-            err = _error(out, q, k, v, sinks, shape) if name in ("attngen", "flex", "sdpa-band") else None
+            err = _error(out.detach(), q.detach(), k.detach(), v.detach(),
+                         None if sinks is None else sinks.detach(), shape) \
+                if name in ("attngen", "flex", "sdpa-band") else None
             p20, p50, p80 = _time(fn)
-            extra = _extra_memory(fn, out.numel() * out.element_size())
-            del out
+            extra = _extra_memory(fn, 0 if which != "fwd" else out.numel() * out.element_size())
+            del out, fn
             if name == "attngen":
                 base = p50
             row = {**env, "shape": shape.label, "batch": shape.batch, "heads": shape.heads,
                    "heads_kv": shape.heads_kv, "head_dim": shape.head_dim, "window": shape.window,
                    "dtype": shape.dtype, "seq": seq, "prefix": shape.prefix, "softcap": shape.softcap,
-                   "sinks": shape.sinks, "impl": name, "us_p20": p20, "us_p50": p50,
+                   "sinks": shape.sinks, "impl": name, "pass": which, "us_p20": p20, "us_p50": p50,
                    "us_p80": p80, "tflops": flops / (p50 * 1e-6) / 1e12,
                    "io_gb_s": io_bytes / (p50 * 1e-6) / 1e9, "extra_mem_bytes": extra,
                    "rel_err": err, "tiles": asdict(tiles) if name == "attngen" else None}
@@ -246,7 +276,8 @@ def table(rows: list[dict], header: bool = True) -> str:
     if header and rows:
         r = rows[0]
         lines.append(f"\n{r['shape']}: B={r['batch']} H={r['heads']} HKV={r['heads_kv']} "
-                     f"D={r['head_dim']} W={r['window']} {r['dtype']} on {r['gpu']}")
+                     f"D={r['head_dim']} W={r['window']} {r['dtype']} on {r['gpu']}, "
+                     f"pass {r.get('pass', 'fwd')}")
         lines.append(f"{'S':>6} {'impl':<11} {'us (p50)':>10} {'TFLOP/s':>8} {'GB/s':>7} "
                      f"{'attngen x':>9} {'extra MB':>9} {'rel err':>8}")
     for r in rows:
@@ -317,6 +348,9 @@ def main(argv=None) -> int:
         if name == "run":
             p.add_argument("--impl", nargs="+", choices=PEERS, default=list(PEERS))
             p.add_argument("--tiles", type=parse_tiles, help="attngen tiles, e.g. 128x64o2c1")
+            p.add_argument("--pass", dest="which", choices=PASSES, default="fwd",
+                           help="what to time: the forward, the backward of one forward, or both "
+                                "(TFLOP/s count the backward as 2.5 x the forward's FLOPs)")
             p.add_argument("--plot", help="also draw the rows to this PNG")
         else:
             p.add_argument("--candidates", type=parse_tiles, nargs="+",
@@ -340,7 +374,7 @@ def main(argv=None) -> int:
     rows = []
     for shape in shapes:
         if args.command == "run":
-            rows += bench(shape, names=args.impl, tiles=args.tiles)
+            rows += bench(shape, names=args.impl, tiles=args.tiles, which=args.which)
         else:
             rows += tune(shape, args.candidates)
     if args.json:

@@ -28,8 +28,8 @@ from typing import Callable, Iterable
 from .aot import check_arch, export
 from .codegen import load_package, render
 from .spec import Spec, unique_kernels
-from .store import (MANIFEST, KernelEntry, Manifest, SpecEntry, StoreError, cubin_name, locked,
-                    manifest_text, read_manifest)
+from .store import (MANIFEST, KernelEntry, Manifest, SpecEntry, StoreError, cubin_name, cubin_names,
+                    locked, manifest_text, read_manifest)
 from .variant import KernelSpec
 
 DEFAULT_ARCHS = ("sm_90",)
@@ -77,9 +77,10 @@ def build(specs: Iterable[Spec], out: Path, archs: Iterable[str] = DEFAULT_ARCHS
                 else:
                     dst.parent.mkdir(exist_ok=True)
                     os.replace(src, dst)
-            for name, arch_times in report.compiled.items():
-                for arch in arch_times:
-                    os.replace(staging / "cubins" / cubin_name(name, arch), out / name / cubin_name(name, arch))
+            for spec in kernels:
+                for arch in report.compiled.get(spec.name, {}):
+                    for cubin in cubin_names(spec, arch):
+                        os.replace(staging / "cubins" / cubin, out / spec.name / cubin)
             if manifest != old:
                 tmp = staging / MANIFEST
                 tmp.write_text(manifest_text(manifest))
@@ -121,19 +122,20 @@ def _stage(kernels, out, staging, archs, report) -> list[tuple[Path, Path]]:
 
 def _compile(kernels, out, staging, archs, report, jobs, say) -> None:
     todo = [(spec, arch) for spec in kernels for arch in archs
-            if not (out / spec.name / cubin_name(spec.name, arch)).exists()]
+            if not all((out / spec.name / c).exists() for c in cubin_names(spec, arch))]
     if not todo:
         return
     (staging / "cubins").mkdir()
     workers = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
-    say(f"compiling {len(todo)} kernel(s) for {', '.join(archs)} in {workers} process(es)")
+    say(f"compiling {len(todo)} variant(s) ({len(todo) * 5} kernels) for {', '.join(archs)} "
+        f"in {workers} process(es)")
     where = {spec.name: staging / spec.name if (staging / spec.name).exists() else out / spec.name
              for spec, _ in todo}
     failures = []
     # The cuTile front end is Python: compile in processes, not threads.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [((spec, arch), pool.submit(_export_one, where[spec.name], spec.as_dict(), arch,
-                                               staging / "cubins" / cubin_name(spec.name, arch)))
+                                               staging / "cubins"))
                    for spec, arch in todo]
         for done, ((spec, arch), future) in enumerate(futures, 1):
             try:
@@ -152,14 +154,16 @@ def _compile(kernels, out, staging, archs, report, jobs, say) -> None:
 
 
 def _export_one(directory: Path, spec_dict: dict, arch: str, output: Path) -> float:
-    """Compile one generated kernel (runs in a worker process)."""
+    """Compile every kernel of one generated variant into ``output`` (a worker process)."""
     spec = KernelSpec.from_dict(spec_dict)
     start = time.perf_counter()
     try:
-        kernel = getattr(load_package(directory).kernel, spec.name)
+        module = load_package(directory).kernel
     except Exception as exc:
         raise RuntimeError(f"generated code does not import: {type(exc).__name__}: {exc}") from None
-    export(kernel, spec, arch, str(output))
+    for suffix, params in spec.kernels.items():
+        export(getattr(module, spec.name + suffix), spec, arch,
+               str(output / cubin_name(spec.name + suffix, arch)), params)
     return time.perf_counter() - start
 
 

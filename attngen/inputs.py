@@ -13,23 +13,34 @@ class InputError(ValueError):
     """Tensors a kernel cannot take; the message names the kernel and the problem."""
 
 
-class GradientNotSupported(RuntimeError):
-    """Inputs that require grad, with grad mode on: attngen kernels have no backward yet."""
+def wants_grad(*tensors) -> bool:
+    """Whether autograd records this call: grad mode on and an input that requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in tensors)
 
 
-def refuse_grad(name: str, **tensors) -> None:
-    """Never hand autograd an output that silently drops its inputs' gradients: with grad
-    mode on, inputs that require grad are an error until backward kernels exist."""
-    if not torch.is_grad_enabled():
-        return
-    wanting = [label for label, t in tensors.items()
-               if isinstance(t, torch.Tensor) and t.requires_grad]
-    if wanting:
-        raise GradientNotSupported(
-            f"{name}: {', '.join(wanting)} require{'s' if len(wanting) == 1 else ''} grad, but "
-            f"attngen kernels have no backward yet, so the output could not carry gradients. "
-            f"Call it under torch.no_grad() or torch.inference_mode(), or pass detached tensors; "
-            f"the transformers integration falls back to PyTorch attention while training.")
+def no_out_with_grad(out, name: str) -> None:
+    if out is not None:
+        raise InputError(f"{name}: out= cannot be used while autograd records the call (an input "
+                         f"requires grad): the output must be a new tensor autograd owns; drop "
+                         f"out=, or call under torch.no_grad()")
+
+
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale itself (default ``head_dim ** -0.5``), for the backward kernels."""
+    try:
+        return check_positive_number(head_dim ** -0.5 if scale is None else scale, "scale")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def grad_output(dout, out, name: str):
+    """The output's gradient as the backward kernels read it: out's shape and dtype, a unit
+    last stride."""
+    if tuple(dout.shape) != tuple(out.shape) or dout.dtype != out.dtype:
+        raise InputError(f"{name}: the output's gradient has shape {tuple(dout.shape)}, {dout.dtype}; "
+                         f"the output is {tuple(out.shape)}, {out.dtype}")
+    return dout if dout.stride(-1) == 1 else dout.contiguous()
 
 
 def scale_arg(scale: float | None, head_dim: int, softcap: float | None = None) -> float:
@@ -46,7 +57,6 @@ def scale_arg(scale: float | None, head_dim: int, softcap: float | None = None) 
 
 def prepare_sinks(sinks, heads: int, device, name: str) -> torch.Tensor:
     """One fp32 sink logit per query head, as the kernel reads them."""
-    refuse_grad(name, sinks=sinks)
     if not isinstance(sinks, torch.Tensor):
         raise InputError(f"{name}: this kernel needs sinks=, a tensor of {heads} logits (one per "
                          f"query head), got {type(sinks).__name__}")
@@ -110,7 +120,6 @@ def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, gro
     def fail(message):
         raise InputError(f"{name}: {message}")
 
-    refuse_grad(name, q=q, k=k, v=v)
     try:
         check_layout(layout)
     except ValueError as exc:
@@ -147,7 +156,6 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, out, *, he
     def fail(message):
         raise InputError(f"{name}: {message}")
 
-    refuse_grad(name, q=q, k=k, v=v)
     tensors = {"q": q, "k": k, "v": v}
     _check_tensors(tensors, 3, "total_tokens, H, D", dtype, fail)
     if tuple(k.shape) != tuple(v.shape):

@@ -49,6 +49,11 @@ def cubin_name(name: str, arch: str) -> str:
     return f"{name}.{arch}.cubin"
 
 
+def cubin_names(spec: KernelSpec, arch: str) -> list[str]:
+    """The cubins of every kernel of a variant (inference, forward with LSE, backward)."""
+    return [cubin_name(spec.name + suffix, arch) for suffix in spec.kernels]
+
+
 @contextlib.contextmanager
 def locked(directory: Path):
     """Hold the directory's lock (threads and processes)."""

@@ -27,20 +27,19 @@ def _tensor(shape, dtype, generator, gain=1.0):
     return (torch.randn(shape, dtype=torch.float32, device="cuda", generator=generator) * gain).to(dtype)
 
 
-def check_case(launch, spec_dict: dict, case: Case) -> float:
-    """Run one case on the GPU; assert it matches the float64 reference. Returns the error."""
-    spec = KernelSpec.from_dict(spec_dict)
+def _inputs(spec: KernelSpec, case: Case, gen):
+    """Fresh random inputs of one case: (tensors, call, reference).  ``tensors`` are q, k, v
+    and, with sinks, the sink logits; ``call(launch, q, k, v, sinks, **kw)`` runs a launcher on
+    them; ``reference(q, k, v, sinks, dtype)`` is the banded reference in ``dtype``."""
     f = spec.features
     dtype = getattr(torch, DTYPES[spec.dtype])
-    seed = random.randrange(2**31)             # fresh inputs every run; the seed is reported
-    gen = torch.Generator(device="cuda").manual_seed(seed)
     heads, d = case.heads_kv * spec.gqa, spec.head_dim
     mask = Mask(spec.mask.causal) if case.versus_full else spec.mask
-    extra, ref_kw = {}, {"scale": case.scale, "softcap": f.softcap}
     q_gain = 1.0 if f.softcap is None else f.softcap / 4   # scores large enough for the cap to bite
-    if f.sinks:
-        sinks = torch.randn(heads, device="cuda", generator=gen) * 2
-        extra["sinks"], ref_kw["sinks"] = sinks, sinks
+    sinks = torch.randn(heads, device="cuda", generator=gen) * 2 if f.sinks else None
+
+    def options(sinks):
+        return {"scale": case.scale, **({"sinks": sinks} if f.sinks else {})}
 
     if f.varlen:
         cu_q = torch.tensor([0] + [q for q, _ in case.lengths], device="cuda").cumsum(0).to(torch.int32)
@@ -48,8 +47,13 @@ def check_case(launch, spec_dict: dict, case: Case) -> float:
         q = _tensor((int(cu_q[-1]), heads, d), dtype, gen, q_gain)
         k = _tensor((int(cu_k[-1]), case.heads_kv, d), dtype, gen)
         v = _tensor((int(cu_k[-1]), case.heads_kv, d), dtype, gen)
-        args = (q, k, v, cu_q) + ((cu_k,) if f.chunked else ())
-        reference_out = lambda: reference.varlen(q, k, v, cu_q, cu_k, mask, **ref_kw)  # noqa: E731
+
+        def call(launch, q, k, v, sinks, **kw):
+            return launch(q, k, v, cu_q, *((cu_k,) if f.chunked else ()), **options(sinks), **kw)
+
+        def ref(q, k, v, sinks, dtype=torch.float64):
+            return reference.varlen(q, k, v, cu_q, cu_k, mask, scale=case.scale, softcap=f.softcap,
+                                    sinks=sinks, dtype=dtype)
     else:
         seq_k = case.seq_k or case.seq
 
@@ -58,37 +62,115 @@ def check_case(launch, spec_dict: dict, case: Case) -> float:
         q = _tensor(shape(heads, case.seq), dtype, gen, q_gain)
         k = _tensor(shape(case.heads_kv, seq_k), dtype, gen)
         v = _tensor(shape(case.heads_kv, seq_k), dtype, gen)
-        args = (q, k, v)
-        extra["layout"] = case.layout
-        reference_out = lambda: reference.attention(  # noqa: E731
-            q, k, v, mask, layout=case.layout, q_offset=seq_k - case.seq, **ref_kw)
 
+        def call(launch, q, k, v, sinks, **kw):
+            return launch(q, k, v, layout=case.layout, **options(sinks), **kw)
+
+        def ref(q, k, v, sinks, dtype=torch.float64):
+            return reference.attention(q, k, v, mask, layout=case.layout, q_offset=seq_k - case.seq,
+                                       scale=case.scale, softcap=f.softcap, sinks=sinks, dtype=dtype)
+    return {"q": q, "k": k, "v": v, **({"sinks": sinks} if f.sinks else {})}, call, ref
+
+
+def _log(record: dict) -> None:
+    log = os.environ.get("ATTNGEN_TEST_LOG")
+    if log:
+        with open(log, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def check_case(launch, spec_dict: dict, case: Case) -> float:
+    """Run one case on the GPU; assert it matches the float64 reference. Returns the error."""
+    spec = KernelSpec.from_dict(spec_dict)
+    seed = random.randrange(2**31)             # fresh inputs every run; the seed is reported
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    tensors, call, ref_fn = _inputs(spec, case, gen)
+    q, sinks = tensors["q"], tensors.get("sinks")
+    k, v = tensors["k"], tensors["v"]
     out = torch.full_like(q, float("nan"))      # poisoned: every element must be written
-    result = launch(*args, scale=case.scale, out=out, **extra)
+    result = call(launch, q, k, v, sinks, out=out)
     torch.cuda.synchronize()
     where = f"{case.id} (seed {seed})"
     assert result is out, f"{where}: launch did not return out="
     unwritten = torch.isnan(out).sum().item()
     assert unwritten == 0, f"{where}: {unwritten} output elements not written (or NaN)"
 
-    ref = reference_out()
+    ref = ref_fn(q, k, v, sinks)
     err = ((out.double() - ref).norm() / ref.norm()).item()
-    log = os.environ.get("ATTNGEN_TEST_LOG")
-    if log:
-        with open(log, "a") as fh:
-            fh.write(json.dumps({"kernel": spec.name, "case": case.id, "rel_err": err}) + "\n")
+    _log({"kernel": spec.name, "case": case.id, "rel_err": err})
     assert err <= TOLERANCE[spec.dtype], f"{where}: relative error {err:.3g} > {TOLERANCE[spec.dtype]}"
 
-    fresh = launch(*args, scale=case.scale, **extra)
+    fresh = call(launch, q, k, v, sinks)
     assert fresh.shape == q.shape and fresh.is_contiguous()
     assert torch.equal(fresh, out), f"{where}: a second launch gave different bits"
     return err
 
 
-def check_aot(kernel, spec_dict: dict, arch: str) -> None:
-    """Compile the kernel ahead of time for ``arch``; needs the tile compiler, not a GPU."""
-    from .aot import export
+#: floor added to 2 x eager's gradient error, per dtype (see check_grad_case)
+GRAD_FLOOR = {"fp16": 5e-4, "bf16": 1e-3}
 
-    buf = io.BytesIO()
-    export(kernel, KernelSpec.from_dict(spec_dict), arch, buf)
-    assert buf.getvalue()[:4] == b"\x7fELF", "the compiler did not return a cubin"
+
+def check_grad_case(launch, spec_dict: dict, case: Case) -> dict:
+    """Gradients of one case on the GPU (dq, dk, dv and, with sinks, dsinks) against autograd
+    of the float64 reference.  Rule (FlashAttention's): each gradient's error is at most
+    2 x the error of the same computation by PyTorch eager math in the kernel's dtype, plus
+    ``GRAD_FLOOR``.  Errors are ||x - ref|| / max(||ref||, 1e-2 ||dv_ref||): relative, except
+    for a gradient that is exactly zero (a window of one key), measured against dv's scale.
+    A second backward must give the same bits.  Returns the errors."""
+    spec = KernelSpec.from_dict(spec_dict)
+    seed = random.randrange(2**31)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    tensors, call, ref_fn = _inputs(spec, case, gen)
+    names = list(tensors)
+    where = f"{case.id} (seed {seed})"
+
+    def grads(fn, dtype=None):
+        leaves = {n: (t.detach().to(dtype) if dtype else t.detach()).requires_grad_() for n, t in tensors.items()}
+        out = fn(**leaves)
+        out.backward(dout.to(out.dtype))
+        return out, {n: leaves[n].grad for n in names}
+
+    dout = _tensor(tensors["q"].shape, tensors["q"].dtype, gen)
+    run = lambda q, k, v, sinks=None: call(launch, q, k, v, sinks)  # noqa: E731
+    out, got = grads(run)
+    assert out.grad_fn is not None, f"{where}: the output does not carry gradients"
+    _, again = grads(run)
+    for n in names:
+        assert torch.equal(got[n], again[n]), f"{where}: d{n} differs between two runs (not deterministic)"
+    _, exact = grads(lambda q, k, v, sinks=None: ref_fn(q, k, v, sinks), torch.float64)
+    low = getattr(torch, DTYPES[spec.dtype])
+    _, eager = grads(lambda q, k, v, sinks=None: ref_fn(q, k, v, sinks, dtype=low), low)
+    scale = 1e-2 * exact["v"].norm().item()
+    errors = {}
+    for n in names:
+        ref = exact[n]
+
+        def err(x):
+            return ((x.double() - ref).norm() / max(ref.norm().item(), scale)).item()
+        errors[n] = (err(got[n]), err(eager[n]))
+        _log({"kernel": spec.name, "case": case.id, "grad": n, "rel_err": errors[n][0],
+              "eager_err": errors[n][1]})
+    for n, (ours, theirs) in errors.items():
+        bound = 2 * theirs + GRAD_FLOOR[spec.dtype]
+        assert ours <= bound, f"{where}: d{n} error {ours:.3g} > 2 x eager {theirs:.3g} + floor"
+    return errors
+
+
+def check_aot(module, spec_dict: dict, suffix: str, arch: str, directory) -> None:
+    """One kernel of the variant (``suffix``: see KernelSpec.kernels), compiled ahead of time
+    for ``arch``: the cubin `attngen build` wrote beside it, or, in a package generated with
+    --no-compile, compiled now.  Needs the tile compiler, not a GPU."""
+    from pathlib import Path
+
+    from .aot import export
+    from .store import cubin_name
+
+    spec = KernelSpec.from_dict(spec_dict)
+    built = Path(directory) / cubin_name(spec.name + suffix, arch)
+    if built.exists():
+        binary = built.read_bytes()
+    else:
+        buf = io.BytesIO()
+        export(getattr(module, spec.name + suffix), spec, arch, buf, spec.kernels[suffix])
+        binary = buf.getvalue()
+    assert binary[:4] == b"\x7fELF", "the compiler did not return a cubin"

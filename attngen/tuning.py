@@ -69,6 +69,22 @@ TUNED: dict[str, dict[int, dict[str, Tiles]]] = {
 
 NARROW_WINDOW = 512
 
+# arch -> head_dim -> tiles of the backward kernels (dK/dV: BLOCK_N keys a program, BLOCK_M
+# query rows a step; dQ: BLOCK_M rows a program, BLOCK_N keys a step).  64 x 64 at occupancy 2
+# was the fastest shared choice for both kernels at D = 64 and 128 in the H200 sweep recorded in
+# docs/performance.md (occupancy 2 alone took dK/dV from 2.18 to 1.50 ms at shape A, S = 8k).
+BACKWARD: dict[str, dict[int, Tiles]] = {
+    "sm_90": {64: Tiles(64, 64, 2, 1), 80: Tiles(64, 64, 2, 1), 96: Tiles(64, 64, 2, 1),
+              128: Tiles(64, 64, 2, 1), 256: Tiles(64, 32, 1, 1)},
+}
+
+
+def backward_tiles(head_dim: int) -> Tiles:
+    try:
+        return BACKWARD[DEFAULT_ARCH][head_dim]
+    except KeyError:
+        raise ValueError(f"no backward tile table entry for head_dim {head_dim}") from None
+
 
 def tiles_for(head_dim: int, mask: Mask, gqa: int = 1, varlen: bool = False) -> Tiles:
     """The tuned tiles of a variant on ``DEFAULT_ARCH``, with ``pack`` lowered to what the

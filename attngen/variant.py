@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .mask import Mask
 from .support import check_dtype, check_gqa, check_head_dim, check_positive_number, forced_pack
-from .tuning import Tiles
+from .tuning import Tiles, backward_tiles
 from .version import fingerprint
 
 
@@ -83,8 +83,9 @@ class Family:
 class Param:
     """One kernel parameter: its name in the kernel, its kind and what the launcher passes.
 
-    kinds: ``io`` (an fp16/bf16 array: (B, H, S, D), or (total, H, D) packed), ``f32[]`` and
-    ``i32[]`` (1-D arrays), ``f32`` (a scalar).
+    kinds: ``io`` (an fp16/bf16 array: (B, H, S, D), or (total, H, D) packed), ``rows`` (one
+    fp32 value per query row: (B, H, S), or (total, H) packed), ``f32[]`` and ``i32[]`` (1-D
+    arrays), ``f32`` (a scalar).
     """
 
     name: str
@@ -124,24 +125,48 @@ class KernelSpec:
 
     @property
     def params(self) -> tuple[Param, ...]:
-        """The kernel's parameters, in order; its signature, the AOT signature and the
-        launcher's argument list are all generated from this one list.  Each feature adds
-        its own here: sinks a logit per head, varlen the sequence offsets, softcap changes
-        what the scale argument means."""
+        """The inference kernel's parameters, in order (``kernels[""]``)."""
+        return self.kernels[""]
+
+    @property
+    def kernels(self) -> dict[str, tuple[Param, ...]]:
+        """Every kernel of the variant, by the suffix of its name, with its parameters in
+        order: the inference forward (``""``), the forward that also saves the row
+        log-sum-exp for autograd (``"_fwd"``), and the backward's ``"_delta"`` (rowsum of
+        dO * O), ``"_dkdv"`` and ``"_dq"``.  The kernels' signatures, the AOT signatures and
+        the launcher's argument lists are all generated from these lists.  Each feature adds
+        its own parameters here: sinks a logit per head (and, in the dQ kernel, each row's
+        sum of P * dP for their gradient), varlen the sequence offsets, softcap changes what
+        the scale means."""
         f = self.features
-        params = [Param("Q", "io", "q"), Param("K", "io", "k"), Param("V", "io", "v"),
-                  Param("Out", "io", "out" if f.varlen else "o")]
-        if f.sinks:
-            params.append(Param("Sinks", "f32[]", "prepare_sinks(sinks, heads, q.device, NAME)"))
+        out = "out" if f.varlen else "o"
+        sinks = [Param("Sinks", "f32[]", "prepare_sinks(sinks, heads, q.device, NAME)")] if f.sinks else []
+        # the sinks' gradient needs each row's sum of P * dP, exact in fp32 (the dQ kernel has it)
+        sink_rows = [Param("PdP", "rows", "p_dp")] if f.sinks else []
         if f.varlen and f.chunked:
-            params += [Param("CuQ", "i32[]", "cu_q"), Param("CuK", "i32[]", "cu_k")]
+            offsets = [Param("CuQ", "i32[]", "cu_q"), Param("CuK", "i32[]", "cu_k")]
         elif f.varlen:
-            params.append(Param("Cu", "i32[]", "cu_q"))
-        if f.softcap is not None:
-            params.append(Param("qk_scale_over_cap", "f32", "scale_arg(scale, HEAD_DIM, SOFTCAP)"))
+            offsets = [Param("Cu", "i32[]", "cu_q")]
         else:
-            params.append(Param("qk_scale_log2", "f32", "scale_arg(scale, HEAD_DIM)"))
-        return tuple(params)
+            offsets = []
+        if f.softcap is not None:
+            qk_scale = Param("qk_scale_over_cap", "f32", "scale_arg(scale, HEAD_DIM, SOFTCAP)")
+        else:
+            qk_scale = Param("qk_scale_log2", "f32", "scale_arg(scale, HEAD_DIM)")
+        qkv = [Param("Q", "io", "q"), Param("K", "io", "k"), Param("V", "io", "v")]
+        grads_in = [Param("dO", "io", "dout"), Param("Lse", "rows", "lse"), Param("Delta", "rows", "delta")]
+        softmax_scale = Param("scale", "f32", "softmax_scale(scale, HEAD_DIM)")
+        return {
+            "": (*qkv, Param("Out", "io", out), *sinks, *offsets, qk_scale),
+            "_fwd": (*qkv, Param("Out", "io", out), Param("Lse", "rows", "lse"), *sinks, *offsets,
+                     qk_scale),
+            "_delta": (Param("Out", "io", out), Param("dO", "io", "dout"), Param("Delta", "rows", "delta"),
+                       *offsets),
+            "_dkdv": (*qkv, *grads_in, Param("dK", "io", "dk"), Param("dV", "io", "dv"), *offsets,
+                      qk_scale, softmax_scale),
+            "_dq": (*qkv, *grads_in, Param("dQ", "io", "dq"), *sink_rows, *offsets, qk_scale,
+                    softmax_scale),
+        }
 
     def as_dict(self) -> dict:
         return {"mask": self.mask.as_dict(), "gqa": self.gqa, "head_dim": self.head_dim,
@@ -153,8 +178,13 @@ class KernelSpec:
                    Tiles(**data["tiles"]), Features(**data["features"]))
 
     @property
+    def backward_tiles(self) -> Tiles:
+        """Tiles of the backward kernels (from the tuned table; part of the hash)."""
+        return backward_tiles(self.head_dim)
+
+    @property
     def hash(self) -> str:
-        text = json.dumps(self.as_dict(), sort_keys=True) + fingerprint()
+        text = json.dumps(self.as_dict(), sort_keys=True) + self.backward_tiles.tag + fingerprint()
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     @property

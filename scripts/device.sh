@@ -5,7 +5,8 @@
 # bench: `attngen bench run` on the issue's shapes; tune: tile sweep per shape;
 # hf: tiny transformers models with attngen vs eager (logits, greedy generation);
 # features: what softcap, sinks and a chunk offset cost next to the plain kernel;
-# profile: Nsight Compute on the shape A, B and C kernels (one launch each; PROFILE_SHAPES).
+# profile: Nsight Compute on the shape A, B and C kernels (one launch each; PROFILE_SHAPES);
+# train: forward + backward of A, B, B', C against FlexAttention and SDPA (TRAIN_SEQ).
 # Logs and JSON go to $OUT (the device tool brings them back).
 set -uo pipefail
 source .gpu/env.sh
@@ -23,14 +24,21 @@ for step in "$@"; do
       tail -n 15 "$OUT/pytest.log"
       python - "$OUT/errs.jsonl" <<'PY'
 import json, sys
-worst, count = {}, {}
+fwd, grad, count = {}, {}, {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    worst[r["kernel"]] = max(worst.get(r["kernel"], 0.0), r["rel_err"])
-    count[r["kernel"]] = count.get(r["kernel"], 0) + 1
-print(f"{'kernel':<52} cases  worst rel err")
-for k in sorted(worst):
-    print(f"{k:<52} {count[k]:>5}  {worst[k]:.2e}")
+    k = r["kernel"]
+    if "grad" in r:
+        g = grad.setdefault(k, {})
+        ours, eager = g.get(r["grad"], (0.0, 0.0))
+        g[r["grad"]] = (max(ours, r["rel_err"]), max(eager, r["eager_err"]))
+    else:
+        fwd[k] = max(fwd.get(k, 0.0), r["rel_err"])
+        count[k] = count.get(k, 0) + 1
+print(f"{'kernel':<60} cases  fwd err   worst gradient err (bf16/fp16 eager's) per input")
+for k in sorted(fwd):
+    g = "  ".join(f"d{n} {o:.1e} ({e:.1e})" for n, (o, e) in sorted(grad.get(k, {}).items()))
+    print(f"{k:<60} {count[k]:>5}  {fwd[k]:.2e}  {g}")
 PY
       ;;
     bench) python -m attngen.bench run --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/bench.log" ;;
@@ -49,6 +57,11 @@ PY
           > "$OUT/ncu-$1.txt" 2>&1
         grep -E "Duration|Throughput|Pipe|Occupancy|Registers|Shared Memory|Warp Cycles|Stall|Block Size|Grid Size|Waves" \
           "$OUT/ncu-$1.txt" | head -60
+      done ;;
+    train)
+      for p in A B "B'" C; do
+        python -m attngen.bench run --preset "$p" --seq ${TRAIN_SEQ:-8192 32768} --impl attngen flex sdpa-flash \
+          --pass fwd+bwd --json "$OUT/train-${p//\'/p}.json" 2>&1 | grep -v -i warn | tee -a "$OUT/train.log"
       done ;;
     tune) python -m attngen.bench tune --json "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/tune.log" ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -33,10 +33,12 @@ def tiny_config(family, initializer_range=0.02):
     return config_cls(**common, **spec["extra"])
 
 
-def tiny_model(family, attn_implementation, dtype, initializer_range=0.02):
+def tiny_model(family, attn_implementation, dtype, initializer_range=0.02, **overrides):
     import transformers
 
     config = tiny_config(family, initializer_range)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     model_cls = getattr(transformers, MODELS[family]["model"])
     model = model_cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()

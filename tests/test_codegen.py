@@ -22,9 +22,10 @@ def kernel(mask=Mask(True, 4095), gqa=4, head_dim=128, dtype="fp16", tiles=None,
                       Features(**features))
 
 
-def kernel_function(spec) -> ast.FunctionDef:
+def kernel_function(spec, suffix="") -> ast.FunctionDef:
+    """One kernel of the generated module (``suffix``: see KernelSpec.kernels)."""
     tree = ast.parse(codegen.render(spec)["kernel.py"])
-    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == spec.name + suffix]
     return fn
 
 
@@ -56,17 +57,27 @@ def test_signature_and_launch_arguments_are_the_declared_params(spec):
     for text in files.values():
         ast.parse(text)
     assert codegen.render(spec) == files                       # deterministic
-    fn = kernel_function(spec)
-    assert fn.name == spec.name
-    assert [a.arg for a in fn.args.args] == [p.name for p in spec.params]
-    floats = [a.arg for a in fn.args.args if a.annotation is not None]
-    assert floats == [p.name for p in spec.params if p.kind == "f32"]
+    tree = ast.parse(files["kernel.py"])
+    assert sorted(n.name for n in tree.body if isinstance(n, ast.FunctionDef)) == \
+        sorted(spec.name + suffix for suffix in spec.kernels)
     launcher = ast.parse(files["launcher.py"])
     (args,) = [n.value for n in ast.walk(launcher)
                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "args"]
-    assert [ast.unparse(e) for e in args.elts] == [p.arg for p in spec.params]
-    names = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
-    assert {p.name for p in spec.params} <= names              # every parameter is used
+    launched = {"": [ast.unparse(e) for e in args.elts]}
+    for call in ast.walk(launcher):
+        if isinstance(call, ast.Call) and ast.unparse(call.func) == "ct.launch" \
+                and ast.unparse(call.args[2]).startswith("kernel_"):
+            launched[ast.unparse(call.args[2]).removeprefix("kernel")] = \
+                [ast.unparse(e) for e in call.args[3].elts]
+    assert set(launched) == set(spec.kernels)
+    for suffix, params in spec.kernels.items():
+        fn = kernel_function(spec, suffix)
+        assert [a.arg for a in fn.args.args] == [p.name for p in params]
+        floats = [a.arg for a in fn.args.args if a.annotation is not None]
+        assert floats == [p.name for p in params if p.kind == "f32"]
+        assert launched[suffix] == [p.arg for p in params]
+        names = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+        assert {p.name for p in params} - {"CuK"} <= names     # used (the delta kernel needs no CuK)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
@@ -81,8 +92,8 @@ def test_constants_are_the_spec_and_nothing_else(spec):
         assert c["PACK"] * c["POSITIONS"] == t.block_m
     else:
         assert c["BLOCK_M"] == t.block_m
-    kv_head_needs_group = spec.gqa > 1 and t.pack < spec.gqa
-    assert c.get("GROUP") == (spec.gqa if kv_head_needs_group else None)
+    assert c.get("GROUP") == (spec.gqa if spec.gqa > 1 else None)      # the backward's group loop
+    assert (c["BWD_M"], c["BWD_N"]) == (spec.backward_tiles.block_m, spec.backward_tiles.block_n)
     cap = spec.features.softcap
     assert c.get("SOFTCAP_LOG2") == (None if cap is None else pytest.approx(cap * math.log2(math.e)))
     fn = kernel_function(spec)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from attngen.inputs import GradientNotSupported, InputError, prepare, prepare_sinks, scale_arg
+from attngen.inputs import (InputError, grad_output, no_out_with_grad, prepare, scale_arg, softmax_scale,
+                            wants_grad)
 
 ARGS = dict(layout="bhsd", head_dim=64, dtype=torch.float16, group=4, name="k")
 
@@ -40,22 +41,22 @@ def test_layout_and_scale_checks():
     assert scale_arg(None, 64) == pytest.approx(0.125 * 1.4426950408889634)
 
 
-@pytest.mark.parametrize("grad", ["q", "k", "v"])
-def test_inputs_that_require_grad_are_refused(grad):
-    """No backward kernels yet: an output without grad_fn would silently lose the gradients."""
-    q, k, v = tensors()
-    named = {"q": q, "k": k, "v": v}
-    named[grad].requires_grad_(True)
-    with pytest.raises(GradientNotSupported, match=rf"^k: {grad} requires grad.*no backward"):
-        prepare(named["q"], named["k"], named["v"], None, **ARGS)
-    with torch.no_grad():         # inference: the usual checks run (and stop at the CPU device)
-        with pytest.raises(InputError, match="runs on CUDA tensors"):
-            prepare(named["q"], named["k"], named["v"], None, **ARGS)
-
-
-def test_sinks_that_require_grad_are_refused():
-    sinks = torch.zeros(8, requires_grad=True)
-    with pytest.raises(GradientNotSupported, match="sinks requires grad"):
-        prepare_sinks(sinks, 8, sinks.device, "k")
-    with torch.inference_mode():
-        assert prepare_sinks(sinks, 8, sinks.device, "k").dtype == torch.float32
+def test_autograd_helpers():
+    q = torch.randn(2, 3)
+    assert not wants_grad(q, None)
+    leaf = torch.randn(2, 3, requires_grad=True)
+    assert wants_grad(q, leaf)
+    with torch.no_grad():
+        assert not wants_grad(leaf)
+    no_out_with_grad(None, "k")
+    with pytest.raises(InputError, match="^k: out= cannot be used while autograd records"):
+        no_out_with_grad(q, "k")
+    assert softmax_scale(None, 64) == 0.125 and softmax_scale(0.3, 64) == 0.3
+    with pytest.raises(InputError, match="positive finite"):
+        softmax_scale(0.0, 64)
+    out = torch.randn(2, 4, 8)
+    assert grad_output(out, out, "k") is out
+    strided = torch.randn(2, 8, 4).transpose(1, 2)              # last stride 4
+    assert grad_output(strided, out, "k").stride(-1) == 1
+    with pytest.raises(InputError, match="gradient has shape"):
+        grad_output(out[:1], out, "k")

@@ -96,9 +96,9 @@ def test_from_pretrained_takes_attn_implementation_attngen(tmp_path):
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_training_step_keeps_attention_gradients(family, caplog):
-    """A model in train() mode (attention dropout 0) must never lose gradients through attention:
-    until attngen has backward kernels, training calls fall back to PyTorch, logged once."""
+def test_training_step_on_cpu_matches_eager(family, caplog):
+    """A model in train() mode on the CPU falls back to PyTorch with the window: every
+    parameter's gradient as with eager attention (the GPU test runs the generated backward)."""
     ag.register()
     ag._said.clear()
     torch.manual_seed(0)
@@ -120,5 +120,4 @@ def test_training_step_keeps_attention_gradients(family, caplog):
     for name in expect:
         torch.testing.assert_close(got[name], expect[name], rtol=1e-4, atol=1e-5, msg=name)
     reasons = [r.message for r in caplog.records if "falling back" in r.message]
-    assert reasons == ["attngen: falling back to PyTorch attention (same window) for training "
-                       "(inputs require grad; attngen has no backward kernels yet)"], reasons
+    assert reasons and all("on cpu" in m for m in reasons), reasons

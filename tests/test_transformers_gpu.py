@@ -73,15 +73,18 @@ def test_logits_and_greedy_generation_match_eager(family, caplog, capsys):
 
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_training_step_keeps_attention_gradients(family, caplog, capsys):
-    """train() mode: no gradient is lost through attention.  Rule (the logits' rule, for
-    every parameter): against the float32 eager model with the same weights, the attngen
-    model's gradient is within 2 x the bf16 eager model's error + 5e-3."""
+    """train() mode runs attngen's generated backward (no fallback).  Rule for every
+    parameter: against the float32 eager model with the same weights, the attngen model's
+    gradient is within 2 x the bf16 eager model's error + 5e-3."""
     import copy
 
     ag.register()
     ag._said.clear()
     torch.manual_seed(0)
-    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1).cuda().train()
+    # gpt-oss routes each token to all its experts here: with top-2 of 4, bf16 noise flips the
+    # discrete routing of some tokens, which then dominates every gradient's error
+    overrides = {"num_experts_per_tok": 4} if family == "gpt-oss" else {}
+    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1, **overrides).cuda().train()
     exact_model = copy.deepcopy(model).float()            # the same (bf16) weights in float32
     ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device="cuda")
 
@@ -104,5 +107,5 @@ def test_training_step_keeps_attention_gradients(family, caplog, capsys):
     with capsys.disabled():
         print(f"\n{family}: worst gradient vs fp32 eager: attngen {worst[0]:.2e} "
               f"(bf16 eager {worst[1]:.2e}) at {worst[2]}")
-    reasons = [r.message for r in caplog.records if "falling back" in r.message]
-    assert any("training" in m for m in reasons), reasons
+    fell_back = [r.message for r in caplog.records if "falling back" in r.message]
+    assert not fell_back, fell_back

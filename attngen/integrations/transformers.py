@@ -17,10 +17,10 @@ ratio (from the tensors), head_dim and dtype (from the tensors), ``scaling`` and
 
 Prefill without padding runs on attngen kernels, with the layer's logit softcap (Gemma 2)
 and attention sinks (gpt-oss, ``s_aux``) where it has them, and so does a chunk of several
-queries after cached keys (chunked kernels).  Everything else — training (inputs that
-require grad with grad mode on: attngen has no backward kernels yet), decode steps (one
-query), padded batches (an attention mask), dropout while training, tensors that are not
-fp16/bf16 on CUDA, unsupported head dims — falls back to PyTorch with the same window (and softcap
+queries after cached keys (chunked kernels), in inference and in training (the kernels are
+differentiable: generated backward kernels, gradients for q, k, v and the sinks).  Everything
+else — decode steps (one query), padded batches (an attention mask), dropout while training,
+tensors that are not fp16/bf16 on CUDA, unsupported head dims — falls back to PyTorch with the same window (and softcap
 and sinks, as transformers' eager code has them), and says so once per reason in the
 ``attngen`` logger.
 """
@@ -51,10 +51,7 @@ def register(name: str = NAME) -> None:
     AttentionMaskInterface.register(name, flash_attention_mask)
 
 
-def _fallback_reason(module, query, key, value, attention_mask, dropout, sinks) -> str | None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (query, key, value, sinks)):
-        return "training (inputs require grad; attngen has no backward kernels yet)"
+def _fallback_reason(module, query, key, attention_mask, dropout) -> str | None:
     if not query.is_cuda:
         return f"tensors on {query.device.type}"
     if dtype_name(query.dtype) is None:
@@ -77,7 +74,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = Mask.from_transformers(sliding_window, bool(causal))
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
-    reason = _fallback_reason(module, query, key, value, attention_mask, dropout, sinks)
+    reason = _fallback_reason(module, query, key, attention_mask, dropout)
     if reason is not None:
         if reason not in _said:
             _said.add(reason)
