@@ -288,15 +288,29 @@ def table(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
-def tune(shape: Shape, candidates: list[Tiles], say=print) -> list[dict]:
-    """Time each candidate tile config of the attngen kernel for ``shape``."""
+def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = False) -> list[dict]:
+    """Time each candidate tile config of the attngen kernel for ``shape``: the forward's, or
+    with ``backward`` the backward kernels' (each candidate in place of the table's row for
+    the head dim, timing the backward pass)."""
+    from . import tuning
+
     rows = []
     for tiles in candidates:
+        table = tuning.BACKWARD[tuning.DEFAULT_ARCH]
+        saved = table[shape.head_dim]
         try:
-            got = bench(shape, names=("attngen",), tiles=tiles, say=lambda _: None)
+            if backward:
+                table[shape.head_dim] = tiles
+                got = bench(shape, names=("attngen",), say=lambda _: None, which="bwd")
+                for r in got:
+                    r["tiles"] = asdict(tiles)
+            else:
+                got = bench(shape, names=("attngen",), tiles=tiles, say=lambda _: None)
         except Exception as exc:    # noqa: BLE001 - a config the compiler rejects is a result
             say(f"{shape.label}: {tiles.tag}: failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
+        finally:
+            table[shape.head_dim] = saved
         rows += got
         times = "  ".join(f"S={r['seq']}: {r['us_p50']:.1f}us {r['tflops']:.0f}TF err {r['rel_err']:.1e}"
                           for r in got)
@@ -304,8 +318,9 @@ def tune(shape: Shape, candidates: list[Tiles], say=print) -> list[dict]:
     if rows:
         best = min(candidates, key=lambda t: sum(r["us_p50"] for r in rows if r["tiles"] == asdict(t))
                    if any(r["tiles"] == asdict(t) for r in rows) else math.inf)
-        default = tiles_for(shape.head_dim, shape.mask, shape.heads // shape.heads_kv)
-        say(f"{shape.label}: best {best.tag} (table: {default.tag})")
+        default = tuning.backward_tiles(shape.head_dim) if backward else \
+            tiles_for(shape.head_dim, shape.mask, shape.heads // shape.heads_kv)
+        say(f"{shape.label}: best {'backward ' if backward else ''}{best.tag} (table: {default.tag})")
     return rows
 
 
@@ -355,6 +370,8 @@ def main(argv=None) -> int:
         else:
             p.add_argument("--candidates", type=parse_tiles, nargs="+",
                            default=[parse_tiles(t) for t in DEFAULT_CANDIDATES])
+            p.add_argument("--backward", action="store_true",
+                           help="tune the backward kernels' tiles (timing the backward pass)")
     p = sub.add_parser("plot", help="draw a JSON file written by `run`")
     p.add_argument("json")
     p.add_argument("png")
@@ -376,7 +393,7 @@ def main(argv=None) -> int:
         if args.command == "run":
             rows += bench(shape, names=args.impl, tiles=args.tiles, which=args.which)
         else:
-            rows += tune(shape, args.candidates)
+            rows += tune(shape, args.candidates, backward=args.backward)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"command": " ".join(["attngen bench", *(argv or sys.argv[1:])]),
