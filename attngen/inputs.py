@@ -3,7 +3,6 @@ caller passed (tensors, sinks, cu_seqlens, scale); it launches nothing."""
 
 from __future__ import annotations
 
-
 import torch
 
 from .support import LOG2E, bhsd, check_layout, check_positive_number
@@ -46,12 +45,7 @@ def grad_output(dout, out, name: str):
 def scale_arg(scale: float | None, head_dim: int, softcap: float | None = None) -> float:
     """The kernel's scale argument: softmax scale (default ``head_dim ** -0.5``) times
     log2(e) for ``exp2``, or divided by the softcap for kernels that cap their scores."""
-    if scale is None:
-        scale = head_dim ** -0.5
-    try:
-        scale = check_positive_number(scale, "scale")
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    scale = softmax_scale(scale, head_dim)
     return scale / softcap if softcap is not None else scale * LOG2E
 
 

@@ -121,3 +121,16 @@ def test_training_step_on_cpu_matches_eager(family, caplog):
         torch.testing.assert_close(got[name], expect[name], rtol=1e-4, atol=1e-5, msg=name)
     reasons = [r.message for r in caplog.records if "falling back" in r.message]
     assert reasons and all("on cpu" in m for m in reasons), reasons
+
+
+def test_padding_the_packed_kernels_take():
+    """Left and right padding pack into one run per row; a hole in a row, or right padding
+    under a chunk of queries after cached keys, goes to the fallback."""
+    right = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    left = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    hole = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 1]])
+    assert ag._contiguous_padding(right, 5, 5) and ag._contiguous_padding(left, 5, 5)
+    assert ag._contiguous_padding(left, 2, 5)                       # a chunk after cached keys
+    assert not ag._contiguous_padding(right, 2, 5)
+    assert not ag._contiguous_padding(hole, 5, 5)
+    assert ag._contiguous_padding(torch.tensor([[0, 0, 0], [1, 1, 1]]), 3, 3)   # an empty row

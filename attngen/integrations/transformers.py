@@ -15,14 +15,16 @@ ratio (from the tensors), head_dim and dtype (from the tensors), ``scaling`` and
   + 1`` and means a reach of ``W - 1`` keys on each side (``abs(q_idx - kv_idx) <= W - 1``) —
   attngen's ``{left: W - 1, right: W - 1}``.
 
-Prefill without padding runs on attngen kernels, with the layer's logit softcap (Gemma 2)
-and attention sinks (gpt-oss, ``s_aux``) where it has them, and so does a chunk of several
-queries after cached keys (chunked kernels), in inference and in training (the kernels are
-differentiable: generated backward kernels, gradients for q, k, v and the sinks).  Everything
-else — decode steps (one query), padded batches (an attention mask), dropout while training,
-tensors that are not fp16/bf16 on CUDA, unsupported head dims — falls back to PyTorch with the same window (and softcap
-and sinks, as transformers' eager code has them), and says so once per reason in the
-``attngen`` logger.
+Prefill runs on attngen kernels, with the layer's logit softcap (Gemma 2) and attention
+sinks (gpt-oss, ``s_aux``) where it has them, and so does a chunk of several queries after
+cached keys (chunked kernels).  A padded batch (left or right padding) is packed to its valid
+tokens, runs on the packed-sequence (varlen) kernels and is scattered back: no S x S mask.
+All of it in inference and in training (the kernels are differentiable: generated backward
+kernels, gradients for q, k, v and the sinks).  Everything else — decode steps (one query),
+padding that splits a row's tokens in several runs, dropout while training, tensors that are
+not fp16/bf16 on CUDA, unsupported head dims — falls back to PyTorch with the same window
+(and softcap and sinks, as transformers' eager code has them), and says so once per reason
+in the ``attngen`` logger.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ def _fallback_reason(module, query, key, attention_mask, dropout) -> str | None:
         return f"head_dim {query.shape[-1]}"
     if query.shape[2] == 1 and key.shape[2] > 1:
         return "decode steps (one query)"
-    if attention_mask is not None:
-        return "a padded batch (attention mask)"
+    if attention_mask is not None and not _contiguous_padding(attention_mask, query.shape[2], key.shape[2]):
+        return "padding that leaves a row's tokens in more than one run (attention mask)"
     if dropout and module.training:
         return "dropout while training"
     return None
@@ -81,17 +83,46 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             log.warning("attngen: falling back to PyTorch attention (same window) for %s", reason)
         return fallback(module, query, key, value, attention_mask, mask, dropout, scaling,
                         softcap=softcap, sinks=sinks), None
-    key_ = (mask, query.shape[1] // key.shape[1], softcap, sinks is not None,
-            query.shape[2] != key.shape[2])
-    attn = _kernels.get(key_)
-    if attn is None:
-        _, gqa, _, has_sinks, chunked = key_
-        attn = _kernels[key_] = get_kernel(mask, gqa=gqa, softcap=softcap, sinks=has_sinks,
-                                           chunked=chunked)
-    extra = {} if sinks is None else {"sinks": sinks}
-    out = attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-               scale=scaling, layout="bshd", **extra)
+    extra = {"scale": scaling, **({} if sinks is None else {"sinks": sinks})}
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))          # (B, S, H, D) views
+    if attention_mask is None:
+        attn = _kernel(mask, query, key, softcap, sinks, chunked=query.shape[2] != key.shape[2])
+        return attn(q, k, v, layout="bshd", **extra), None
+    # a padded batch: pack the valid tokens, run the packed-sequence kernel, scatter back
+    keys_valid = attention_mask[:, -key.shape[2]:].to(device=query.device, dtype=torch.bool)
+    queries_valid = keys_valid[:, -query.shape[2]:]
+    n_q, n_k = queries_valid.sum(1), keys_valid.sum(1)
+    cu_q, cu_k = (torch.nn.functional.pad(n.cumsum(0), (1, 0)).to(torch.int32) for n in (n_q, n_k))
+    chunked = bool((n_q != n_k).any())
+    attn = _kernel(mask, query, key, softcap, sinks, chunked=chunked, varlen=True)
+    packed = attn(q[queries_valid], k[keys_valid], v[keys_valid], cu_q, *((cu_k,) if chunked else ()),
+                  max_seqlen_q=int(n_q.max()), **extra)
+    out = q.new_zeros(q.shape)
+    out[queries_valid] = packed
     return out, None
+
+
+def _kernel(mask: Mask, query, key, softcap, sinks, *, chunked: bool, varlen: bool = False):
+    """The attngen callable for a layer call, made once per distinct variant."""
+    gqa = query.shape[1] // key.shape[1]
+    variant = (mask, gqa, softcap, sinks is not None, chunked, varlen)
+    if variant not in _kernels:
+        _kernels[variant] = get_kernel(mask, gqa=gqa, softcap=softcap, sinks=sinks is not None,
+                                       chunked=chunked, varlen=varlen)
+    return _kernels[variant]
+
+
+def _contiguous_padding(attention_mask, q_len: int, kv_len: int) -> bool:
+    """Whether the packed kernels can take this padding: each row's valid keys are one run, and
+    its valid queries the last of them (left or right padding; checked on the host)."""
+    keys_valid = attention_mask[:, -kv_len:].to(torch.bool)
+    positions = torch.arange(kv_len, device=keys_valid.device)
+    n = keys_valid.sum(1)
+    first = torch.where(keys_valid, positions, kv_len).amin(1)
+    last = torch.where(keys_valid, positions, -1).amax(1)
+    one_run = (n == 0) | (last - first + 1 == n)
+    queries_end_the_run = (n == 0) | (last == kv_len - 1) | (q_len == kv_len)
+    return bool((one_run & queries_end_the_run).all())
 
 
 def fallback_mask(mask: Mask, q_len: int, kv_len: int, padding: torch.Tensor | None,
