@@ -127,8 +127,8 @@ def _compile(kernels, out, staging, archs, report, jobs, say) -> None:
         return
     (staging / "cubins").mkdir()
     workers = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
-    say(f"compiling {len(todo)} variant(s) ({len(todo) * 5} kernels) for {', '.join(archs)} "
-        f"in {workers} process(es)")
+    say(f"compiling {len(todo)} variant(s) ({sum(len(spec.kernels) for spec, _ in todo)} kernels) "
+        f"for {', '.join(archs)} in {workers} process(es)")
     where = {spec.name: staging / spec.name if (staging / spec.name).exists() else out / spec.name
              for spec, _ in todo}
     failures = []
