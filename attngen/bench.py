@@ -82,14 +82,15 @@ def parse_tiles(text: str) -> Tiles:
     """The inverse of ``Tiles.tag``: ``128x64o2c1p8`` -> Tiles(128, 64, 2, 1, pack=8)."""
     import re
 
-    match = re.fullmatch(r"(\d+)x(\d+)o(\d+)c(\d+)(?:p(\d+))?", text)
+    match = re.fullmatch(r"(\d+)x(\d+)o(\d+)c(\d+)(?:p(\d+))?(?:w(\d+))?", text)
     if not match:
         raise argparse.ArgumentTypeError(
-            f"tiles look like 128x64o2c1 or 128x64o2c1p8 (BMxBN, o occupancy, c CTAs per "
-            f"cluster, p query heads per tile), got {text!r}")
-    bm, bn, occ, ctas, pack = match.groups()
+            f"tiles look like 128x64o2c1, 128x64o2c1p8 or 128x128o1c1w8 (BMxBN, o occupancy, c CTAs "
+            f"per cluster, p query heads per tile, w worker warps), got {text!r}")
+    bm, bn, occ, ctas, pack, warps = match.groups()
     try:
-        return Tiles(int(bm), int(bn), int(occ), int(ctas), int(pack or 1))
+        return Tiles(int(bm), int(bn), int(occ), int(ctas), int(pack or 1),
+                     int(warps) if warps else None)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

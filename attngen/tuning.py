@@ -16,6 +16,7 @@ from .mask import Mask
 from .support import forced_pack
 
 DEFAULT_ARCH = "sm_90"
+WORKER_WARPS = (1, 2, 4, 8, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Tiles:
     occupancy: int    # CTAs per SM the compiler should plan for
     num_ctas: int     # CTAs per cluster
     pack: int = 1     # query heads of one KV group sharing a tile (block_m // pack positions each)
+    worker_warps: int | None = None   # cuTile's num_worker_warps (None: the compiler's choice)
 
     def __post_init__(self):
         for field in ("block_m", "block_n"):
@@ -41,6 +43,11 @@ class Tiles:
         if isinstance(self.pack, bool) or not isinstance(self.pack, int) or self.pack < 1 \
                 or self.pack & (self.pack - 1) or self.pack > self.block_m:
             raise ValueError(f"pack must be a power of two no larger than block_m, got {self.pack!r}")
+        if self.worker_warps is not None and (isinstance(self.worker_warps, bool)
+                                              or not isinstance(self.worker_warps, int)
+                                              or self.worker_warps not in WORKER_WARPS):
+            raise ValueError(f"worker_warps must be one of {list(WORKER_WARPS)} (16 needs tileiras "
+                             f">= 13.5), got {self.worker_warps!r}")
 
     @property
     def positions(self) -> int:
@@ -50,7 +57,14 @@ class Tiles:
     @property
     def tag(self) -> str:
         return (f"{self.block_m}x{self.block_n}o{self.occupancy}c{self.num_ctas}"
-                + (f"p{self.pack}" if self.pack > 1 else ""))
+                + (f"p{self.pack}" if self.pack > 1 else "")
+                + (f"w{self.worker_warps}" if self.worker_warps else ""))
+
+    @property
+    def hints(self) -> str:
+        """The compiler hints, as ``@ct.kernel`` keyword arguments."""
+        return (f"occupancy={self.occupancy}, num_ctas={self.num_ctas}"
+                + (f", num_worker_warps={self.worker_warps}" if self.worker_warps else ""))
 
     def as_dict(self) -> dict:
         return asdict(self)

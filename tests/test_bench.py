@@ -9,7 +9,8 @@ from attngen.tuning import Tiles, tiles_for
 
 
 def test_tiles_round_trip_through_their_tag():
-    for tiles in (Tiles(128, 64, 2, 1), Tiles(128, 64, 2, 1, 8), Tiles(64, 128, 1, 2)):
+    for tiles in (Tiles(128, 64, 2, 1), Tiles(128, 64, 2, 1, 8), Tiles(64, 128, 1, 2),
+                  Tiles(128, 128, 1, 1, worker_warps=8), Tiles(64, 64, 2, 1, 4, 8)):
         assert bench.parse_tiles(tiles.tag) == tiles
     with pytest.raises(argparse.ArgumentTypeError, match="tiles look like"):
         bench.parse_tiles("128x64")

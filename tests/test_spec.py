@@ -71,6 +71,8 @@ def test_tiles_override_merges_with_the_table():
     ("layers: []\n", "layers", 5, "at least one"),
     ("tiles: {block_m: 100}\n", "tiles", 5, "power of two"),
     ("tiles: {warps: 4}\n", "tiles.warps", 5, "unknown key"),
+    ("tiles: {worker_warps: 3}\n", "tiles", 5, "worker_warps must be one of"),
+    ("tiles: {worker_warps: 8.0}\n", "tiles", 5, "worker_warps must be one of"),
     ("window: []\n", "window", 5, "empty list"),
 ])
 def test_bad_specs_name_file_key_and_line(tmp_path, extra, path, line, match):

@@ -42,7 +42,7 @@ TOP_KEYS = ("name", "description", "causal", "window", "layers", "gqa", "head_di
 REQUIRED = ("name", "gqa", "head_dim", "dtype")
 EXPANDING = ("causal", "window", "gqa", "head_dim", "dtype")
 FLAGS = ("sinks", "chunked", "varlen")
-TILE_KEYS = ("block_m", "block_n", "occupancy", "num_ctas", "pack")
+TILE_KEYS = ("block_m", "block_n", "occupancy", "num_ctas", "pack", "worker_warps")
 NAME_RE = r"[a-z0-9][a-z0-9._-]*"
 SOURCE = "fuzz.yaml"
 
@@ -149,6 +149,8 @@ def tiles_override(draw, gqas: list[int], varlen: bool):
             tiles[key] = draw(st.integers(1, 32))
         elif key == "num_ctas":
             tiles[key] = draw(st.sampled_from([1, 2, 4, 8, 16]))
+        elif key == "worker_warps":
+            tiles[key] = draw(st.sampled_from([None, 1, 2, 4, 8, 16, 32]))
     if "pack" in keys:
         # pack: a power of two that divides every gqa, no larger than block_m (the tuned
         # block_m is at least 64), and 1 for varlen kernels.
@@ -339,6 +341,9 @@ def bad_tile_value(key: str):
     if key == "num_ctas":
         return st.one_of(*base, any_float,
                          st.integers(-100, 100).filter(lambda v: v not in (1, 2, 4, 8, 16)))
+    if key == "worker_warps":                       # None is valid here: the compiler's choice
+        return st.one_of(small_text, st.booleans(), st.lists(st.integers(1, 64), max_size=2), any_float,
+                         st.integers(-100, 100).filter(lambda v: v not in (1, 2, 4, 8, 16, 32)))
     return st.one_of(*base, any_float, st.integers(-100, 0),
                      st.integers(3, 100).filter(lambda v: v & (v - 1)))     # pack
 
