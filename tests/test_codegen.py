@@ -1,9 +1,12 @@
 """What the generator emits, checked by behaviour: the kernel's signature is the declared
 parameter list, the launcher passes exactly those arguments, the constants a kernel runs with
 are the spec's, and — simulated in Python from the generated source itself — the KV blocks a
-query tile visits hold every key its rows see, and no block it leaves unmasked holds a hidden
-key."""
+query tile visits (forward, dQ) hold every key its rows see, the query tiles a dK/dV key block
+visits hold every row that sees one of its keys, no block or tile left unmasked holds a hidden
+pair, and the mask applied where one is needed is exactly the visible one."""
 import ast
+import functools
+import gc
 import itertools
 import math
 
@@ -13,7 +16,7 @@ import torch
 from attngen import codegen, version
 from attngen.cases import cases_for
 from attngen.mask import Mask
-from attngen.tuning import Tiles, tiles_for
+from attngen.tuning import BACKWARD, DEFAULT_ARCH, Tiles, tiles_for
 from attngen.variant import Features, KernelSpec
 
 
@@ -22,16 +25,35 @@ def kernel(mask=Mask(True, 4095), gqa=4, head_dim=128, dtype="fp16", tiles=None,
                       Features(**features))
 
 
+@functools.lru_cache(maxsize=4)
+def _module(name, spec) -> ast.Module:
+    # The simulations below read each module several times.  ``name`` keys the cache with the
+    # spec: it also covers the backward tiles and the templates.  The parse makes many objects,
+    # and the garbage collections they would start (through all of torch's) cost more than it.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(codegen.render(spec)["kernel.py"])
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def kernel_module(spec) -> ast.Module:
+    """The generated kernel module, parsed."""
+    return _module(spec.name, spec)
+
+
 def kernel_function(spec, suffix="") -> ast.FunctionDef:
     """One kernel of the generated module (``suffix``: see KernelSpec.kernels)."""
-    tree = ast.parse(codegen.render(spec)["kernel.py"])
+    tree = kernel_module(spec)
     (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == spec.name + suffix]
     return fn
 
 
 def constants(spec) -> dict:
     """The module-level constants of the generated kernel."""
-    tree = ast.parse(codegen.render(spec)["kernel.py"])
+    tree = kernel_module(spec)
     values = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
@@ -48,7 +70,8 @@ SPECS = [kernel(), kernel(Mask(True), gqa=1, head_dim=64), kernel(Mask(False, 3,
          kernel(Mask(True, 127), 2, 64, "bf16", Tiles(64, 64, 4, 1), softcap=50.0),
          kernel(Mask(True, 127), 2, 64, "bf16", Tiles(64, 64, 4, 1), sinks=True, chunked=True),
          kernel(Mask(True, 32), 2, 96, "bf16", Tiles(64, 64, 2, 1), softcap=30.0, sinks=True,
-                chunked=True, varlen=True)]
+                chunked=True, varlen=True),
+         kernel(Mask(True, 1023), 2, 256, "bf16", Tiles(128, 128, 1, 1, worker_warps=8))]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
@@ -99,7 +122,8 @@ def test_constants_are_the_spec_and_nothing_else(spec):
     fn = kernel_function(spec)
     decorator = fn.decorator_list[0]
     assert {k.arg: ast.literal_eval(k.value) for k in decorator.keywords} == \
-        {"occupancy": t.occupancy, "num_ctas": t.num_ctas}
+        {"occupancy": t.occupancy, "num_ctas": t.num_ctas,
+         **({"num_worker_warps": t.worker_warps} if t.worker_warps else {})}
     calls = {ast.unparse(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
     assert ("ct.tanh" in calls) == (cap is not None)
 
@@ -143,35 +167,140 @@ def test_kernel_spec_rejects_bad_values():
         KernelSpec(Mask(True), 8, 64, "fp16", Tiles(128, 64, 2, 1, 8), Features(varlen=True))
 
 
-# -- the KV block bounds, simulated from the generated source --------------------------------
+# -- the KV block and query tile bounds, simulated from the generated source ----------------
 
 class _Ct:
-    """Enough of ``cuda.tile`` to run a kernel's scalar bound arithmetic in Python."""
+    """Enough of ``cuda.tile`` to run a kernel's index arithmetic in Python."""
+    int32 = torch.int32
     cdiv = staticmethod(lambda a, b: -(-a // b))
+    arange = staticmethod(lambda n, dtype: torch.arange(n, dtype=dtype))
 
 
-def bound_program(spec):
-    """The generated statements that place a tile and bound its KV loop, and the loop's
-    range, mask condition and visibility expression, as Python callables."""
-    fn = kernel_function(spec)
-    setup = [s for s in fn.body if isinstance(s, ast.Assign) and ast.unparse(s.targets[0]) in
-             ("m0", "last", "unmasked_stop", "first", "unmasked_start")]
-    (loop,) = [s for s in fn.body if isinstance(s, ast.For)]
-    (branch,) = [s for s in loop.body if isinstance(s, ast.If)]
+cdiv = _Ct.cdiv
+
+
+def _code(statements):
+    return compile(ast.Module(list(statements), []), "<generated>", "exec")
+
+
+def _expression(node):
+    return compile(ast.Expression(node), "<generated>", "eval")
+
+
+def _assignments(body, names):
+    """The statements of ``body`` that assign one of ``names``, in order, compiled."""
+    return _code(s for s in body if isinstance(s, ast.Assign) and ast.unparse(s.targets[0]) in names)
+
+
+def _loop(fn, var):
+    """The kernel's ``for var in range(start, stop)`` (in other loops or not) and its compiled bounds."""
+    statements, loops = list(fn.body), []
+    while statements:
+        s = statements.pop()
+        if isinstance(s, ast.For):
+            statements += s.body
+            loops += [s] if ast.unparse(s.target) == var else []
+    (loop,) = loops
+    return loop, [_expression(a) for a in loop.iter.args]
+
+
+def _masking(loop):
+    """The ``if`` in a loop's body that masks the scores: its condition, the statements before
+    its ``ct.where`` and the where's visibility expression, compiled; None if there is none."""
+    branches = [s for s in loop.body if isinstance(s, ast.If)]
+    if not branches:
+        return None
+    (branch,) = branches
     (where,) = [n for n in ast.walk(branch) if isinstance(n, ast.Call) and ast.unparse(n.func) == "ct.where"]
+    (at,) = [k for k, s in enumerate(branch.body) if any(n is where for n in ast.walk(s))]
+    return _expression(branch.test), _code(branch.body[:at]), _expression(where.args[0])
+
+
+def _environment(spec):
+    """What the generated statements read besides the kernel's own values: the module's integer
+    constants, and enough of ``cuda.tile``."""
     consts = {k: v for k, v in constants(spec).items() if isinstance(v, int)}
-    code = compile(ast.Module(setup, []), "<bounds>", "exec")
-    start, stop = (compile(ast.Expression(a), "<range>", "eval") for a in loop.iter.args)
-    masked = compile(ast.Expression(branch.test), "<masked>", "eval")
-    visible = compile(ast.Expression(where.args[0]), "<visible>", "eval")
+    return {"ct": _Ct, "min": min, "max": max, **consts}
+
+
+def tile_sizes(spec, suffix):
+    """The constants that size a query tile (in positions) and a KV block of a kernel that loops
+    over KV blocks: the forward (``""``) or dQ."""
+    if suffix == "_dq":
+        return "BWD_M", "BWD_N"
+    return "POSITIONS" if spec.tiles.pack > 1 else "BLOCK_M", "BLOCK_N"
+
+
+def bound_program(spec, suffix="", sizes=("BLOCK_M", "BLOCK_N")):
+    """A kernel that loops over KV blocks per query tile (forward, dQ): the values of the
+    constants ``sizes`` names (query positions per tile, keys per block), and ``run(tile, seq,
+    seq_q)``: the generated statements that place the tile and bound its KV loop, run, with the
+    loop's range, ``masked(j)``: the mask condition of block ``j``, and ``visible(j, rows)``:
+    block ``j``'s keys placed by the generated statements, and what the where keeps of them."""
+    fn = kernel_function(spec, suffix)
+    setup = _assignments(fn.body, ("m0", "last", "unmasked_stop", "first", "unmasked_start", "cols"))
+    loop, (start, stop) = _loop(fn, "j")
+    masked, place_keys, visible = _masking(loop)
+    consts = _environment(spec)
 
     def run(tile, seq, seq_q):
-        env = {"ct": _Ct, "min": min, "max": max, "tile": tile, "seq": seq, "seq_q": seq_q, **consts}
-        exec(code, env)
+        env = {**consts, "tile": tile, "seq": seq, "seq_q": seq_q}
+        exec(setup, env)
         blocks = range(eval(start, env), eval(stop, env))
-        return env, blocks, lambda j: bool(eval(masked, {**env, "j": j})), \
-            lambda rows, keys: eval(visible, {**env, "rows": rows, "keys": keys})
-    return run
+
+        def keeps(j, rows):
+            local = {**env, "j": j, "rows": rows}
+            exec(place_keys, local)
+            return eval(visible, local)
+        return env, blocks, lambda j: bool(eval(masked, {**env, "j": j})), keeps
+    return consts[sizes[0]], consts[sizes[1]], run
+
+
+def query_tile_program(spec):
+    """The dK/dV kernel, which loops over query tiles per key block: BWD_M, BWD_N and
+    ``run(kb, seq, seq_q)``: the generated statements that place key block ``kb`` (``n0``,
+    ``offset``, ``keys``, ``steps``) and bound its query-tile loop, run, with the loop's range
+    and ``visit(i)``: tile ``i``'s statements run, and the visibility its ``ct.where`` computes
+    (keys x rows), or None where the kernel leaves the tile unmasked."""
+    fn = kernel_function(spec, "_dkdv")
+    setup = _assignments(fn.body, ("n0", "offset", "keys", "steps", "first", "last"))
+    loop, (start, stop) = _loop(fn, "i")
+    place = _assignments(loop.body, ("m0",))
+    masking = _masking(loop)
+    consts = _environment(spec)
+
+    def run(kb, seq, seq_q):
+        env = {**consts, "kb": kb, "seq": seq, "seq_q": seq_q}
+        exec(setup, env)
+
+        def visit(i):
+            local = {**env, "i": i}
+            exec(place, local)
+            if masking is None or not eval(masking[0], local):
+                return local, None
+            exec(masking[1], local)
+            return local, eval(masking[2], local)
+        return env, range(eval(start, env), eval(stop, env)), visit
+    return consts["BWD_M"], consts["BWD_N"], run
+
+
+def use_backward_tiles(monkeypatch, tiles):
+    """Give head_dim 64 kernels backward tiles of ``tiles``' shape (KernelSpec.backward_tiles
+    reads them from the tuned table)."""
+    monkeypatch.setitem(BACKWARD[DEFAULT_ARCH], 64, Tiles(tiles.block_m, tiles.block_n, 1, 1))
+
+
+def grid(mask, rows, keys):
+    """Mask.visible on the whole grid that ``rows`` and ``keys`` broadcast to."""
+    return mask.visible(rows, keys).expand(torch.broadcast_tensors(rows, keys)[0].shape)
+
+
+def lengths(chunked):
+    """(S_q, S_k): one row to several tiles, and, where the kernel takes a cached prefix, prefixes
+    of every length mod 16 and some mod 32: the bounds compare query positions with key block
+    edges, so an off-by-one shows only where a tile starts at the right distance from one."""
+    prefixes = [(1, 50), (20, 100)] + [(40, 40 + p) for p in (*range(1, 16), 30, 31)]
+    return [(s, s) for s in (1, 5, 16, 33, 70)] + (prefixes if chunked else [])
 
 
 MASKS = [Mask(True), Mask(False)] + [Mask(True, w - 1) for w in (1, 2, 15, 16, 17, 40, 200)] + \
@@ -182,37 +311,85 @@ TILES = [Tiles(16, 16, 1, 1), Tiles(32, 16, 1, 1), Tiles(16, 32, 1, 1), Tiles(32
 @pytest.mark.parametrize("chunked", [False, True], ids=["prefill", "chunked"])
 @pytest.mark.parametrize("tiles", TILES, ids=lambda t: t.tag)
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.tag)
-def test_visited_blocks_hold_every_visible_key_and_unmasked_blocks_no_hidden_one(mask, tiles, chunked):
+def test_visited_blocks_hold_every_visible_key_and_unmasked_blocks_no_hidden_one(mask, tiles, chunked,
+                                                                                 monkeypatch):
+    """In the forward (tiles ``tiles``) and the dQ kernel (BWD_M x BWD_N tiles of its shape)."""
+    use_backward_tiles(monkeypatch, tiles)
     spec = kernel(mask, gqa=2, head_dim=64, tiles=tiles, chunked=chunked)
-    run = bound_program(spec)
-    bn, positions = tiles.block_n, tiles.positions
-    lengths = [(s, s) for s in (1, 5, 16, 33, 70)]
-    if chunked:
-        lengths += [(1, 50), (7, 9), (20, 100), (33, 34)]
-    for seq_q, seq in lengths:
-        for tile in range(-(-seq_q // positions)):
-            env, blocks, masked, visible = run(tile, seq, seq_q)
-            first_row = seq - seq_q + tile * positions
-            assert env["m0"] == first_row
-            rows = [r for r in range(first_row, first_row + positions) if r < seq]
-            where = f"{spec.mask.tag} {tiles.tag} S_q={seq_q} S_k={seq} tile {tile}"
-            for r in rows:
-                seen = [j for j in range(seq) if mask.visible(r, j)]
-                assert all(j // bn in blocks for j in seen), f"{where}: row {r} misses a visible key"
-            for j in blocks:
-                keys = range(j * bn, j * bn + bn)
-                truth = torch.tensor([[mask.visible(r, key) and key < seq for key in keys] for r in rows])
-                if not masked(j):
-                    assert truth.all(), f"{where}: block {j} is left unmasked but hides keys"
+    for suffix in ("", "_dq"):
+        bm, bn, run = bound_program(spec, suffix, tile_sizes(spec, suffix))
+        for seq_q, seq in lengths(chunked):
+            rows = torch.arange(seq - seq_q, seq)[:, None]              # every query row's position
+            keys = torch.arange(cdiv(seq, bn) * bn)[None, :]           # every key of every KV block
+            truth = grid(mask, rows, keys) & (keys < seq)
+            for tile in range(cdiv(seq_q, bm)):
+                env, blocks, masked, visible = run(tile, seq, seq_q)
+                where = f"{suffix[1:] or 'forward'} {mask.tag} {bm}x{bn} S_q={seq_q} S_k={seq} tile {tile}"
+                assert env["m0"] == seq - seq_q + tile * bm, f"{where}: m0 {env['m0']}"
+                tile_rows = slice(tile * bm, tile * bm + bm)
+                sees = truth[tile_rows]
+                assert set(blocks) <= set(range(cdiv(seq, bn))), f"{where}: visits blocks {blocks}"
+                missed = set((keys[0, sees.any(0)] // bn).tolist()) - set(blocks)
+                assert not missed, f"{where}: misses visible keys in blocks {sorted(missed)}"
+                for j in blocks:
+                    block = sees[:, j * bn:(j + 1) * bn]
+                    if not masked(j):
+                        assert block.all(), f"{where}: block {j} is left unmasked but hides keys"
+                    else:
+                        got = visible(j, rows[tile_rows])
+                        assert torch.equal(got.expand_as(block), block), f"{where}: block {j} mask"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["prefill", "chunked"])
+@pytest.mark.parametrize("tiles", TILES, ids=lambda t: f"{t.block_m}x{t.block_n}")
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.tag)
+def test_dkdv_visits_every_query_tile_that_sees_its_keys_and_masks_exactly(mask, tiles, chunked,
+                                                                           monkeypatch):
+    """Per key block, the query tiles [first, last) hold every row that sees one of its keys;
+    a tile left unmasked hides no (row, key) pair, and a masked one is masked exactly.  Rows
+    and keys past the sequence are left out: their Q, dO, K, V load as zeros and add nothing."""
+    use_backward_tiles(monkeypatch, tiles)
+    spec = kernel(mask, gqa=2, head_dim=64, tiles=tiles, chunked=chunked)
+    bm, bn, run = query_tile_program(spec)
+    for seq_q, seq in lengths(chunked):
+        offset = seq - seq_q
+        rows = offset + torch.arange(cdiv(seq_q, bm) * bm)[None, :]    # every row of every query tile
+        for kb in range(cdiv(seq, bn)):
+            env, visited, visit = run(kb, seq, seq_q)
+            assert (env["n0"], env["offset"]) == (kb * bn, offset)
+            keys = torch.arange(kb * bn, kb * bn + bn)[:, None]
+            truth, real = grid(mask, rows, keys), (rows < seq) & (keys < seq)
+            where = f"dkdv {mask.tag} {bm}x{bn} S_q={seq_q} S_k={seq} key block {kb}"
+            assert set(visited) <= set(range(cdiv(seq_q, bm))), f"{where}: visits tiles {visited}"
+            missed = set((torch.nonzero((truth & real).any(0))[:, 0] // bm).tolist()) - set(visited)
+            assert not missed, f"{where}: misses rows in tiles {sorted(missed)}"
+            for i in visited:
+                local, got = visit(i)
+                assert local["m0"] == offset + i * bm, f"{where}: tile {i} m0 {local['m0']}"
+                pairs, tile_real = truth[:, i * bm:i * bm + bm], real[:, i * bm:i * bm + bm]
+                if got is None:
+                    assert (pairs | ~tile_real).all(), f"{where}: tile {i} is left unmasked but hides pairs"
                 else:
-                    got = visible(torch.tensor(rows)[:, None], torch.tensor(list(keys))[None, :])
-                    assert torch.equal(got.expand_as(truth), truth), f"{where}: block {j} mask"
+                    assert torch.equal(got.expand_as(pairs) & tile_real, pairs & tile_real), \
+                        f"{where}: tile {i} mask"
 
 
-def test_bounds_do_o_s_w_work():
-    """A windowed tile visits at most cdiv(BLOCK_M + W - 1, BLOCK_N) + 1 blocks, whatever S."""
-    mask, tiles = Mask(True, 99), Tiles(16, 16, 1, 1)
-    run = bound_program(kernel(mask, gqa=2, head_dim=64, tiles=tiles))
-    for tile in itertools.islice(itertools.count(0, 7), 40):
-        _, blocks, _, _ = run(tile, 100_000, 100_000)
-        assert len(blocks) <= -(-(16 + 100 - 1) // 16) + 1
+@pytest.mark.parametrize("chunked", [False, True], ids=["prefill", "chunked"])
+@pytest.mark.parametrize("mask", [Mask(True, 99), Mask(False, 40, 59)], ids=lambda m: m.tag)
+def test_bounds_do_o_s_w_work(mask, chunked, monkeypatch):
+    """With a window of W keys, a tile of M query positions visits at most cdiv(M + W - 1, N) + 1
+    blocks of N keys (forward, dQ), and a dK/dV block of BWD_N keys at most
+    cdiv(BWD_N + W - 1, BWD_M) + 1 query tiles, whatever S."""
+    use_backward_tiles(monkeypatch, Tiles(16, 32, 1, 1))
+    spec = kernel(mask, gqa=1, head_dim=64, tiles=Tiles(16, 16, 1, 1), chunked=chunked)
+    w, seq, seq_q = mask.span, 100_000, 60_000 if chunked else 100_000
+    far = list(itertools.islice(itertools.count(0, 7), 40))
+    for suffix in ("", "_dq"):
+        bm, bn, run = bound_program(spec, suffix, tile_sizes(spec, suffix))
+        for tile in far:
+            _, blocks, _, _ = run(tile, seq, seq_q)
+            assert 0 < len(blocks) <= cdiv(bm + w - 1, bn) + 1
+    bm, bn, run = query_tile_program(spec)
+    for kb in far:
+        _, tiles, _ = run(kb + 2_000, seq, seq_q)
+        assert 0 < len(tiles) <= cdiv(bn + w - 1, bm) + 1
