@@ -129,8 +129,13 @@ def test_padding_the_packed_kernels_take():
     right = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     left = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     hole = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 1, 1]])
-    assert ag._contiguous_padding(right, 5, 5) and ag._contiguous_padding(left, 5, 5)
-    assert ag._contiguous_padding(left, 2, 5)                       # a chunk after cached keys
-    assert not ag._contiguous_padding(right, 2, 5)
-    assert not ag._contiguous_padding(hole, 5, 5)
-    assert ag._contiguous_padding(torch.tensor([[0, 0, 0], [1, 1, 1]]), 3, 3)   # an empty row
+
+    def packs(mask, q_len, kv_len):
+        return ag._packing(mask, q_len, kv_len, "cpu") is not None
+    assert packs(right, 5, 5) and packs(left, 5, 5)
+    assert packs(left, 2, 5)                                        # a chunk after cached keys
+    assert not packs(right, 2, 5)
+    assert not packs(hole, 5, 5)
+    assert packs(torch.tensor([[0, 0, 0], [1, 1, 1]]), 3, 3)        # an empty row
+    queries, keys = ag._packing(left, 2, 5, "cpu")
+    assert torch.equal(keys, left.bool()) and torch.equal(queries, left.bool()[:, -2:])

@@ -53,7 +53,7 @@ def register(name: str = NAME) -> None:
     AttentionMaskInterface.register(name, flash_attention_mask)
 
 
-def _fallback_reason(module, query, key, attention_mask, dropout) -> str | None:
+def _fallback_reason(module, query, key, unpackable: bool, dropout) -> str | None:
     if not query.is_cuda:
         return f"tensors on {query.device.type}"
     if dtype_name(query.dtype) is None:
@@ -62,7 +62,7 @@ def _fallback_reason(module, query, key, attention_mask, dropout) -> str | None:
         return f"head_dim {query.shape[-1]}"
     if query.shape[2] == 1 and key.shape[2] > 1:
         return "decode steps (one query)"
-    if attention_mask is not None and not _contiguous_padding(attention_mask, query.shape[2], key.shape[2]):
+    if unpackable:
         return "padding that leaves a row's tokens in more than one run (attention mask)"
     if dropout and module.training:
         return "dropout while training"
@@ -76,7 +76,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = Mask.from_transformers(sliding_window, bool(causal))
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
-    reason = _fallback_reason(module, query, key, attention_mask, dropout)
+    packing = None if attention_mask is None else \
+        _packing(attention_mask, query.shape[2], key.shape[2], query.device)
+    reason = _fallback_reason(module, query, key, attention_mask is not None and packing is None, dropout)
     if reason is not None:
         if reason not in _said:
             _said.add(reason)
@@ -85,12 +87,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                         softcap=softcap, sinks=sinks), None
     extra = {"scale": scaling, **({} if sinks is None else {"sinks": sinks})}
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))          # (B, S, H, D) views
-    if attention_mask is None:
+    if packing is None:
         attn = _kernel(mask, query, key, softcap, sinks, chunked=query.shape[2] != key.shape[2])
         return attn(q, k, v, layout="bshd", **extra), None
     # a padded batch: pack the valid tokens, run the packed-sequence kernel, scatter back
-    keys_valid = attention_mask[:, -key.shape[2]:].to(device=query.device, dtype=torch.bool)
-    queries_valid = keys_valid[:, -query.shape[2]:]
+    queries_valid, keys_valid = packing
     n_q, n_k = queries_valid.sum(1), keys_valid.sum(1)
     cu_q, cu_k = (torch.nn.functional.pad(n.cumsum(0), (1, 0)).to(torch.int32) for n in (n_q, n_k))
     chunked = bool((n_q != n_k).any())
@@ -112,17 +113,18 @@ def _kernel(mask: Mask, query, key, softcap, sinks, *, chunked: bool, varlen: bo
     return _kernels[variant]
 
 
-def _contiguous_padding(attention_mask, q_len: int, kv_len: int) -> bool:
-    """Whether the packed kernels can take this padding: each row's valid keys are one run, and
-    its valid queries the last of them (left or right padding; checked on the host)."""
-    keys_valid = attention_mask[:, -kv_len:].to(torch.bool)
-    positions = torch.arange(kv_len, device=keys_valid.device)
+def _packing(attention_mask, q_len: int, kv_len: int, device):
+    """The valid queries and keys of a padded batch, ``(B, q_len)`` and ``(B, kv_len)`` bool on
+    ``device``, when the packed kernels can take them — each row's valid keys one run, its
+    valid queries the last of them (left or right padding; checked on the host) — else None."""
+    keys_valid = attention_mask[:, -kv_len:].to(device=device, dtype=torch.bool)
+    positions = torch.arange(kv_len, device=device)
     n = keys_valid.sum(1)
     first = torch.where(keys_valid, positions, kv_len).amin(1)
     last = torch.where(keys_valid, positions, -1).amax(1)
     one_run = (n == 0) | (last - first + 1 == n)
     queries_end_the_run = (n == 0) | (last == kv_len - 1) | (q_len == kv_len)
-    return bool((one_run & queries_end_the_run).all())
+    return (keys_valid[:, -q_len:], keys_valid) if bool((one_run & queries_end_the_run).all()) else None
 
 
 def fallback_mask(mask: Mask, q_len: int, kv_len: int, padding: torch.Tensor | None,
