@@ -27,6 +27,12 @@ def _tensor(shape, dtype, generator, gain=1.0):
     return (torch.randn(shape, dtype=torch.float32, device="cuda", generator=generator) * gain).to(dtype)
 
 
+def _generator():
+    """A CUDA generator with a fresh seed (fresh inputs every run; the seed is reported)."""
+    seed = random.randrange(2**31)
+    return seed, torch.Generator(device="cuda").manual_seed(seed)
+
+
 def _inputs(spec: KernelSpec, case: Case, gen):
     """Fresh random inputs of one case: (tensors, call, reference).  ``tensors`` are q, k, v
     and, with sinks, the sink logits; ``call(launch, q, k, v, sinks, **kw)`` runs a launcher on
@@ -82,8 +88,7 @@ def _log(record: dict) -> None:
 def check_case(launch, spec_dict: dict, case: Case) -> float:
     """Run one case on the GPU; assert it matches the float64 reference. Returns the error."""
     spec = KernelSpec.from_dict(spec_dict)
-    seed = random.randrange(2**31)             # fresh inputs every run; the seed is reported
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    seed, gen = _generator()
     tensors, call, ref_fn = _inputs(spec, case, gen)
     q, sinks = tensors["q"], tensors.get("sinks")
     k, v = tensors["k"], tensors["v"]
@@ -118,8 +123,7 @@ def check_grad_case(launch, spec_dict: dict, case: Case) -> dict:
     for a gradient that is exactly zero (a window of one key), measured against dv's scale.
     A second backward must give the same bits.  Returns the errors."""
     spec = KernelSpec.from_dict(spec_dict)
-    seed = random.randrange(2**31)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    seed, gen = _generator()
     tensors, call, ref_fn = _inputs(spec, case, gen)
     names = list(tensors)
     where = f"{case.id} (seed {seed})"
