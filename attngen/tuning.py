@@ -77,7 +77,9 @@ TUNED: dict[str, dict[int, dict[str, Tiles]]] = {
         80: {"wide": Tiles(128, 64, 2, 1), "narrow": Tiles(64, 64, 2, 1)},
         96: {"wide": Tiles(128, 64, 2, 1), "narrow": Tiles(64, 64, 2, 1)},
         128: {"wide": Tiles(128, 128, 2, 2), "narrow": Tiles(128, 64, 2, 1)},
-        256: {"wide": Tiles(64, 128, 1, 1), "narrow": Tiles(64, 64, 1, 1)},
+        # 8 worker warps let 128-row tiles run without spilling at D = 256: 1.21-1.28x over
+        # 64x128o1c1 at shapes B and G2 (H100, docs/performance.md); narrow not re-measured
+        256: {"wide": Tiles(128, 128, 1, 1, worker_warps=8), "narrow": Tiles(64, 64, 1, 1)},
     },
 }
 
@@ -86,10 +88,12 @@ NARROW_WINDOW = 512
 # arch -> head_dim -> tiles of the backward kernels (dK/dV: BLOCK_N keys a program, BLOCK_M
 # query rows a step; dQ: BLOCK_M rows a program, BLOCK_N keys a step).  64 x 64 at occupancy 2
 # was the fastest shared choice for both kernels at D = 64 and 128 in the H200 sweep recorded in
-# docs/performance.md (occupancy 2 alone took dK/dV from 2.18 to 1.50 ms at shape A, S = 8k).
+# docs/performance.md (occupancy 2 alone took dK/dV from 2.18 to 1.50 ms at shape A, S = 8k);
+# it also beat every 8-worker-warp candidate at D = 128 (shape B', H100).  D = 256 takes 64 x 64
+# with 8 worker warps: 1.62-1.67x faster than 64 x 32 (the old row) at shape B (H100).
 BACKWARD: dict[str, dict[int, Tiles]] = {
     "sm_90": {64: Tiles(64, 64, 2, 1), 80: Tiles(64, 64, 2, 1), 96: Tiles(64, 64, 2, 1),
-              128: Tiles(64, 64, 2, 1), 256: Tiles(64, 32, 1, 1)},
+              128: Tiles(64, 64, 2, 1), 256: Tiles(64, 64, 1, 1, worker_warps=8)},
 }
 
 
