@@ -140,12 +140,16 @@ def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, gro
     return q4, k4, v4, bhsd(out, layout), out
 
 
-def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, out, *, head_dim: int,
-                   dtype: torch.dtype, group: int, name: str, chunked: bool):
+def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, *,
+                   head_dim: int, dtype: torch.dtype, group: int, name: str, chunked: bool,
+                   need_longest_k: bool = False):
     """Validate packed ``q (total_q, H, D)``, ``k, v (total_k, HKV, D)`` and their cu_seqlens.
 
-    Returns int32 ``cu_q``, ``cu_k``, the longest query sequence and ``out``.  Reads the
-    cu_seqlens on the host once (to check them and size the grid).
+    Returns int32 ``cu_q``, ``cu_k``, the longest sequence's queries and keys and ``out``.
+    Without ``max_seqlen_q`` the offsets are read on the host once (to check them and size the
+    grid); with it they are trusted and nothing synchronizes.  The longest keys are needed
+    only when ``need_longest_k`` (the backward's grid): equal to the queries' unless
+    ``chunked``, where they come from ``max_seqlen_k`` or, without it, from the host.
     """
     def fail(message):
         raise InputError(f"{name}: {message}")
@@ -160,29 +164,45 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, out, *, he
     _check_devices(tensors, fail)
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
-    lengths = {}
-    for label, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
-                             ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+    for label, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 \
                 or cu.dtype not in (torch.int32, torch.int64):
             fail(f"{label} must be a 1-D int32 tensor of B+1 offsets, got {cu!r}")
         if cu.device != q.device:
             fail(f"{label} is on {cu.device}, q on {q.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        fail(f"cu_seqlens_q and cu_seqlens_k describe {cu_seqlens_q.numel() - 1} and "
+             f"{cu_seqlens_k.numel() - 1} sequences")
+    for label, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            fail(f"{label} must be a non-negative int, got {value!r}")
+    if not chunked and max_seqlen_k is not None and max_seqlen_k != max_seqlen_q:
+        fail(f"each sequence takes as many keys as queries, so max_seqlen_k ({max_seqlen_k}) must "
+             f"equal max_seqlen_q ({max_seqlen_q})")
+    longest, longest_k = max_seqlen_q, max_seqlen_q if not chunked else max_seqlen_k
+    if longest is None or (need_longest_k and longest_k is None):
+        longest, longest_k = _read_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
+                                           max_seqlen_q, chunked, fail)
+    out = _output(out, q, dtype, fail)
+    return (cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous(),
+            longest, longest_k, out)
+
+
+def _read_offsets(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q, chunked: bool,
+                  fail) -> tuple[int, int]:
+    """Check the offsets on the host (one synchronization); the longest queries and keys."""
+    lengths = {}
+    for label, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
         host = cu.tolist()
         if host[0] != 0 or host[-1] != total or any(b < a for a, b in zip(host, host[1:])):
             fail(f"{label} must rise from 0 to {total} (the packed length), got {host}")
         lengths[label] = [b - a for a, b in zip(host, host[1:])]
     len_q, len_k = lengths["cu_seqlens_q"], lengths["cu_seqlens_k"]
-    if len(len_q) != len(len_k):
-        fail(f"cu_seqlens_q and cu_seqlens_k describe {len(len_q)} and {len(len_k)} sequences")
     if chunked and any(a > b for a, b in zip(len_q, len_k)):
         fail(f"each sequence's queries are the last of its keys (S_q <= S_k), got {len_q} and {len_k}")
     if not chunked and len_q != len_k:
         fail(f"each sequence takes as many keys as queries, got {len_q} and {len_k} "
              f"(a variant with chunked: true takes queries after a cached prefix)")
-    longest = max(len_q)
-    if max_seqlen_q is not None and max_seqlen_q < longest:
-        fail(f"max_seqlen_q is {max_seqlen_q} but a sequence has {longest} queries")
-    out = _output(out, q, dtype, fail)
-    return (cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous(),
-            longest, out)
+    if max_seqlen_q is not None and max_seqlen_q < max(len_q):
+        fail(f"max_seqlen_q is {max_seqlen_q} but a sequence has {max(len_q)} queries")
+    return (max(len_q) if max_seqlen_q is None else max_seqlen_q), max(len_k)

@@ -13,6 +13,7 @@ the command that rebuilds it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from .build import build
 from .codegen import load_package
 from .inputs import InputError
 from .mask import Mask
+from .ops import attention, register_resolver
 from .spec import Spec
 from .store import KernelEntry, SpecEntry, default_out, jit_dir, read_manifest
 from .support import HEAD_DIMS, check_dtype, check_head_dim, dtype_name
@@ -52,7 +54,8 @@ class Registry:
         self._lock = threading.RLock()
         self._kernels: dict[str, tuple[KernelEntry, Path]] | None = None
         self._specs: dict[str, SpecEntry] = {}
-        self._launchers: dict[str, object] = {}
+        self._modules: dict[str, object] = {}
+        self._chosen: dict[tuple[Family, int, str], object] = {}
 
     # -- configuration, resolved late so environment changes before first use count --------
     @property
@@ -76,6 +79,7 @@ class Registry:
         with self._lock:
             self._kernels = None
             self._specs = {}
+            self._chosen = {}
 
     def _index(self) -> dict[str, tuple[KernelEntry, Path]]:
         """Built name -> (entry, directory), first directory first."""
@@ -143,11 +147,11 @@ class Registry:
             f"on-demand generation is off (ATTNGEN_JIT=0). Nearest available:\n  {listing}")
 
     # -- launchers ----------------------------------------------------------------------
-    def ensure(self, spec: KernelSpec):
-        """The ``launch`` function of exactly ``spec``: built, or generated now into the
+    def module(self, spec: KernelSpec):
+        """The generated launcher module of exactly ``spec``: built, or generated now into the
         on-demand cache (logged).  The one way anything gets a launcher."""
         with self._lock:
-            if spec.name not in self._launchers:
+            if spec.name not in self._modules:
                 if spec.name not in self._index():
                     log.warning("attngen: no built kernel %s; generating it into %s "
                                 "(prebuild it with `attngen build` to skip this)", spec.name, self.jit_dir)
@@ -155,11 +159,19 @@ class Registry:
                           archs=(), keep_existing=True)
                     self.refresh()
                 _, directory = self._index()[spec.name]
-                self._launchers[spec.name] = load_package(directory / spec.name).launch
-            return self._launchers[spec.name]
+                self._modules[spec.name] = load_package(directory / spec.name).launcher
+            return self._modules[spec.name]
 
-    def launcher(self, family: Family, head_dim: int, dtype: str):
-        """The ``launch`` function of the kernel for these semantics, head_dim and dtype."""
+    def ensure(self, spec: KernelSpec):
+        """The ``launch`` function of exactly ``spec`` (see :meth:`module`)."""
+        return self.module(spec).launch
+
+    def variant(self, family: Family, head_dim: int, dtype: str):
+        """The launcher module of the kernel for these semantics, head_dim and dtype (the
+        tuned one where several are built; generated on demand when none is)."""
+        chosen = self._chosen.get((family, head_dim, dtype))
+        if chosen is not None:
+            return chosen
         with self._lock:
             spec = self._match(family, head_dim, dtype)
             if spec is None:
@@ -167,40 +179,60 @@ class Registry:
                     raise self.not_found(family, head_dim, dtype)
                 tiles = tiles_for(head_dim, family.mask, family.gqa, family.features.varlen)
                 spec = KernelSpec(family.mask, family.gqa, head_dim, dtype, tiles, family.features)
-            return self.ensure(spec)
+            chosen = self._chosen[(family, head_dim, dtype)] = self.module(spec)
+            return chosen
+
+    def launcher(self, family: Family, head_dim: int, dtype: str):
+        """The ``launch`` function of the kernel for these semantics, head_dim and dtype."""
+        return self.variant(family, head_dim, dtype).launch
 
 
 class AttentionKernel:
-    """A callable for one mask and GQA ratio; dispatches on the inputs' head_dim and dtype."""
+    """A callable for one mask and GQA ratio; the kernel for the inputs' head_dim and dtype is
+    picked when it runs.  Calls go through the ``attngen::`` custom ops (:mod:`attngen.ops`):
+    torch.compile traces them without graph breaks and CUDA graphs capture them."""
 
     def __init__(self, family: Family, registry: Registry, scale: float | None = None,
                  head_dim: int | None = None):
         self.family, self.registry, self.scale, self.head_dim = family, registry, scale, head_dim
-        self._launch: dict[tuple[int, str], object] = {}
+        self.key = family.key + ("" if registry is default_registry else f"@{id(registry):x}")
+        register_resolver(self.key, functools.partial(registry.variant, family))
 
     def __repr__(self):
         return f"AttentionKernel({_describe(self.family, self.head_dim)}, scale={self.scale})"
 
-    def __call__(self, q, k, v, *args, scale: float | None = None, **kwargs):
-        """Attention of ``q`` over ``k, v``; the other arguments go to the kernel's launcher
-        (``out=``, ``layout=``, ``sinks=``, or ``cu_seqlens_q`` for packed sequences)."""
+    def __call__(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, *,
+                 max_seqlen_k=None, scale: float | None = None, sinks=None, out=None, layout="bhsd"):
+        """Attention of ``q`` over ``k, v``.  Packed sequences (``varlen``) take
+        ``cu_seqlens_q`` (and ``cu_seqlens_k``, ``max_seqlen_q``, ``max_seqlen_k``), the others
+        ``layout=``; ``sinks=`` where the kernel has sinks; ``out=`` to write into a tensor."""
         import torch
 
-        dims = 3 if self.family.features.varlen else 4
+        f = self.family.features
+        dims = 3 if f.varlen else 4
         if not isinstance(q, torch.Tensor) or q.dim() != dims:
             raise InputError(f"q must be a {dims}-D torch.Tensor, got {getattr(q, 'shape', type(q))}")
         head_dim = q.shape[-1]
-        dtype = dtype_name(q.dtype)
-        if dtype is None:
+        if dtype_name(q.dtype) is None:
             raise InputError(f"q has dtype {q.dtype}; attngen kernels take torch.float16, torch.bfloat16")
         if self.head_dim is not None and head_dim != self.head_dim:
             raise InputError(f"this kernel was asked for head_dim {self.head_dim}, q has {head_dim}")
         if head_dim not in HEAD_DIMS:
             raise InputError(f"head_dim {head_dim} is not supported; attngen kernels take {list(HEAD_DIMS)}")
-        launch = self._launch.get((head_dim, dtype))
-        if launch is None:
-            launch = self._launch[(head_dim, dtype)] = self.registry.launcher(self.family, head_dim, dtype)
-        return launch(q, k, v, *args, scale=self.scale if scale is None else scale, **kwargs)
+        packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        if f.varlen and cu_seqlens_q is None:
+            raise InputError("this kernel takes packed sequences: pass cu_seqlens_q")
+        if not f.varlen and any(x is not None for x in packed):
+            raise InputError("cu_seqlens/max_seqlen are for packed sequences: get_kernel(..., varlen=True)")
+        if f.varlen and layout != "bhsd":
+            raise InputError("packed sequences are (total_tokens, H, D); layout= does not apply")
+        if f.sinks and sinks is None:
+            raise InputError("this kernel has attention sinks: pass sinks=, one logit per query head")
+        if not f.sinks and sinks is not None:
+            raise InputError("sinks= given, but this kernel has none: get_kernel(..., sinks=True)")
+        return attention(self.key, q, k, v, sinks=sinks, cu_seqlens_q=cu_seqlens_q,
+                         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                         scale=self.scale if scale is None else scale, layout=layout, out=out)
 
 
 default_registry = Registry()

@@ -72,6 +72,13 @@ class Family:
     def __post_init__(self):
         check_gqa(self.gqa)
 
+    @property
+    def key(self) -> str:
+        """A string naming the family exactly (the ``attngen::`` ops' variant argument)."""
+        f = self.features
+        return (f"{self.mask.tag}_g{self.gqa}" + (f"_softcap{f.softcap!r}" if f.softcap is not None else "")
+                + "".join(f"_{name}" for name in f.FLAGS if getattr(f, name)))
+
     def describe(self) -> str:
         """The query that selects this family, as ``get_kernel`` arguments."""
         parts = [f"window={self.mask.window!r}", f"causal={self.mask.causal}", f"gqa={self.gqa}"]

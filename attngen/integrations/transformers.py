@@ -34,13 +34,14 @@ import logging
 import torch
 
 from ..mask import Mask
+from ..ops import attention
 from ..registry import get_kernel
 from ..support import HEAD_DIMS, dtype_name
 
 NAME = "attngen"
 log = logging.getLogger("attngen")
 _said: set[str] = set()
-_kernels: dict[tuple, object] = {}
+_kernels: dict[tuple, str] = {}
 
 
 def register(name: str = NAME) -> None:
@@ -72,44 +73,54 @@ def _fallback_reason(module, query, key, unpackable: bool, dropout) -> str | Non
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                       scaling: float | None = None, is_causal: bool | None = None,
                       sliding_window: int | None = None, **kwargs):
-    """transformers' attention-function signature; returns ((B, S, H, D), None)."""
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    mask = Mask.from_transformers(sliding_window, bool(causal))
+    """transformers' attention-function signature; returns ((B, S, H, D), None).
+
+    torch.compile(fullgraph=True) traces it without graph breaks for unpadded calls (the
+    kernels are ``attngen::`` custom ops; the kernel is chosen once per layer shape at trace
+    time); a padded batch is unpadded with data-dependent shapes, which needs eager mode.
+    """
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    mask = Mask.from_transformers(sliding_window, causal)
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     packing = None if attention_mask is None else \
         _packing(attention_mask, query.shape[2], key.shape[2], query.device)
     reason = _fallback_reason(module, query, key, attention_mask is not None and packing is None, dropout)
     if reason is not None:
-        if reason not in _said:
+        if reason not in _said and not torch.compiler.is_compiling():
             _said.add(reason)
             log.warning("attngen: falling back to PyTorch attention (same window) for %s", reason)
         return fallback(module, query, key, value, attention_mask, mask, dropout, scaling,
                         softcap=softcap, sinks=sinks), None
-    extra = {"scale": scaling, **({} if sinks is None else {"sinks": sinks})}
+    gqa = query.shape[1] // key.shape[1]
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))          # (B, S, H, D) views
     if packing is None:
-        attn = _kernel(mask, query, key, softcap, sinks, chunked=query.shape[2] != key.shape[2])
-        return attn(q, k, v, layout="bshd", **extra), None
+        variant = _variant(sliding_window, causal, gqa, softcap, sinks is not None,
+                           query.shape[2] != key.shape[2], False)
+        return attention(variant, q, k, v, sinks=sinks, scale=scaling, layout="bshd"), None
     # a padded batch: pack the valid tokens, run the packed-sequence kernel, scatter back
     queries_valid, keys_valid = packing
     n_q, n_k = queries_valid.sum(1), keys_valid.sum(1)
     cu_q, cu_k = (torch.nn.functional.pad(n.cumsum(0), (1, 0)).to(torch.int32) for n in (n_q, n_k))
     chunked = bool((n_q != n_k).any())
-    attn = _kernel(mask, query, key, softcap, sinks, chunked=chunked, varlen=True)
-    packed = attn(q[queries_valid], k[keys_valid], v[keys_valid], cu_q, *((cu_k,) if chunked else ()),
-                  max_seqlen_q=int(n_q.max()), **extra)
+    variant = _variant(sliding_window, causal, gqa, softcap, sinks is not None, chunked, True)
+    longest_q, longest_k = (int(n) for n in torch.stack([n_q.max(), n_k.max()]).tolist())
+    packed = attention(variant, q[queries_valid], k[keys_valid], v[keys_valid], sinks=sinks,
+                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k if chunked else None,
+                       max_seqlen_q=longest_q, max_seqlen_k=longest_k if chunked else None, scale=scaling)
     out = q.new_zeros(q.shape)
     out[queries_valid] = packed
     return out, None
 
 
-def _kernel(mask: Mask, query, key, softcap, sinks, *, chunked: bool, varlen: bool = False):
-    """The attngen callable for a layer call, made once per distinct variant."""
-    gqa = query.shape[1] // key.shape[1]
-    variant = (mask, gqa, softcap, sinks is not None, chunked, varlen)
+@torch.compiler.assume_constant_result
+def _variant(sliding_window: int | None, causal: bool, gqa: int, softcap: float | None, sinks: bool,
+             chunked: bool, varlen: bool) -> str:
+    """The ``attngen::`` ops' variant key for a layer call; its kernel made once per variant.
+    A constant to torch.compile: the registry is consulted at trace time, never in the graph."""
+    variant = (sliding_window, causal, gqa, softcap, sinks, chunked, varlen)
     if variant not in _kernels:
-        _kernels[variant] = get_kernel(mask, gqa=gqa, softcap=softcap, sinks=sinks is not None,
-                                       chunked=chunked, varlen=varlen)
+        _kernels[variant] = get_kernel(Mask.from_transformers(sliding_window, causal), gqa=gqa,
+                                       softcap=softcap, sinks=sinks, chunked=chunked, varlen=varlen).key
     return _kernels[variant]
 
 

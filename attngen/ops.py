@@ -1,0 +1,191 @@
+"""attngen's kernels as PyTorch operators, so torch.compile and CUDA graphs can take them.
+
+Four ``torch.library`` custom ops run every generated variant; each takes the variant as its
+first argument, a string (a generated launcher's ``NAME``, or the key of an
+:class:`attngen.AttentionKernel`, which picks the kernel for the tensors' head_dim and dtype
+when the op runs):
+
+* ``attngen::attention``       inference: the output, nothing saved;
+* ``attngen::attention_out``   the same into a caller's ``out`` (which it mutates);
+* ``attngen::attention_fwd``   the output and each query row's log-sum-exp, with a registered
+  autograd formula that runs ``attngen::attention_bwd`` (dq, dk, dv, dsinks).
+
+Each op has a fake implementation (shapes, strides and dtypes only), so ``torch.compile(...,
+fullgraph=True)`` traces through an attngen call without running it, and ``aot_autograd``
+sees the backward as one op too.  :func:`attention` picks the op: the differentiable one
+when autograd records the call, else the inference one.
+
+The real implementations validate the inputs and launch (``attngen.inputs``, the generated
+launcher).  Nothing on the path synchronizes with the host, except reading packed sequences'
+``cu_seqlens`` when ``max_seqlen_q`` (and, for a chunked variant's backward, ``max_seqlen_k``)
+is not given: pass them to capture packed calls in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .inputs import InputError, no_out_with_grad, wants_grad
+from .support import LOG2E, bhsd, dtype_name
+
+_targets: dict[str, ModuleType | Callable[[int, str], ModuleType]] = {}
+
+
+def register_variant(module: ModuleType) -> None:
+    """Make a generated launcher module callable by its ``NAME`` (done when it is imported)."""
+    _targets[module.NAME] = module
+
+
+def register_resolver(key: str, resolve: Callable[[int, str], ModuleType]) -> None:
+    """Make ``key`` callable: ``resolve(head_dim, dtype)`` returns the launcher module that
+    runs it (an :class:`attngen.AttentionKernel` registers itself so)."""
+    _targets[key] = resolve
+
+
+def _variant(variant: str, q: Tensor) -> ModuleType:
+    target = _targets.get(variant)
+    if target is None:
+        raise InputError(f"no attngen variant {variant!r} in this process: get its callable with "
+                         f"attngen.get_kernel (or import its generated launcher) first")
+    return target if isinstance(target, ModuleType) else target(q.shape[-1], dtype_name(q.dtype))
+
+
+def _call(module: ModuleType, sinks, cu_q, cu_k, max_q, max_k, scale, layout):
+    """The launcher functions' extra positional and keyword arguments for this variant."""
+    features = module.SPEC["features"]
+    options = {"scale": scale, **({"sinks": sinks} if features["sinks"] else {})}
+    if features["varlen"]:
+        return (cu_q, cu_k), {**options, "max_seqlen_q": max_q, "max_seqlen_k": max_k}
+    return (), {**options, "layout": layout}
+
+
+# -- inference --------------------------------------------------------------------------
+@torch.library.custom_op("attngen::attention", mutates_args=())
+def _attention(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
+               cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+               max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
+               layout: str) -> Tensor:
+    module = _variant(variant, q)
+    offsets, options = _call(module, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale, layout)
+    return module.infer(q, k, v, *offsets, **options)
+
+
+@_attention.register_fake
+def _(variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("attngen::attention_out", mutates_args=("out",))
+def _attention_out(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
+                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                   max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
+                   layout: str, out: Tensor) -> None:
+    module = _variant(variant, q)
+    offsets, options = _call(module, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale, layout)
+    module.infer(q, k, v, *offsets, **options, out=out)
+
+
+@_attention_out.register_fake
+def _(variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout, out):
+    return None
+
+
+# -- training ---------------------------------------------------------------------------
+def _rows(q: Tensor, packed: bool, layout: str) -> tuple[int, ...]:
+    """The shape of the log-sum-exp: one fp32 per query row, (B, H, S) or (total_q, H)."""
+    return tuple(q.shape[:2]) if packed else tuple(bhsd(q, layout).shape[:3])
+
+
+@torch.library.custom_op("attngen::attention_fwd", mutates_args=())
+def _attention_fwd(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
+                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                   max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
+                   layout: str) -> tuple[Tensor, Tensor]:
+    module = _variant(variant, q)
+    offsets, options = _call(module, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale, layout)
+    return module.forward(q, k, v, *offsets, **options)
+
+
+@_attention_fwd.register_fake
+def _(variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(_rows(q, cu_seqlens_q is not None, layout), dtype=torch.float32)
+
+
+@torch.library.custom_op("attngen::attention_bwd", mutates_args=())
+def _attention_bwd(variant: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   dout: Tensor, sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                   cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int],
+                   max_seqlen_k: Optional[int], scale: Optional[float],
+                   layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dsinks); dsinks is empty for a variant without sinks."""
+    module = _variant(variant, q)
+    offsets, options = _call(module, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale, layout)
+    dq, dk, dv, dsinks = module.backward(q, k, v, out, lse, dout, *offsets, **options)
+    return dq, dk, dv, q.new_empty(0) if dsinks is None else dsinks
+
+
+@_attention_bwd.register_fake
+def _(variant, q, k, v, out, lse, dout, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, scale, layout):
+    if cu_seqlens_q is not None:
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+    else:   # the backward allocates (B, H, S, D) and returns views in the inputs' layout
+        grads = [bhsd(torch.empty_like(bhsd(t, layout)), layout) for t in (q, k, v)]
+    return (*grads, q.new_empty(0) if sinks is None else torch.empty_like(sinks))
+
+
+def _setup_context(ctx, inputs, output):
+    variant, q, k, v, sinks, cu_q, cu_k, max_q, max_k, scale, layout = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, sinks, out, lse, cu_q, cu_k)
+    ctx.options = (variant, max_q, max_k, scale, layout)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, sinks, out, lse, cu_q, cu_k = ctx.saved_tensors
+    variant, max_q, max_k, scale, layout = ctx.options
+    dq, dk, dv, dsinks = torch.ops.attngen.attention_bwd(variant, q, k, v, out, lse, dout, sinks,
+                                                         cu_q, cu_k, max_q, max_k, scale, layout)
+    return (None, dq, dk, dv, None if sinks is None else dsinks, None, None, None, None, None, None)
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | None = None,
+              cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
+              max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+              scale: float | None = None, layout: str = "bhsd", out: Tensor | None = None) -> Tensor:
+    """Run ``variant`` (see the module docstring) through the op that fits the call: the
+    differentiable one when autograd records it (``out=`` is then refused), else inference."""
+    args = (variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout)
+    if wants_grad(q, k, v, sinks):
+        no_out_with_grad(out, variant)
+        return torch.ops.attngen.attention_fwd(*args)[0]
+    if out is None:
+        return torch.ops.attngen.attention(*args)
+    torch.ops.attngen.attention_out(*args, out)
+    return out
+
+
+def sink_grad(sinks: Tensor, lse: Tensor, p_dp: Tensor, head_axis: int) -> Tensor:
+    """The gradient of the sink logits.  A sink takes probability mass p_sink =
+    exp(sink - lse) of its row and adds no value, so d loss / d sink = -p_sink * sum_j P_j dP_j
+    summed over the head's rows.  ``p_dp`` is that sum, accumulated in fp32 by the dQ kernel
+    (rowsum(dO * O) is the same number in exact arithmetic, but O rounded to fp16/bf16 makes
+    it too coarse for a sum over every row); ``lse`` is in log2 units."""
+    shape = [1] * lse.dim()
+    shape[head_axis] = -1
+    p_sink = torch.exp2(sinks.float().reshape(shape) * LOG2E - lse)
+    axes = [a for a in range(lse.dim()) if a != head_axis]
+    return (-(p_sink * p_dp).sum(dim=axes)).to(sinks.dtype)

@@ -1,0 +1,128 @@
+"""The ``attngen::`` custom ops, without a GPU: their fake implementations (shapes, strides,
+gradients' shapes) and that dynamo traces attngen calls and whole transformers models into
+one graph of them — torch.export(strict=True) runs the same tracer as torch.compile(fullgraph=
+True) and never executes the kernels.  tests/test_transformers_gpu.py runs them for real."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import attngen
+from attngen.inputs import InputError
+from attngen.support import bhsd
+
+# Fake tensors on the CPU: the fake implementations do not care about the device (a CPU build
+# of torch cannot run autograd on fake CUDA tensors).
+DEV = "cpu"
+
+
+def _qkv(layout, b=2, h=4, hkv=2, s=96, d=64, dtype=torch.bfloat16, requires_grad=False):
+    def make(heads):
+        shape = (b, heads, s, d) if layout == "bhsd" else (b, s, heads, d)
+        return torch.randn(shape, device=DEV, dtype=dtype, requires_grad=requires_grad)
+    return make(h), make(hkv), make(hkv)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_fake_outputs_and_gradients_have_the_kernels_shapes(layout):
+    attn = attngen.get_kernel(window=32, gqa=2)
+    with FakeTensorMode():
+        q, k, v = _qkv(layout)
+        out = attn(q, k, v, layout=layout)
+        assert out.shape == q.shape and out.is_contiguous() and out.dtype == q.dtype
+        q, k, v = _qkv(layout, requires_grad=True)
+        out = attn(q, k, v, layout=layout)
+        assert out.grad_fn is not None
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        for g, t in zip(grads, (q, k, v)):
+            assert g.shape == t.shape and g.dtype == t.dtype
+            assert g.stride() == bhsd(torch.empty_like(bhsd(t, layout)), layout).stride()
+
+
+def test_fake_sinks_and_packed_sequences():
+    attn = attngen.get_kernel(window=16, gqa=2, sinks=True, varlen=True)
+    with FakeTensorMode():
+        q = torch.randn(50, 4, 64, device=DEV, dtype=torch.float16, requires_grad=True)
+        k = torch.randn(50, 2, 64, device=DEV, dtype=torch.float16, requires_grad=True)
+        v = torch.randn(50, 2, 64, device=DEV, dtype=torch.float16, requires_grad=True)
+        sinks = torch.randn(4, device=DEV, requires_grad=True)
+        cu = torch.tensor([0, 20, 50], dtype=torch.int32, device=DEV)
+        out = attn(q, k, v, cu, max_seqlen_q=30, sinks=sinks)
+        assert out.shape == q.shape
+        dq, dk, dv, dsinks = torch.autograd.grad(out.float().sum(), (q, k, v, sinks))
+        assert (dq.shape, dk.shape, dv.shape, dsinks.shape) == (q.shape, k.shape, v.shape, sinks.shape)
+
+
+def test_calls_that_do_not_fit_the_kernel_are_refused_before_any_op():
+    plain, packed = attngen.get_kernel(window=32), attngen.get_kernel(window=32, varlen=True)
+    q = k = v = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(InputError, match="varlen=True"):
+        plain(q, k, v, cu)
+    with pytest.raises(InputError, match="sinks=True"):
+        plain(q, k, v, sinks=torch.zeros(2))
+    with pytest.raises(InputError, match="cu_seqlens_q"):
+        packed(q[0], k[0], v[0])
+    with pytest.raises(InputError, match="layout= does not apply"):
+        packed(q[0], k[0], v[0], cu, layout="bshd")
+    with pytest.raises(InputError, match="attngen::|get_kernel"):
+        torch.ops.attngen.attention("no_such_variant", q, k, v, None, None, None, None, None, None, "bhsd")
+
+
+def _graph_ops(gm) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_dynamo_traces_attention_kernels_into_one_graph():
+    dense = attngen.get_kernel(window=32, gqa=2, softcap=30.0)
+    packed = attngen.get_kernel(window=32, gqa=2, varlen=True, chunked=True)
+
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v, qp, kp, vp, cu_q, cu_k):
+            a = dense(q, k, v, layout="bshd")
+            b = packed(qp, kp, vp, cu_q, cu_k, max_seqlen_q=30, max_seqlen_k=40)
+            return a.float().sum() + b.float().sum()
+
+    with FakeTensorMode():
+        q, k, v = _qkv("bshd")
+        qp = torch.randn(50, 4, 64, device=DEV, dtype=torch.bfloat16)
+        kp, vp = (torch.randn(70, 2, 64, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+        cu_q = torch.tensor([0, 20, 50], dtype=torch.int32, device=DEV)
+        cu_k = torch.tensor([0, 30, 70], dtype=torch.int32, device=DEV)
+        exported = torch.export.export(Layer(), (q, k, v, qp, kp, vp, cu_q, cu_k), strict=True)
+    assert _graph_ops(exported.graph_module).count("attngen.attention.default") == 2
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt-oss"])
+def test_transformers_model_traces_without_graph_breaks(family, monkeypatch):
+    """A whole tiny model with attn_implementation="attngen" exported by dynamo (strict): its
+    attention layers become attngen ops (softcap, sinks and windows per layer included).  The
+    integration would fall back on CPU tensors; here it is told not to, since nothing runs."""
+    pytest.importorskip("transformers")
+    from attngen.integrations import transformers as ag
+    from hf_models import tiny_model
+
+    ag.register()
+    monkeypatch.setattr(ag, "_fallback_reason", lambda *args: None)
+    model = tiny_model(family, "attngen", torch.bfloat16)
+    ids = torch.randint(1, model.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        exported = torch.export.export(model, (), {"input_ids": ids, "use_cache": False}, strict=True)
+    assert _graph_ops(exported.graph_module).count("attngen.attention.default") == model.config.num_hidden_layers
+
+
+def test_transformers_fallback_compiles_fullgraph_on_cpu():
+    """On CPU every call falls back to PyTorch: that path too compiles in one graph (decode
+    steps and other fallbacks must not break a compiled model) and matches eager."""
+    pytest.importorskip("transformers")
+    from attngen.integrations import transformers as ag
+    from hf_models import tiny_model
+
+    ag.register()
+    torch.manual_seed(0)
+    model = tiny_model("gemma2", "attngen", torch.float32)
+    ids = torch.randint(1, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        eager = model(input_ids=ids, use_cache=False).logits
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        got = compiled(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, eager)
