@@ -52,6 +52,8 @@ def load_package(directory: Path):
     module = sys.modules.get(name)
     if module is not None and Path(module.__file__).parent == directory:
         return module
+    for stale in [m for m in sys.modules if m.startswith(name + ".")]:
+        del sys.modules[stale]      # a same-named package from another directory: its submodules too
     spec = importlib.util.spec_from_file_location(
         name, directory / "__init__.py", submodule_search_locations=[str(directory)])
     module = importlib.util.module_from_spec(spec)
