@@ -139,3 +139,28 @@ def test_padding_the_packed_kernels_take():
     assert packs(torch.tensor([[0, 0, 0], [1, 1, 1]]), 3, 3)        # an empty row
     queries, keys = ag._packing(left, 2, 5, "cpu")
     assert torch.equal(keys, left.bool()) and torch.equal(queries, left.bool()[:, -2:])
+
+
+@pytest.mark.parametrize("window", [None, 1, 4, 64])
+@pytest.mark.parametrize("feature", ["plain", "softcap", "sinks"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_step_equals_the_masked_computation(window, feature, padded):
+    """A decode step reads only the keys its window reaches, GQA heads sharing K/V: the same
+    numbers as the full masked computation over every cached key (``fallback``)."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, kv_len, d = 3, 8, 2, 23, 16
+    query = torch.randn(batch, heads, 1, d, dtype=torch.float64)
+    key, value = (torch.randn(batch, kv_heads, kv_len, d, dtype=torch.float64) for _ in range(2))
+    padding = None
+    if padded:
+        padding = torch.ones(batch, kv_len, dtype=torch.long)
+        padding[1, :5] = 0                                        # left padding
+        padding[2, :kv_len - 2] = 0                               # only two real tokens
+    mask = Mask.from_transformers(window, causal=True)
+    extra = {"softcap": 2.0} if feature == "softcap" else {}
+    if feature == "sinks":
+        extra["sinks"] = torch.randn(heads, dtype=torch.float64)
+    module = torch.nn.Module().eval()
+    expect = ag.fallback(module, query * 3, key, value, padding, mask, 0.0, 0.3, **extra)
+    got = ag.decode(query * 3, key, value, padding, mask, 0.3, **extra)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)   # the fallback softmaxes in fp32

@@ -6,7 +6,8 @@ rel(attngen) <= 1.5 * rel(eager) + 2e-3, rel(x) = ||x - ref|| / ||ref||.  Greedy
 of 32 tokens must be identical to eager's, except that the two may part where the float32
 model is at a near tie: where the gap between its top two logits is smaller than the amount by
 which bf16 eager attention alone moves that position's logits away from float32.  There bf16
-rounding, not attention, decides the token; the token chosen must still be one of the top two.
+rounding, not attention, decides the token; the token chosen must still be one whose float32
+logit is within that noise of the top one.
 """
 import logging
 
@@ -67,8 +68,9 @@ def test_logits_and_greedy_generation_match_eager(family, caplog, capsys):
             with capsys.disabled():
                 print(f"{family}: generations part at token {at - prompt.shape[1]} of 32; float32 "
                       f"top-2 gap there {gap:.3e}, bf16 eager logit noise {noise:.3e}")
-            assert gap <= noise and int(out[0, at]) in top.indices.tolist(), \
-                f"{family}: generations differ where the float32 model is not at a tie"
+            chosen = (top.values[0] - exact[int(out[0, at])]).item()
+            assert gap <= noise and chosen <= noise, \
+                f"{family}: generations differ where the float32 model is not at a tie"  # noqa: E501
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))

@@ -20,8 +20,9 @@ sinks (gpt-oss, ``s_aux``) where it has them, and so does a chunk of several que
 cached keys (chunked kernels).  A padded batch (left or right padding) is packed to its valid
 tokens, runs on the packed-sequence (varlen) kernels and is scattered back: no S x S mask.
 All of it in inference and in training (the kernels are differentiable: generated backward
-kernels, gradients for q, k, v and the sinks).  Everything else — decode steps (one query),
-padding that splits a row's tokens in several runs, dropout while training, tensors that are
+kernels, gradients for q, k, v and the sinks).  A decode step (one query) runs
+:func:`decode`: PyTorch over only the keys the window reaches.  Everything else — padding
+that splits a row's tokens in several runs, dropout while training, tensors that are
 not fp16/bf16 on CUDA, unsupported head dims — falls back to PyTorch with the same window
 (and softcap and sinks, as transformers' eager code has them), and says so once per reason
 in the ``attngen`` logger.
@@ -61,8 +62,6 @@ def _fallback_reason(module, query, key, unpackable: bool, dropout) -> str | Non
         return f"dtype {query.dtype}"
     if query.shape[-1] not in HEAD_DIMS:
         return f"head_dim {query.shape[-1]}"
-    if query.shape[2] == 1 and key.shape[2] > 1:
-        return "decode steps (one query)"
     if unpackable:
         return "padding that leaves a row's tokens in more than one run (attention mask)"
     if dropout and module.training:
@@ -82,6 +81,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     mask = Mask.from_transformers(sliding_window, causal)
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    if query.shape[2] == 1 and key.shape[2] > 1 and causal:
+        return decode(query, key, value, attention_mask, mask, scaling, softcap, sinks), None
     packing = None if attention_mask is None else \
         _packing(attention_mask, query.shape[2], key.shape[2], query.device)
     reason = _fallback_reason(module, query, key, attention_mask is not None and packing is None, dropout)
@@ -136,6 +137,43 @@ def _packing(attention_mask, q_len: int, kv_len: int, device):
     one_run = (n == 0) | (last - first + 1 == n)
     queries_end_the_run = (n == 0) | (last == kv_len - 1) | (q_len == kv_len)
     return (keys_valid[:, -q_len:], keys_valid) if bool((one_run & queries_end_the_run).all()) else None
+
+
+def decode(query, key, value, attention_mask, mask: Mask, scaling: float | None,
+           softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """A decode step: one query per row, the last of ``kv_len`` keys, causal.  Reads only the
+    keys its window reaches (the last ``W``; all of them for a full layer), the query heads of
+    a GQA group sharing each K/V head (nothing repeated), no S-long mask; padding (a 2-D
+    mask) applied to those keys.  PyTorch only, no host synchronization: CUDA graphs capture
+    it.  Returns (B, 1, H, D)."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"attngen expects transformers' 2-D padding mask, got {attention_mask.dim()}-D")
+    if mask.left is not None and key.shape[2] > mask.left + 1:
+        key, value = key[:, :, -(mask.left + 1):], value[:, :, -(mask.left + 1):]
+    batch, heads, _, head_dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    scale = head_dim ** -0.5 if scaling is None else scaling
+    valid = None if attention_mask is None else attention_mask[:, -keys:].to(torch.bool)
+    if softcap is None and sinks is None:
+        allowed = None if valid is None else valid[:, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed, scale=scale, enable_gqa=kv_heads != heads)
+        return out.transpose(1, 2)
+    q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)     # a group's heads share K, V
+    acc = torch.promote_types(query.dtype, torch.float32)                # fp32 for fp16/bf16
+    scores = torch.matmul(q, key.transpose(2, 3)).to(acc) * scale        # (B, HKV, group, keys)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    if sinks is not None:
+        column = sinks.to(acc).reshape(1, kv_heads, heads // kv_heads, 1).expand(batch, -1, -1, 1)
+        scores = torch.cat([scores, column], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    out = torch.matmul(probs.to(value.dtype), value)                   # (B, HKV, group, D)
+    return out.reshape(batch, 1, heads, head_dim)
 
 
 def fallback_mask(mask: Mask, q_len: int, kv_len: int, padding: torch.Tensor | None,
