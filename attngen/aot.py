@@ -18,13 +18,14 @@ def check_arch(arch: str) -> str:
 def signature(spec, params=None):
     """A kernel's signature as the generated launcher launches it, from its parameters
     (default: the inference kernel's, ``spec.params``): fp16/bf16 arrays and fp32 row
-    statistics with a unit last stride, 1-D fp32 / int32 arrays, fp32 scalars."""
+    statistics with a unit last stride (64-bit shapes and strides for ``io64``/``rows64``),
+    1-D fp32 / int32 arrays, fp32 scalars."""
     import cuda.tile as ct
     from cuda.tile.compilation import (ArrayConstraint, CallingConvention, KernelSignature,
                                        ScalarConstraint)
 
-    def array(dtype, ndim):
-        return ArrayConstraint(dtype, ndim, index_dtype=ct.int32, stride_lower_bound_incl=0,
+    def array(dtype, ndim, index_dtype=ct.int32):
+        return ArrayConstraint(dtype, ndim, index_dtype=index_dtype, stride_lower_bound_incl=0,
                                alias_groups=(), may_alias_internally=False,
                                stride_constant=(None,) * (ndim - 1) + (1,),
                                base_addr_divisible_by=16 if ndim > 1 else 4)
@@ -32,6 +33,8 @@ def signature(spec, params=None):
     packed = spec.features.varlen
     kinds = {"io": lambda: array(getattr(ct, DTYPES[spec.dtype]), 3 if packed else 4),
              "rows": lambda: array(ct.float32, 2 if packed else 3),
+             "io64": lambda: array(getattr(ct, DTYPES[spec.dtype]), 3 if packed else 4, ct.int64),
+             "rows64": lambda: array(ct.float32, 2 if packed else 3, ct.int64),
              "f32[]": lambda: array(ct.float32, 1), "i32[]": lambda: array(ct.int32, 1),
              "f32": lambda: ScalarConstraint(ct.float32)}
     return KernelSignature([kinds[p.kind]() for p in (spec.params if params is None else params)],

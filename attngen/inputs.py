@@ -25,6 +25,21 @@ def no_out_with_grad(out, name: str) -> None:
                          f"out=, or call under torch.no_grad()")
 
 
+INT32_MAX = 2**31 - 1
+
+
+def wide_index(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels need 64-bit indexing for these tensors: a shape, a stride or the
+    offset of the last element past int32 (cuTile's default index type)."""
+    for t in tensors:
+        if t.numel() == 0:          # nothing is launched over an empty tensor
+            continue
+        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        if last > INT32_MAX or max(t.stride(), default=0) > INT32_MAX or max(t.shape, default=0) > INT32_MAX:
+            return True
+    return False
+
+
 def softmax_scale(scale: float | None, head_dim: int) -> float:
     """The softmax scale itself (default ``head_dim ** -0.5``), for the backward kernels."""
     try:

@@ -178,3 +178,53 @@ def check_aot(module, spec_dict: dict, suffix: str, arch: str, directory) -> Non
         export(getattr(module, spec.name + suffix), spec, arch, buf, spec.kernels[suffix])
         binary = buf.getvalue()
     assert binary[:4] == b"\x7fELF", "the compiler did not return a cubin"
+
+
+def long_context_errors(seq: int, layout: str, *, backward: bool = True, heads: int = 32,
+                        kv_heads: int = 8, head_dim: int = 128, window: int = 4096,
+                        rows: int = 256, say=lambda _: None) -> dict[str, float]:
+    """One sequence of ``seq`` tokens of a causal ``window`` layer (shape A by default), fp16,
+    through ``attngen.get_kernel`` in ``layout`` (``bhsd``, ``bshd`` or ``packed``): sizes
+    where q passes 2^31 elements take the kernels' 64-bit twins.  Returns the relative errors
+    against the float64 reference of the first and last ``rows`` queries' outputs and, with
+    ``backward``, of dq of the last rows and dk, dv of the last ``rows`` keys (only the last
+    queries see those, so a band of the reference gives them exactly)."""
+    from .registry import get_kernel
+
+    packed = layout == "packed"
+    attn = get_kernel(window=window, gqa=heads // kv_heads, varlen=packed)
+    mask = Mask.from_window(window)
+
+    def make(h):
+        shape = (seq, h, head_dim) if packed else (1, h, seq, head_dim) if layout == "bhsd" else (1, seq, h, head_dim)
+        return torch.randn(shape, device="cuda", dtype=torch.float16).requires_grad_(backward)
+
+    def rows_of(t, sl):        # (1, seq, H, D) view of a tensor, its rows ``sl``
+        t = t[None] if packed else t if layout == "bshd" else t.transpose(1, 2)
+        return t[:, sl].detach()
+
+    q, k, v = make(heads), make(kv_heads), make(kv_heads)
+    say(f"{layout}: S={seq}: q has {q.numel() / 2**31:.3f} x 2^31 elements")
+    extra = {"cu_seqlens_q": torch.tensor([0, seq], dtype=torch.int32, device="cuda"),
+             "max_seqlen_q": seq} if packed else {"layout": layout}
+    out = attn(q, k, v, **extra)
+
+    def rel(x, ref):
+        return ((x.double() - ref).norm() / ref.norm()).item()
+
+    first = slice(0, rows)
+    lo = max(0, seq - rows - window + 1)
+    last, band = slice(seq - rows, seq), slice(lo, seq)
+    errors = {"out_first": rel(rows_of(out, first), reference.attention(
+        *(rows_of(t, first) for t in (q, k, v)), mask, layout="bshd"))}
+    ref_in = [rows_of(t, sl).double().requires_grad_(backward) for t, sl in ((q, last), (k, band), (v, band))]
+    ref_out = reference.attention(*ref_in, mask, layout="bshd", q_offset=seq - rows - lo)
+    errors["out_last"] = rel(rows_of(out, last), ref_out)
+    if backward:
+        dout = torch.randn_like(out)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+        rq, rk, rv = torch.autograd.grad(ref_out, ref_in, rows_of(dout, last).double())
+        errors.update(dq_last=rel(rows_of(dq, last), rq), dk_last=rel(rows_of(dk, last), rk[:, -rows:]),
+                      dv_last=rel(rows_of(dv, last), rv[:, -rows:]))
+    say("  " + ", ".join(f"{name} {err:.2e}" for name, err in errors.items()))
+    return errors

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .mask import Mask
 from .support import check_dtype, check_gqa, check_head_dim, check_positive_number, forced_pack
@@ -92,7 +92,8 @@ class Param:
 
     kinds: ``io`` (an fp16/bf16 array: (B, H, S, D), or (total, H, D) packed), ``rows`` (one
     fp32 value per query row: (B, H, S), or (total, H) packed), ``f32[]`` and ``i32[]`` (1-D
-    arrays), ``f32`` (a scalar).
+    arrays), ``f32`` (a scalar); ``io64`` and ``rows64`` are ``io`` and ``rows`` indexed with
+    64-bit shapes and strides.
     """
 
     name: str
@@ -144,7 +145,12 @@ class KernelSpec:
         the launcher's argument lists are all generated from these lists.  Each feature adds
         its own parameters here: sinks a logit per head (and, in the dQ kernel, each row's
         sum of P * dP for their gradient), varlen the sequence offsets, softcap changes what
-        the scale means."""
+        the scale means.
+
+        Each kernel has a twin, its suffix + ``"_i64"``, whose ``io``/``rows`` arrays
+        (``io64``/``rows64``) take 64-bit shapes and strides: the launcher runs it only for
+        tensors past 2^31 elements, because 64-bit indexing made the forward 35-48 % slower
+        (H100, shapes A, B, C; docs/performance.md)."""
         f = self.features
         out = "out" if f.varlen else "o"
         sinks = [Param("Sinks", "f32[]", "prepare_sinks(sinks, heads, q.device, NAME)")] if f.sinks else []
@@ -163,7 +169,7 @@ class KernelSpec:
         qkv = [Param("Q", "io", "q"), Param("K", "io", "k"), Param("V", "io", "v")]
         grads_in = [Param("dO", "io", "dout"), Param("Lse", "rows", "lse"), Param("Delta", "rows", "delta")]
         softmax_scale = Param("scale", "f32", "softmax_scale(scale, HEAD_DIM)")
-        return {
+        narrow = {
             "": (*qkv, Param("Out", "io", out), *sinks, *offsets, qk_scale),
             "_fwd": (*qkv, Param("Out", "io", out), Param("Lse", "rows", "lse"), *sinks, *offsets,
                      qk_scale),
@@ -174,6 +180,9 @@ class KernelSpec:
             "_dq": (*qkv, *grads_in, Param("dQ", "io", "dq"), *sink_rows, *offsets, qk_scale,
                     softmax_scale),
         }
+        wide = {suffix + "_i64": tuple(replace(p, kind=p.kind + "64") if p.kind in ("io", "rows") else p
+                                       for p in params) for suffix, params in narrow.items()}
+        return {**narrow, **wide}
 
     def as_dict(self) -> dict:
         return {"mask": self.mask.as_dict(), "gqa": self.gqa, "head_dim": self.head_dim,

@@ -86,19 +86,26 @@ def test_signature_and_launch_arguments_are_the_declared_params(spec):
     launcher = ast.parse(files["launcher.py"])
     (args,) = [n.value for n in ast.walk(launcher)
                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "args"]
-    launched = {"": [ast.unparse(e) for e in args.elts]}
-    for call in ast.walk(launcher):
-        if isinstance(call, ast.Call) and ast.unparse(call.func) == "ct.launch" \
-                and ast.unparse(call.args[2]).startswith("kernel_"):
-            launched[ast.unparse(call.args[2]).removeprefix("kernel")] = \
-                [ast.unparse(e) for e in call.args[3].elts]
-    assert set(launched) == set(spec.kernels)
+    launched = {}
+    for call in ast.walk(launcher):       # ct.launch(stream, grid, kernel["_fwd"], args)
+        if isinstance(call, ast.Call) and ast.unparse(call.func) == "ct.launch":
+            suffix = ast.literal_eval(call.args[2].slice)
+            launched[suffix] = [ast.unparse(e) for e in (args if suffix == "" else call.args[3]).elts]
+    (table,) = [n.value for n in launcher.body if isinstance(n, ast.Assign) and n.targets[0].id == "KERNELS"]
+    table = {ast.literal_eval(width): {ast.literal_eval(k): ast.unparse(v) for k, v in zip(d.keys, d.values)}
+             for width, d in zip(table.keys, table.values)}
+    narrow = [s for s in spec.kernels if not s.endswith("_i64")]
+    assert sorted(launched) == sorted(narrow)
+    assert table == {wide: {s: f"generated.{spec.name}{s}{'_i64' if wide else ''}" for s in narrow}
+                     for wide in (False, True)}
     for suffix, params in spec.kernels.items():
         fn = kernel_function(spec, suffix)
         assert [a.arg for a in fn.args.args] == [p.name for p in params]
-        floats = [a.arg for a in fn.args.args if a.annotation is not None]
-        assert floats == [p.name for p in params if p.kind == "f32"]
-        assert launched[suffix] == [p.arg for p in params]
+        annotated = {a.arg: ast.unparse(a.annotation) for a in fn.args.args if a.annotation is not None}
+        assert annotated == {p.name: "float" if p.kind == "f32" else "ct.IndexedWithInt64"
+                             for p in params if p.kind in ("f32", "io64", "rows64")}
+        assert suffix.endswith("_i64") == any(p.kind.endswith("64") for p in params)
+        assert launched[suffix.removesuffix("_i64")] == [p.arg for p in params]
         names = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
         assert {p.name for p in params} - {"CuK"} <= names     # used (the delta kernel needs no CuK)
 

@@ -60,3 +60,17 @@ def test_autograd_helpers():
     assert grad_output(strided, out, "k").stride(-1) == 1
     with pytest.raises(InputError, match="gradient has shape"):
         grad_output(out[:1], out, "k")
+
+
+def test_wide_index_only_past_int32():
+    from attngen.inputs import wide_index
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.float16)
+    assert not wide_index(meta(2, 32, 262144, 128))                      # 2^31 elements exactly
+    assert wide_index(meta(2, 32, 262145, 128))                          # one row past it
+    assert wide_index(meta(1, 32, 524288, 128))                          # a batch stride of 2^31
+    assert wide_index(meta(1, 32, 524288, 128).transpose(1, 2)[:, :1])   # a stride past int32
+    assert wide_index(meta(2, 8, 131073, 1024))                          # batch offsets past it
+    assert not wide_index(meta(0, 32, 10**6, 128))                        # empty: nothing indexed
+    assert not wide_index(meta(2**20, 8, 128))

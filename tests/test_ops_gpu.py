@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attngen
-from attngen.testing import needs_gpu
+from attngen.testing import long_context_errors, needs_gpu
 
 pytestmark = [pytest.mark.gpu, needs_gpu]
 
@@ -141,3 +141,13 @@ def test_compiled_model_fullgraph_matches_eager(family, capsys):
     with capsys.disabled():
         print(f"\n{family} compiled fullgraph: logits vs fp32 {_rel(got, ref):.2e} (eager attngen "
               f"{_rel(eager, ref):.2e}); worst gradient {worst[0]:.2e} (eager {worst[1]:.2e}) at {worst[2]}")
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "packed"])
+def test_tensors_past_2_31_elements(layout, capsys):
+    """A 524 416-token prefill of shape A (q past 2^31 elements) and its backward, against the
+    float64 reference on the first and last rows (the 64-bit-indexed kernels)."""
+    errors = long_context_errors(524416, layout)
+    with capsys.disabled():
+        print(f"\n{layout}: " + ", ".join(f"{k} {e:.1e}" for k, e in errors.items()))
+    assert all(e < 2e-3 for e in errors.values()), errors
