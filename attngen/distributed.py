@@ -7,10 +7,13 @@ A query sees only the keys of its window, so a rank needs only the keys just bef
 window, the ``right`` keys just after it: its *halo*.  Every rank derives from the chunk
 lengths (one ``all_gather``) which keys it receives from whom and which of its own keys it
 sends to whom (:func:`halo_plan`), so sends and receives match without further messages.  One
-``batch_isend_irecv`` moves K and V; attention then runs over ``[left halo | local | right
-halo]``.  The backward sends the halo's dK/dV back to the ranks that own those keys, which
-add them into their own: the gradients are those of attention over the whole sequence in one
-process.  See ``docs/distributed.md`` for the data moved, the cost model and the limits.
+``batch_isend_irecv`` moves K and V.  For a causal window, the queries that see no halo key
+(all but the first ``W - 1``) run over the local keys while the halo is in flight; then the
+first ``W - 1`` run over ``[left halo | their local keys]``: two chunked launches on views, no
+copy of the local K/V (only of the ``W - 1`` keys joined to the halo).  A bidirectional window
+(CPU only) runs once over ``[left halo | local | right halo]``.  The backward sends the halo's
+dK/dV back to the ranks that own those keys, which add them into their own: the gradients are
+those of attention over the whole sequence in one process.  See ``docs/distributed.md`` for the data moved, the cost model and the limits.
 """
 
 from __future__ import annotations
@@ -95,18 +98,23 @@ def halo_plan(lengths, rank: int, mask: Mask) -> HaloPlan:
     return HaloPlan(rank, start, stop, lo, hi, tuple(recv), tuple(send))
 
 
-def _exchange(group, sends, recvs, like: torch.Tensor) -> list[torch.Tensor]:
-    """One ``batch_isend_irecv``: send each ``(peer, tensor)`` of ``sends`` (contiguous) and
-    receive, from each ``(peer, shape)`` of ``recvs``, a new contiguous tensor like ``like``."""
-    world = dist.group.WORLD if group is None else group
-    received = [torch.empty(shape, dtype=like.dtype, device=like.device) for _, shape in recvs]
-    ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(world, p), group) for p, t in sends]
-    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(world, p), group)
-            for (p, _), t in zip(recvs, received)]
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
+class _Pending:
+    """A started ``batch_isend_irecv``: ``wait()`` makes the current stream wait for it (the
+    host does not block on NCCL) and returns the received tensors."""
+
+    def __init__(self, group, sends, recvs, like: torch.Tensor):
+        world = dist.group.WORLD if group is None else group
+        self.received = [torch.empty(shape, dtype=like.dtype, device=like.device) for _, shape in recvs]
+        ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(world, p), group) for p, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(world, p), group)
+                for (p, _), t in zip(recvs, self.received)]
+        self.sends = sends                      # kept alive until the exchange completes
+        self.works = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait(self) -> list[torch.Tensor]:
+        for work in self.works:
             work.wait()
-    return received
+        return self.received
 
 
 def _pair_shape(t: torch.Tensor, dim: int, n: int) -> tuple[int, ...]:
@@ -114,42 +122,51 @@ def _pair_shape(t: torch.Tensor, dim: int, n: int) -> tuple[int, ...]:
     return (2, *t.shape[:dim], n, *t.shape[dim + 1:])
 
 
+def _start_halo(k, v, plan: HaloPlan, group, dim: int) -> _Pending:
+    """Send this rank's keys that others see and start receiving its halo (K and V stacked:
+    one message per peer and direction)."""
+    sends = [(p, torch.stack([k.narrow(dim, a - plan.start, b - a), v.narrow(dim, a - plan.start, b - a)]))
+             for p, a, b in plan.send]
+    recvs = [(p, _pair_shape(k, dim, b - a)) for p, a, b in plan.recv]
+    return _Pending(group, sends, recvs, k)
+
+
 class _Halo(torch.autograd.Function):
-    """``(k, v)`` local chunk -> ``(k, v)`` over ``[left halo | local | right halo]``.
-
-    K and V travel together (stacked: one message per peer and direction).  Backward: the
-    halo's gradients go back to their owners, and what arrives is added into the local ones."""
-
-    @staticmethod
-    def forward(ctx, k, v, plan: HaloPlan, group, dim: int):
-        ctx.plan, ctx.group, ctx.dim = plan, group, dim
-        sends = [(p, torch.stack([k.narrow(dim, a - plan.start, b - a),
-                                  v.narrow(dim, a - plan.start, b - a)]))
-                 for p, a, b in plan.send]
-        recvs = [(p, _pair_shape(k, dim, b - a)) for p, a, b in plan.recv]
-        got = _exchange(group, sends, recvs, k)
-        left = [g for g, (p, _, _) in zip(got, plan.recv) if p < plan.rank]
-        right = [g for g, (p, _, _) in zip(got, plan.recv) if p > plan.rank]
-        k_win = torch.cat([*(g[0] for g in left), k, *(g[0] for g in right)], dim)
-        v_win = torch.cat([*(g[1] for g in left), v, *(g[1] for g in right)], dim)
-        return k_win, v_win
+    """``(k, v, through)``, the exchange of ``k, v`` started -> ``(k, v)`` of the left halo and
+    of the right halo (empty when there is none), and ``through`` as it is.  Backward: the
+    halos' gradients go back to their owners, and what arrives for this rank's sent keys is
+    its K/V gradient from here.  ``through`` (what the rank computed without the halo) makes
+    the node part of every rank's output, so that every rank runs the backward exchange, also
+    one whose queries see no halo but whose keys others saw."""
 
     @staticmethod
-    def backward(ctx, dk_win, dv_win):
+    def forward(ctx, k, v, through, plan: HaloPlan, group, dim: int, pending: _Pending):
+        ctx.plan, ctx.group, ctx.dim, ctx.shape = plan, group, dim, k.shape
+        got = pending.wait()
+        halos = []
+        for right, n in ((False, plan.left), (True, plan.right)):
+            parts = [g for g, (p, _, _) in zip(got, plan.recv) if (p > plan.rank) == right]
+            pair = torch.cat(parts, dim + 1) if parts else k.new_empty(_pair_shape(k, dim, n))
+            halos += [pair[0], pair[1]]
+        return (*halos, through)
+
+    @staticmethod
+    def backward(ctx, dk_left, dv_left, dk_right, dv_right, d_through):
         plan, dim = ctx.plan, ctx.dim
         # the forward's receives are the backward's sends, and the other way round
-        sends = [(p, torch.stack([dk_win.narrow(dim, a - plan.lo, b - a),
-                                  dv_win.narrow(dim, a - plan.lo, b - a)]))
-                 for p, a, b in plan.recv]
-        recvs = [(p, _pair_shape(dk_win, dim, b - a)) for p, a, b in plan.send]
-        got = _exchange(ctx.group, sends, recvs, dk_win)
-        n = plan.stop - plan.start
-        dk = dk_win.narrow(dim, plan.left, n).clone()
-        dv = dv_win.narrow(dim, plan.left, n).clone()
+        sends = []
+        for p, a, b in plan.recv:
+            dk, dv, first = (dk_right, dv_right, plan.stop) if p > plan.rank else (dk_left, dv_left, plan.lo)
+            sends.append((p, torch.stack([dk.narrow(dim, a - first, b - a), dv.narrow(dim, a - first, b - a)])))
+        recvs = [(p, _pair_shape(dk_left, dim, b - a)) for p, a, b in plan.send]
+        got = _Pending(ctx.group, sends, recvs, dk_left).wait()
+        if not plan.send:
+            return None, None, d_through, None, None, None, None
+        dk, dv = (dk_left.new_zeros(ctx.shape) for _ in range(2))
         for g, (_, a, b) in zip(got, plan.send):
             dk.narrow(dim, a - plan.start, b - a).add_(g[0])
             dv.narrow(dim, a - plan.start, b - a).add_(g[1])
-        return dk, dv, None, None, None
+        return dk, dv, d_through, None, None, None, None
 
 
 def _mask(window, causal) -> Mask:
@@ -209,7 +226,8 @@ def attention(q, k, v, *, window, causal: bool = True, group=None, layout: str =
     collective.  The sinks' gradient is this rank's share; sum it over the ranks (as for any
     replicated parameter) to get the single-process one.
 
-    On CUDA a causal window runs attngen's ``chunked`` kernel for the variant; on any other
+    On CUDA a causal window runs attngen's ``chunked`` kernel for the variant (twice: the
+    queries that need no halo while it is in flight, then the first ``W - 1``); on any other
     device :func:`attngen.reference.attention` computes in ``q.dtype``, with autograd.
     """
     mask = _mask(window, causal)
@@ -238,15 +256,35 @@ def attention(q, k, v, *, window, causal: bool = True, group=None, layout: str =
             raise ValueError(f"every rank must call attngen.distributed.attention with the same "
                              f"{name}; the ranks have {values}")
     plan = halo_plan([r[0] for r in rows], rank, mask)
-    k_win, v_win = _Halo.apply(k, v, plan, group, s)
+    pending = _start_halo(k, v, plan, group, s)
+    if not mask.causal:         # (CPU) one pass over [left halo | local | right halo]
+        left_k, left_v, right_k, right_v, local_k = _Halo.apply(k, v, k, plan, group, s, pending)
+        return reference.attention(q, torch.cat([left_k, local_k, right_k], s), torch.cat([left_v, v, right_v], s),
+                                   mask, scale=scale, layout=layout, q_offset=plan.left, softcap=softcap,
+                                   sinks=sinks, dtype=q.dtype)
+    run = _chunked(mask, q, k, s, h, layout, scale, softcap, sinks)
+    # Only the first W - 1 queries (all of a shorter chunk) see the left halo.  The others
+    # need only local keys: they run while the halo is in flight, on views (no copies).
+    n = min(mask.left, q.shape[s]) if plan.left else 0
+    tail = run(q.narrow(s, n, q.shape[s] - n), k, v)
+    left_k, left_v, _, _, tail = _Halo.apply(k, v, tail, plan, group, s, pending)
+    head = run(q.narrow(s, 0, n), torch.cat([left_k, k.narrow(s, 0, n)], s),
+               torch.cat([left_v, v.narrow(s, 0, n)], s))
+    return torch.cat([head, tail], s)
+
+
+def _chunked(mask: Mask, q, k, s: int, h: int, layout: str, scale, softcap, sinks):
+    """``run(q, k, v)``: attention of queries that are the last of the keys given — attngen's
+    chunked kernel on CUDA, :func:`attngen.reference.attention` (in ``q.dtype``) elsewhere."""
     if q.device.type == "cuda":
         from .registry import get_kernel
         kernel = get_kernel(mask, gqa=q.shape[h] // k.shape[h], softcap=softcap,
                             sinks=sinks is not None, chunked=True)
         extra = {} if sinks is None else {"sinks": sinks}
-        return kernel(q, k_win, v_win, scale=scale, layout=layout, **extra)
-    return reference.attention(q, k_win, v_win, mask, scale=scale, layout=layout, q_offset=plan.left,
-                               softcap=softcap, sinks=sinks, dtype=q.dtype)
+        return lambda qq, kk, vv: kernel(qq, kk, vv, scale=scale, layout=layout, **extra)
+    return lambda qq, kk, vv: reference.attention(
+        qq, kk, vv, mask, scale=scale, layout=layout, q_offset=kk.shape[s] - qq.shape[s],
+        softcap=softcap, sinks=sinks, dtype=q.dtype)
 
 
 def _dtype_code(dtype: torch.dtype) -> int:

@@ -1,7 +1,10 @@
 """Context parallelism on real devices: attngen.distributed against one process on the whole
-sequence (output and dq, dk, dv), and the time of one forward + backward.
+sequence (output and dq, dk, dv), and the time of one forward + backward: per rank with the
+halo exchange, the same rank's computation alone (its chunked launches on a halo already in
+place, no communication), and one GPU on the whole sequence.
 
-    torchrun --nproc_per_node 2 scripts/cp_check.py [--seq 4096] [--window 1024]
+    torchrun --nproc_per_node 2 scripts/cp_check.py [--seq 4096] [--window 1024] [--dtype fp16]
+    # shape A at 256k: --seq 262144 --window 4096 --heads 32 --kv-heads 8 --head-dim 128 --dtype fp16
 
 On GPUs (NCCL) both sides run attngen's kernels: the ranks the chunked kernel over their
 [halo | local] keys, the reference process the plain kernel over the whole sequence.  Without
@@ -26,6 +29,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -34,7 +39,7 @@ def main() -> None:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float64
+    dtype = (torch.bfloat16 if args.dtype == "bf16" else torch.float16) if cuda else torch.float64
     gen = torch.Generator().manual_seed(0)
     shape = lambda h: (1, h, args.seq, args.head_dim)  # noqa: E731
     q, k, v = (torch.randn(shape(h), generator=gen).to(device, dtype)
@@ -51,29 +56,43 @@ def main() -> None:
         grads = torch.autograd.grad(out, mine, dout[:, :, a:b])
         return out, grads
 
+    def timed(fn) -> float:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(args.reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        return (time.perf_counter() - start) / args.reps * 1e3
+
     out, grads = step()
-    if cuda:
-        torch.cuda.synchronize()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(5):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    dist.barrier()
-    cp_ms = (time.perf_counter() - start) / 5 * 1e3
+    cp_ms = timed(step)
+
+    # the same rank's computation with its halo already in place: what the exchange adds to
+    lo = max(0, a - (args.window - 1))
+    alone = [q[:, :, a:b].clone().requires_grad_(), k[:, :, lo:b].clone().requires_grad_(),
+             v[:, :, lo:b].clone().requires_grad_()]
+    mask = attngen.Mask.from_window(args.window)
+    chunked = attngen.get_kernel(mask, gqa=args.heads // args.kv_heads, chunked=True) if cuda else \
+        (lambda qq, kk, vv: reference.attention(qq, kk, vv, mask, q_offset=kk.shape[2] - qq.shape[2]))
+    alone_ms = timed(lambda: torch.autograd.grad(chunked(*alone), alone, dout[:, :, a:b]))
 
     whole = [t.clone().requires_grad_() for t in (q, k, v)]
-    if cuda:
-        ref = attngen.get_kernel(window=args.window, gqa=args.heads // args.kv_heads)(*whole)
-    else:
-        ref = reference.attention(*whole, attngen.Mask.from_window(args.window))
+    one = attngen.get_kernel(window=args.window, gqa=args.heads // args.kv_heads) if cuda else \
+        (lambda qq, kk, vv: reference.attention(qq, kk, vv, mask))
+    ref = one(*whole)
     ref_grads = torch.autograd.grad(ref, whole, dout)
+    one_ms = timed(lambda: torch.autograd.grad(one(*whole), whole, dout))
     errs = [((x.float() - y[:, :, a:b].float()).norm() / y[:, :, a:b].float().norm()).item()
             for x, y in zip((out, *grads), (ref, *ref_grads))]
     print(f"rank {rank}/{world} on {torch.cuda.get_device_name() if cuda else 'cpu'}: positions "
           f"{a}..{b - 1}; rel diff vs one process: out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} "
-          f"dv {errs[3]:.1e}; fwd+bwd {cp_ms:.2f} ms", flush=True)
+          f"dv {errs[3]:.1e}; fwd+bwd {cp_ms:.2f} ms with the exchange, {alone_ms:.2f} ms its computation "
+          f"alone, one GPU on the whole sequence {one_ms:.2f} ms (ratio {cp_ms / one_ms:.3f})", flush=True)
     dist.destroy_process_group()
 
 
