@@ -46,21 +46,19 @@ def register_resolver(key: str, resolve: Callable[[int, str], ModuleType]) -> No
     _targets[key] = resolve
 
 
-def _variant(variant: str, q: Tensor) -> ModuleType:
+def _resolve(variant: str, q: Tensor, sinks, cu_q, cu_k, max_q, max_k, scale, layout):
+    """The launcher module that runs ``variant`` for ``q``, and the extra positional and
+    keyword arguments its functions (``infer``, ``forward``, ``backward``) take."""
     target = _targets.get(variant)
     if target is None:
         raise InputError(f"no attngen variant {variant!r} in this process: get its callable with "
                          f"attngen.get_kernel (or import its generated launcher) first")
-    return target if isinstance(target, ModuleType) else target(q.shape[-1], dtype_name(q.dtype))
-
-
-def _call(module: ModuleType, sinks, cu_q, cu_k, max_q, max_k, scale, layout):
-    """The launcher functions' extra positional and keyword arguments for this variant."""
+    module = target if isinstance(target, ModuleType) else target(q.shape[-1], dtype_name(q.dtype))
     features = module.SPEC["features"]
     options = {"scale": scale, **({"sinks": sinks} if features["sinks"] else {})}
     if features["varlen"]:
-        return (cu_q, cu_k), {**options, "max_seqlen_q": max_q, "max_seqlen_k": max_k}
-    return (), {**options, "layout": layout}
+        return module, (cu_q, cu_k), {**options, "max_seqlen_q": max_q, "max_seqlen_k": max_k}
+    return module, (), {**options, "layout": layout}
 
 
 # -- inference --------------------------------------------------------------------------
@@ -69,9 +67,8 @@ def _attention(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Te
                cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
                layout: str) -> Tensor:
-    module = _variant(variant, q)
-    offsets, options = _call(module, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             scale, layout)
+    module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, scale, layout)
     return module.infer(q, k, v, *offsets, **options)
 
 
@@ -85,9 +82,8 @@ def _attention_out(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optiona
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
                    layout: str, out: Tensor) -> None:
-    module = _variant(variant, q)
-    offsets, options = _call(module, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             scale, layout)
+    module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, scale, layout)
     module.infer(q, k, v, *offsets, **options, out=out)
 
 
@@ -107,9 +103,8 @@ def _attention_fwd(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optiona
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
                    layout: str) -> tuple[Tensor, Tensor]:
-    module = _variant(variant, q)
-    offsets, options = _call(module, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             scale, layout)
+    module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, scale, layout)
     return module.forward(q, k, v, *offsets, **options)
 
 
@@ -126,9 +121,8 @@ def _attention_bwd(variant: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    max_seqlen_k: Optional[int], scale: Optional[float],
                    layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dsinks); dsinks is empty for a variant without sinks."""
-    module = _variant(variant, q)
-    offsets, options = _call(module, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             scale, layout)
+    module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, scale, layout)
     dq, dk, dv, dsinks = module.backward(q, k, v, out, lse, dout, *offsets, **options)
     return dq, dk, dv, q.new_empty(0) if dsinks is None else dsinks
 

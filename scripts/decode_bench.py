@@ -15,24 +15,14 @@ import json
 import torch
 import triton
 
+from attngen.testing import cuda_graph
+
 SHAPES = {   # name: heads, kv heads, head_dim, window, softcap, sinks
     "mistral-7b": (32, 8, 128, 4096, None, False),
     "gemma3-4b local": (8, 4, 256, 1024, None, False),
     "gemma2-9b local": (16, 8, 256, 4096, 50.0, False),
     "gpt-oss local": (64, 8, 64, 128, None, True),
 }
-
-
-def graphed(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def measure(name, batch, ctx):
@@ -63,7 +53,7 @@ def measure(name, batch, ctx):
         peer = lambda: fallback(module, q, k, v, None, mask, 0.0, d ** -0.5,  # noqa: E731
                                 softcap=softcap, sinks=s)
     ours = lambda: decode(q, k, v, None, mask, d ** -0.5, softcap=softcap, sinks=s)  # noqa: E731
-    (g_peer, o_peer), (g_ours, o_ours) = graphed(peer), graphed(ours)
+    (g_peer, o_peer), (g_ours, o_ours) = cuda_graph(peer), cuda_graph(ours)
     t_peer = 1e3 * triton.testing.do_bench(g_peer.replay, warmup=25, rep=200)
     t_ours = 1e3 * triton.testing.do_bench(g_ours.replay, warmup=25, rep=200)
     err = ((o_ours.float() - o_peer.float()).norm() / o_peer.float().norm()).item()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attngen
-from attngen.testing import long_context_errors, needs_gpu
+from attngen.testing import cuda_graph, long_context_errors, needs_gpu
 
 pytestmark = [pytest.mark.gpu, needs_gpu]
 
@@ -55,14 +55,7 @@ def test_opcheck(call):
 def test_cuda_graph_replays_with_new_inputs(call):
     attn, args, kw = CALLS[call]()
     tensors = [t for t in args if t.is_floating_point()]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        attn(*args, **kw)                                      # warm up: build, load, compile
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = attn(*args, **kw)
+    graph, out = cuda_graph(lambda: attn(*args, **kw))
     for _ in range(2):
         for t in tensors:
             t.copy_(torch.randn_like(t))
@@ -79,14 +72,7 @@ def test_cuda_graph_captures_forward_and_backward():
         out = attn(q, k, v, **kw)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = cuda_graph(step)
     with torch.no_grad():
         for t in (q, k, v, dout):
             t.copy_(torch.randn_like(t))
