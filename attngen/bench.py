@@ -376,6 +376,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("plot", help="draw a JSON file written by `run`")
     p.add_argument("json")
     p.add_argument("png")
+    sub.add_parser("model", add_help=False,
+                   help="whole transformers models, attention switched (attngen bench model --help)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["model"]:               # its own parser: attngen/bench_model.py
+        from .bench_model import main as model_main
+        return model_main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "plot":
