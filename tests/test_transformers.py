@@ -17,7 +17,7 @@ from hf_models import MODELS, tiny_model  # noqa: E402
 def test_register_adds_attention_and_mask_functions():
     ag.register()
     assert transformers.AttentionInterface._global_mapping["attngen"] is ag.attention_forward
-    assert masking_utils.AttentionMaskInterface._global_mapping["attngen"] is masking_utils.flash_attention_mask
+    assert masking_utils.AttentionMaskInterface._global_mapping["attngen"] is ag.padding_mask
 
 
 def test_layer_mask_follows_transformers_conventions():
@@ -164,3 +164,22 @@ def test_decode_step_equals_the_masked_computation(window, feature, padded):
     expect = ag.fallback(module, query * 3, key, value, padding, mask, 0.0, 0.3, **extra)
     got = ag.decode(query * 3, key, value, padding, mask, 0.3, **extra)
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)   # the fallback softmaxes in fp32
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt-oss", "mistral"])
+def test_static_cache_generation_matches_eager(family):
+    """A static cache hands a full-attention layer all of its slots, the unfilled ones too:
+    every step's logits must still equal eager attention's (prefill and decode)."""
+    ag.register()
+    torch.manual_seed(0)
+    model = tiny_model(family, "eager", torch.float32)
+    ids = torch.randint(1, model.config.vocab_size, (1, 20))
+    kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="static", output_logits=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        expect = model.generate(ids, **kw)
+        model.set_attn_implementation("attngen")
+        got = model.generate(ids, **kw)
+    assert torch.equal(got.sequences, expect.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, expect.logits)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")

@@ -48,11 +48,31 @@ _kernels: dict[tuple, str] = {}
 def register(name: str = NAME) -> None:
     """Make ``attn_implementation=name`` available to every transformers model."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, attention_forward)
-    # Like FlashAttention: no 4-D mask; None without padding, else the 2-D padding mask.
-    AttentionMaskInterface.register(name, flash_attention_mask)
+    AttentionMaskInterface.register(name, padding_mask)
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                 mask_function=None, attention_mask=None, **kwargs):
+    """The mask transformers hands attngen's layers: like FlashAttention's, no 4-D mask —
+    None without padding, else the 2-D padding mask — and, for a static cache, cut to the
+    slots that hold tokens.  A static cache gives a layer all its ``kv_length`` slots, and
+    those past the last query (``q_offset + q_length``) are still empty; the mask then
+    covers only the filled ones, and :func:`attention_forward` drops the rest (as
+    transformers' FlashAttention path slices keys longer than the mask)."""
+    from transformers.masking_utils import flash_attention_mask
+
+    mask = flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                                q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                                attention_mask=attention_mask, **kwargs)
+    filled = int(q_offset) + q_length
+    if kv_offset == 0 and filled < kv_length:          # a static cache's empty slots
+        if mask is None:
+            return torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device"))
+        return mask[:, :filled]
+    return mask
 
 
 def _fallback_reason(module, query, key, unpackable: bool, dropout) -> str | None:
@@ -78,6 +98,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     kernels are ``attngen::`` custom ops; the kernel is chosen once per layer shape at trace
     time); a padded batch is unpadded with data-dependent shapes, which needs eager mode.
     """
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < key.shape[2]:
+        # a static cache: the slots past the mask hold no token yet (see padding_mask)
+        key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     mask = Mask.from_transformers(sliding_window, causal)
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
