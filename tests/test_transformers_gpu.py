@@ -30,7 +30,10 @@ def test_logits_and_greedy_generation_match_eager(family, caplog, capsys):
     ag.register()
     ag._said.clear()
     torch.manual_seed(0)
-    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1).cuda()
+    # gpt-oss routes each token to all its experts here: with top-2 of 4, bf16 noise flips the
+    # discrete routing, and a flipped token's logits then move by more than attention's rounding
+    overrides = {"num_experts_per_tok": 4} if family == "gpt-oss" else {}
+    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1, **overrides).cuda()
     ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device="cuda")
     with torch.no_grad():
         eager = model(input_ids=ids).logits.float()
@@ -69,6 +72,8 @@ def test_logits_and_greedy_generation_match_eager(family, caplog, capsys):
                 print(f"{family}: generations part at token {at - prompt.shape[1]} of 32; float32 "
                       f"top-2 gap there {gap:.3e}, bf16 eager logit noise {noise:.3e}")
             chosen = (top.values[0] - exact[int(out[0, at])]).item()
+            with capsys.disabled():
+                print(f"{family}: attngen's token there is {chosen:.3e} below the float32 top")
             assert gap <= noise and chosen <= noise, \
                 f"{family}: generations differ where the float32 model is not at a tie"  # noqa: E501
 

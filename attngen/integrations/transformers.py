@@ -59,16 +59,29 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     """The mask transformers hands attngen's layers: like FlashAttention's, no 4-D mask —
     None without padding, else the 2-D padding mask — and, for a static cache, cut to the
     slots that hold tokens.  A static cache gives a layer all its ``kv_length`` slots, and
-    those past the last query (``q_offset + q_length``) are still empty; the mask then
-    covers only the filled ones, and :func:`attention_forward` drops the rest (as
-    transformers' FlashAttention path slices keys longer than the mask)."""
+    those past the last query (``q_offset + q_length``) are still empty.  For a prefill or a
+    chunk the mask then covers only the filled ones, and :func:`attention_forward` drops the
+    rest (as transformers' FlashAttention path slices keys longer than the mask); for a decode
+    step it covers every slot with the empty ones False, which keeps a compiled decode's
+    shapes fixed and free of host synchronization."""
     from transformers.masking_utils import flash_attention_mask
 
     mask = flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                                 q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
                                 attention_mask=attention_mask, **kwargs)
+    if kv_offset:
+        return mask
+    if q_length == 1 and isinstance(q_offset, torch.Tensor):
+        # a static layer's decode step (transformers passes its offset as a tensor): every slot,
+        # the empty ones masked, so that shapes stay fixed and nothing syncs (compiled decode)
+        filled = (torch.arange(kv_length, device=q_offset.device) <= q_offset)[None].expand(batch_size, -1)
+        if mask is None:
+            return filled
+        if mask.shape[-1] < kv_length:
+            mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[-1]), value=True)
+        return filled & mask
     filled = int(q_offset) + q_length
-    if kv_offset == 0 and filled < kv_length:          # a static cache's empty slots
+    if filled < kv_length:                             # a static cache's empty slots
         if mask is None:
             return torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device"))
         return mask[:, :filled]
