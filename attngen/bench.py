@@ -331,13 +331,11 @@ DEFAULT_CANDIDATES = ["128x128o2c2", "128x128o2c1", "128x128o1c1", "128x64o2c1",
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import panels, save
 
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
-    for ax, label in zip(axes[0], shapes):
+    fig, axes = panels(len(shapes), 5)
+    for ax, label in zip(axes, shapes):
         sub = [r for r in rows if r["shape"] == label]
         for impl in dict.fromkeys(r["impl"] for r in sub):
             pts = [(r["seq"], r["tflops"]) for r in sub if r["impl"] == impl]
@@ -347,8 +345,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xlabel("sequence length")
         ax.set_ylabel("effective TFLOP/s (attended pairs)")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main(argv=None) -> int:

@@ -505,13 +505,11 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import panels, save
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    for ax, name in zip(axes[0], models):
+    fig, axes = panels(len(models), 6)
+    for ax, name in zip(axes, models):
         sub = [r for r in rows if r["model"] == name]
         measures = list(dict.fromkeys(r["measure"] for r in sub))
         impls = list(dict.fromkeys(r["impl"] for r in sub))
@@ -525,8 +523,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_ylabel("ms (decode: ms per token)")
         ax.set_title(name)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 # -- command line ----------------------------------------------------------------------------
