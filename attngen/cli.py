@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_build)
 
-    sub.add_parser("bench", help="time attngen against SDPA and FlexAttention; tune tiles "
-                                 "(attngen bench {run,tune,plot} --help)")
+    sub.add_parser("bench", help="time attngen against SDPA and FlexAttention; tune tiles; whole "
+                                 "models (attngen bench {run,tune,plot,model} --help)")
 
     p = sub.add_parser("list", help="show the built kernels and model specs the registry sees")
     p.add_argument("--out", default=None, help="build directory (default: ATTNGEN_PATH or the default)")
