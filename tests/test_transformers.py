@@ -137,8 +137,12 @@ def test_padding_the_packed_kernels_take():
     assert not packs(right, 2, 5)
     assert not packs(hole, 5, 5)
     assert packs(torch.tensor([[0, 0, 0], [1, 1, 1]]), 3, 3)        # an empty row
-    queries, keys = ag._packing(left, 2, 5, "cpu")
-    assert torch.equal(keys, left.bool()) and torch.equal(queries, left.bool()[:, -2:])
+    p = ag._packing(left, 2, 5, "cpu")
+    assert [r.tolist() for r in p.keys] == [[0, 0, 0, 0, 0, 1, 1, 1], [0, 1, 2, 3, 4, 2, 3, 4]]
+    assert [r.tolist() for r in p.queries] == [[0, 0, 1, 1], [0, 1, 0, 1]]     # in the last 2
+    assert p.cu_q.tolist() == [0, 2, 4] and p.cu_k.tolist() == [0, 5, 8]
+    assert (p.longest_q, p.longest_k, p.chunked) == (2, 5, True)
+    assert ag._packing(left, 2, 5, "cpu") is p                    # once per mask: every layer shares it
 
 
 @pytest.mark.parametrize("window", [None, 1, 4, 64])

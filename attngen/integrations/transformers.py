@@ -31,8 +31,10 @@ in the ``attngen`` logger.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..mask import Mask
 from ..ops import attention
@@ -135,17 +137,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                            query.shape[2] != key.shape[2], False)
         return attention(variant, q, k, v, sinks=sinks, scale=scaling, layout="bshd"), None
     # a padded batch: pack the valid tokens, run the packed-sequence kernel, scatter back
-    queries_valid, keys_valid = packing
-    n_q, n_k = queries_valid.sum(1), keys_valid.sum(1)
-    cu_q, cu_k = (torch.nn.functional.pad(n.cumsum(0), (1, 0)).to(torch.int32) for n in (n_q, n_k))
-    chunked = bool((n_q != n_k).any())
-    variant = _variant(sliding_window, causal, gqa, softcap, sinks is not None, chunked, True)
-    longest_q, longest_k = (int(n) for n in torch.stack([n_q.max(), n_k.max()]).tolist())
-    packed = attention(variant, q[queries_valid], k[keys_valid], v[keys_valid], sinks=sinks,
-                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k if chunked else None,
-                       max_seqlen_q=longest_q, max_seqlen_k=longest_k if chunked else None, scale=scaling)
+    p = packing
+    variant = _variant(sliding_window, causal, gqa, softcap, sinks is not None, p.chunked, True)
+    packed = attention(variant, q[p.queries], k[p.keys], v[p.keys], sinks=sinks, cu_seqlens_q=p.cu_q,
+                       cu_seqlens_k=p.cu_k if p.chunked else None, max_seqlen_q=p.longest_q,
+                       max_seqlen_k=p.longest_k if p.chunked else None, scale=scaling)
     out = q.new_zeros(q.shape)
-    out[queries_valid] = packed
+    out[p.queries] = packed
     return out, None
 
 
@@ -161,18 +159,52 @@ def _variant(sliding_window: int | None, causal: bool, gqa: int, softcap: float 
     return _kernels[variant]
 
 
-def _packing(attention_mask, q_len: int, kv_len: int, device):
-    """The valid queries and keys of a padded batch, ``(B, q_len)`` and ``(B, kv_len)`` bool on
-    ``device``, when the packed kernels can take them — each row's valid keys one run, its
-    valid queries the last of them (left or right padding; checked on the host) — else None."""
+@dataclass(frozen=True)
+class _Packing:
+    """How a padded batch packs: the (row, position) of each valid query and key in packed
+    order, the packed sequences' offsets and longest lengths, and whether any row has more keys
+    than queries (cached keys before its queries: the chunked kernels)."""
+
+    queries: tuple[torch.Tensor, torch.Tensor]
+    keys: tuple[torch.Tensor, torch.Tensor]
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    longest_q: int
+    longest_k: int
+    chunked: bool
+
+
+_packings = WeakIdKeyDictionary()      # attention mask -> {(q_len, kv_len, device, version): packing}
+
+
+def _packing(attention_mask, q_len: int, kv_len: int, device) -> _Packing | None:
+    """The packing of a padded batch when the packed kernels can take it — each row's valid
+    keys one run, its valid queries the last of them (left or right padding) — else None.
+    Worked out (with the host reads it needs) once per mask, which every layer shares."""
+    per_mask = _packings.setdefault(attention_mask, {})
+    key = (q_len, kv_len, str(device), attention_mask._version)
+    if key not in per_mask:
+        per_mask[key] = _pack(attention_mask, q_len, kv_len, device)
+    return per_mask[key]
+
+
+def _pack(attention_mask, q_len: int, kv_len: int, device) -> _Packing | None:
     keys_valid = attention_mask[:, -kv_len:].to(device=device, dtype=torch.bool)
     positions = torch.arange(kv_len, device=device)
-    n = keys_valid.sum(1)
+    n_k = keys_valid.sum(1)
     first = torch.where(keys_valid, positions, kv_len).amin(1)
     last = torch.where(keys_valid, positions, -1).amax(1)
-    one_run = (n == 0) | (last - first + 1 == n)
-    queries_end_the_run = (n == 0) | (last == kv_len - 1) | (q_len == kv_len)
-    return (keys_valid[:, -q_len:], keys_valid) if bool((one_run & queries_end_the_run).all()) else None
+    one_run = (n_k == 0) | (last - first + 1 == n_k)
+    queries_end_the_run = (n_k == 0) | (last == kv_len - 1) | (q_len == kv_len)
+    queries_valid = keys_valid[:, -q_len:]
+    n_q = queries_valid.sum(1)
+    fits, longest_q, longest_k, chunked = torch.stack(
+        [(one_run & queries_end_the_run).all(), n_q.max(), n_k.max(), (n_q != n_k).any()]).tolist()
+    if not fits:
+        return None
+    cu_q, cu_k = (torch.nn.functional.pad(n.cumsum(0), (1, 0)).to(torch.int32) for n in (n_q, n_k))
+    return _Packing(queries_valid.nonzero(as_tuple=True), keys_valid.nonzero(as_tuple=True), cu_q, cu_k,
+                    int(longest_q), int(longest_k), bool(chunked))
 
 
 def decode(query, key, value, attention_mask, mask: Mask, scaling: float | None,
