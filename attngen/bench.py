@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 from dataclasses import asdict, dataclass, replace
 
@@ -31,6 +30,7 @@ from .mask import Mask
 from .support import DTYPES
 from .tuning import Tiles, tiles_for
 from .variant import Features, KernelSpec
+from .version import environment
 
 CHECK_ROWS = 256        # query rows checked at each end of the sequence
 PEERS = ("attngen", "sdpa-flash", "sdpa-cudnn", "flex", "sdpa-band")
@@ -192,15 +192,6 @@ def _extra_memory(fn, out_bytes: int) -> int:
     extra = torch.cuda.max_memory_allocated() - base - out_bytes
     del result
     return max(0, extra)
-
-
-def environment() -> dict:
-    import torch
-
-    from .version import __version__, cutile_version
-
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cuda_tile": cutile_version(), "attngen": __version__, "python": platform.python_version()}
 
 
 PASSES = ("fwd", "bwd", "fwd+bwd")

@@ -352,19 +352,6 @@ def _measure(model, measure: str, inputs, opts: Options, clock: Clock):
     return statistics.median(per_token), peak, first, {"logits": stamps[-1][2], "tokens": stamps[-1][1]}
 
 
-def _environment(device) -> dict:
-    import platform
-
-    import torch
-    import transformers
-
-    from .version import __version__
-
-    gpu = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else platform.processor() or "cpu"
-    return {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-            "attngen": __version__}
-
-
 def bench_model(name: str, impls=IMPLS, measures=MEASURES[:3], opts: Options | None = None,
                 layers: int | None = None, device="cuda", dtype=None, overrides: dict | None = None,
                 say=print, on_row=None, started: float | None = None) -> list[dict]:
@@ -376,7 +363,10 @@ def bench_model(name: str, impls=IMPLS, measures=MEASURES[:3], opts: Options | N
     opts = opts or Options()
     dtype = dtype or torch.bfloat16
     started = time.perf_counter() if started is None else started
-    env = _environment(device)
+    import transformers
+
+    from .version import environment
+    env = {**environment(device), "transformers": transformers.__version__}
     register()
     # flex_attention recompiles per shape (prefill, padded batch, prompt, decode steps)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

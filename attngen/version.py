@@ -33,6 +33,18 @@ def cutile_version() -> str:
         return "absent"
 
 
+def environment(device="cuda") -> dict:
+    """What a measurement ran on: the device (a GPU's name, else the CPU's) and the versions
+    of torch, CUDA, cuTile, attngen and Python."""
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else platform.processor() or "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cuda_tile": cutile_version(), "attngen": __version__, "python": platform.python_version()}
+
+
 @functools.lru_cache(maxsize=1)
 def fingerprint() -> str:
     digest = hashlib.sha256(f"attngen {__version__}\ncuda-tile {cutile_version()}\n".encode())
