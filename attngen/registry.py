@@ -27,7 +27,7 @@ from .ops import attention, register_resolver
 from .spec import Spec
 from .store import KernelEntry, SpecEntry, default_out, jit_dir, read_manifest
 from .support import HEAD_DIMS, check_dtype, check_head_dim, dtype_name
-from .tuning import tiles_for
+from .tuning import Tiles, tiles_for
 from .variant import Family, Features, KernelSpec
 
 log = logging.getLogger("attngen")
@@ -103,10 +103,10 @@ class Registry:
         self._index()
         return dict(self._specs)
 
-    def _match(self, family: Family, head_dim: int, dtype: str) -> KernelSpec | None:
+    def _match(self, family: Family, head_dim: int, dtype: str, tuned: Tiles) -> KernelSpec | None:
+        """The built kernel for the query: the one with the ``tuned`` tiles where several are."""
         found = sorted((k for k in self.kernels() if k.family == family and k.head_dim == head_dim
                         and k.dtype == dtype), key=lambda k: k.name)
-        tuned = tiles_for(head_dim, family.mask, family.gqa, family.features.varlen)
         return next((k for k in found if k.tiles == tuned), found[0] if found else None)
 
     def has_family(self, family: Family) -> bool:
@@ -173,12 +173,12 @@ class Registry:
         if chosen is not None:
             return chosen
         with self._lock:
-            spec = self._match(family, head_dim, dtype)
+            tuned = tiles_for(head_dim, family.mask, family.gqa, family.features.varlen)
+            spec = self._match(family, head_dim, dtype, tuned)
             if spec is None:
                 if not self.jit:
                     raise self.not_found(family, head_dim, dtype)
-                tiles = tiles_for(head_dim, family.mask, family.gqa, family.features.varlen)
-                spec = KernelSpec(family.mask, family.gqa, head_dim, dtype, tiles, family.features)
+                spec = KernelSpec(family.mask, family.gqa, head_dim, dtype, tuned, family.features)
             chosen = self._chosen[(family, head_dim, dtype)] = self.module(spec)
             return chosen
 

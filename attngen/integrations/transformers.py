@@ -90,7 +90,7 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     return mask
 
 
-def _fallback_reason(module, query, key, unpackable: bool, dropout) -> str | None:
+def _fallback_reason(module, query, unpackable: bool, dropout) -> str | None:
     if not query.is_cuda:
         return f"tensors on {query.device.type}"
     if dtype_name(query.dtype) is None:
@@ -123,7 +123,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         return decode(query, key, value, attention_mask, mask, scaling, softcap, sinks), None
     packing = None if attention_mask is None else \
         _packing(attention_mask, query.shape[2], key.shape[2], query.device)
-    reason = _fallback_reason(module, query, key, attention_mask is not None and packing is None, dropout)
+    reason = _fallback_reason(module, query, attention_mask is not None and packing is None, dropout)
     if reason is not None:
         if reason not in _said and not torch.compiler.is_compiling():
             _said.add(reason)
