@@ -39,6 +39,10 @@ CASES = {
     "g2_causal_w4_b2_gqa4_bshd": ("g2", (6, 6), 4, True, "bshd", 2, 4, 1, {}),
     "g2_bidir_l0_r3_right_only": ("g2", (5, 4), {"left": 0, "right": 3}, False, "bhsd", 1, 2, 2, {}),
     "g2_causal_w100_whole_sequence": ("g2", (3, 4), 100, True, "bhsd", 1, 2, 2, {}),
+    "bidir_l9_r2_softcap_sinks_lengths_given": ("world", (4, 0, 7, 3), {"left": 9, "right": 2}, False,
+                                                "bhsd", 1, 4, 2,
+                                                {"softcap": 3.0, "sinks": True, "lengths": True}),
+    "g3_causal_w5_lengths_given_bshd": ("g3", (6, 2, 5), 5, True, "bshd", 2, 2, 1, {"lengths": True}),
 }
 HEAD_DIM = 8
 
@@ -73,8 +77,9 @@ def _run_case(name, group, rank):
     chunk = lambda t: t.narrow(dim, start, lengths[rank])      # noqa: E731
     local = [chunk(t).clone().requires_grad_() for t in (q, k, v)]
     local_sinks = None if sinks is None else sinks.clone().requires_grad_()
+    given = list(lengths) if extras.get("lengths") else None
     out = distributed.attention(*local, window=window, causal=causal, group=group, layout=layout,
-                                sinks=local_sinks, **kwargs)
+                                sinks=local_sinks, lengths=given, **kwargs)
     if out.requires_grad:       # an empty chunk's output depends on nothing
         (out * chunk(dout)).sum().backward()
     if local_sinks is not None:
@@ -103,6 +108,18 @@ def _run_mismatch(group, rank):
         raise AssertionError("no error for ranks with different windows")
 
 
+def _run_bad_lengths(group, rank):
+    """lengths= that do not give this rank's own chunk length are refused (before any message)."""
+    q = torch.randn(1, 2, 3, HEAD_DIM, dtype=torch.float64)
+    for lengths in ([3, 3, 3], [2] * WORLD):
+        try:
+            distributed.attention(q, q, q, window=4, group=group, lengths=lengths)
+        except ValueError as e:
+            assert "lengths must give" in str(e), e
+        else:
+            raise AssertionError(f"no error for lengths={lengths}")
+
+
 def _worker(rank, port, out_dir):
     try:
         _cases(rank, port, out_dir)
@@ -120,7 +137,7 @@ def _cases(rank, port, out_dir):
     try:
         groups = {n: None if len(r) == WORLD else dist.new_group(list(r)) for n, r in GROUPS.items()}
         results = {}
-        for name in [*CASES, "mismatch"]:
+        for name in [*CASES, "mismatch", "bad_lengths"]:
             group_name = CASES[name][0] if name in CASES else "world"
             if rank not in GROUPS[group_name]:
                 continue
@@ -128,6 +145,8 @@ def _cases(rank, port, out_dir):
             try:
                 if name == "mismatch":
                     _run_mismatch(groups[group_name], group_rank)
+                elif name == "bad_lengths":
+                    _run_bad_lengths(groups[group_name], group_rank)
                 else:
                     _run_case(name, groups[group_name], group_rank)
                 results[name] = None
@@ -160,7 +179,7 @@ def results(tmp_path_factory):
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("name", [*CASES, "mismatch"])
+@pytest.mark.parametrize("name", [*CASES, "mismatch", "bad_lengths"])
 def test_matches_single_process_reference(results, name):
     ranks = GROUPS[CASES[name][0] if name in CASES else "world"]
     assert all(name in results[r] for r in ranks)
@@ -194,11 +213,37 @@ def test_bad_inputs_are_named_before_any_communication():
         distributed.attention(q, q, q, window=4)
 
 
-def test_bidirectional_on_cuda_names_the_missing_kernel():
-    why = distributed._cuda_unsupported(Mask(False, 3, 2), torch.device("cuda"))
-    assert "right halo" in why
-    assert distributed._cuda_unsupported(Mask(True, 3), torch.device("cuda")) is None
-    assert distributed._cuda_unsupported(Mask(False, 3, 2), torch.device("cpu")) is None
+def test_pieces_cover_every_query_and_see_exactly_its_keys():
+    """Each piece of a rank's queries is one chunked launch (queries the last of its keys)
+    over keys [first, stop) with the shifted mask; together the pieces must give every query
+    exactly the keys of the whole-sequence mask, and the middle piece only local keys."""
+    rng = random.Random(1)
+    for _ in range(300):
+        size = rng.randint(1, 5)
+        lengths = [rng.randint(0, 9) for _ in range(size)]
+        total = sum(lengths)
+        if rng.random() < 0.4:
+            mask = Mask(True, rng.randint(0, 12))
+        else:
+            mask = Mask(False, rng.randint(0, 12), rng.randint(0, 12))
+        for rank in range(size):
+            plan = distributed.halo_plan(lengths, rank, mask)
+            middle, edges = distributed._split(mask, plan)
+            seen = []
+            for rows in [middle, *edges]:
+                if rows[1] == rows[0]:
+                    continue
+                first, stop, shift = distributed._key_span(mask, plan, rows)
+                if rows == middle:
+                    assert plan.start <= first and stop <= plan.stop, (lengths, mask, rank)
+                kmask = distributed._shifted(mask, shift)
+                for t in range(*rows):
+                    p = (stop - first) - (rows[1] - rows[0]) + (t - rows[0])
+                    got = [first + j for j in range(stop - first) if kmask.visible(p, j)]
+                    want = [j for j in range(total) if mask.visible(plan.start + t, j)]
+                    assert got == want, (lengths, mask, rank, rows, t)
+                    seen.append(t)
+            assert sorted(seen) == list(range(plan.stop - plan.start)), (lengths, mask, rank)
 
 
 def test_worked_example_of_the_docs():
