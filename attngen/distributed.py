@@ -166,7 +166,7 @@ class _Piece:
     mask: Mask              # the (shifted) mask its chunked launch runs
     k: torch.Tensor | None = None   # its keys and values when they include a halo (else: local)
     v: torch.Tensor | None = None
-    saved: object = None    # what its forward keeps for the backward (the log-sum-exp)
+    saved: object = None    # what its forward keeps for the backward (the log-sum-exp, ...)
 
 
 class _ContextParallel(torch.autograd.Function):
@@ -408,8 +408,8 @@ def _pieces(q, k, h: int, layout: str, scale, softcap, sinks):
 
 class _KernelPieces:
     """A piece is one launch of the variant's ``chunked`` kernel (queries the last of the
-    keys), through attngen's training ops: ``forward`` -> (out, lse), ``backward`` -> (dq, dk,
-    dv, dsinks)."""
+    keys), through attngen's training ops: ``forward`` -> (out, saved), ``backward`` -> (dq,
+    dk, dv, dsinks)."""
 
     def __init__(self, gqa: int, layout: str, scale, softcap, sinks):
         self.gqa, self.layout, self.scale, self.softcap, self.sinks = gqa, layout, scale, softcap, sinks
@@ -420,16 +420,19 @@ class _KernelPieces:
                           chunked=True).key
 
     def forward(self, q, k, v, mask, train: bool):
-        """(out, lse); the inference kernel, and no lse, when nothing needs a gradient."""
+        """(out, what the backward needs: the LSE and the rounding residual); the inference
+        kernel, saving nothing, when nothing needs a gradient."""
         args = (self._key(mask), q, k, v, self.sinks, None, None, None, None, self.scale, self.layout)
         if train:
-            return torch.ops.attngen.attention_fwd(*args)
+            out, lse, res = torch.ops.attngen.attention_fwd(*args)
+            return out, (lse, res)
         return torch.ops.attngen.attention(*args), None
 
-    def backward(self, q, k, v, out, lse, dout, mask):
+    def backward(self, q, k, v, out, saved, dout, mask):
+        lse, res = saved
         dq, dk, dv, dsinks = torch.ops.attngen.attention_bwd(
-            self._key(mask), q, k, v, out, lse, dout, self.sinks, None, None, None, None, self.scale,
-            self.layout)
+            self._key(mask), q, k, v, out, lse, res, dout, self.sinks, None, None, None, None,
+            self.scale, self.layout)
         return dq, dk, dv, dsinks if self.sinks is not None else None
 
 

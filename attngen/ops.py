@@ -7,8 +7,9 @@ when the op runs):
 
 * ``attngen::attention``       inference: the output, nothing saved;
 * ``attngen::attention_out``   the same into a caller's ``out`` (which it mutates);
-* ``attngen::attention_fwd``   the output and each query row's log-sum-exp, with a registered
-  autograd formula that runs ``attngen::attention_bwd`` (dq, dk, dv, dsinks).
+* ``attngen::attention_fwd``   the output, each query row's log-sum-exp and (variants with
+  sinks; else empty) the output's rounding residual, with a registered autograd formula that
+  runs ``attngen::attention_bwd`` (dq, dk, dv, dsinks).
 
 Each op has a fake implementation (shapes, strides and dtypes only), so ``torch.compile(...,
 fullgraph=True)`` traces through an attngen call without running it, and ``aot_autograd``
@@ -102,7 +103,7 @@ def _rows(q: Tensor, packed: bool, layout: str) -> tuple[int, ...]:
 def _attention_fwd(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
-                   layout: str) -> tuple[Tensor, Tensor]:
+                   layout: str) -> tuple[Tensor, Tensor, Tensor]:
     module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, layout)
     return module.forward(q, k, v, *offsets, **options)
@@ -111,24 +112,26 @@ def _attention_fwd(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optiona
 @_attention_fwd.register_fake
 def _(variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty(_rows(q, cu_seqlens_q is not None, layout), dtype=torch.float32)
+    packed = cu_seqlens_q is not None
+    res = q.new_empty(0) if sinks is None else q.new_empty(q.shape if packed else bhsd(q, layout).shape)
+    return out, q.new_empty(_rows(q, packed, layout), dtype=torch.float32), res
 
 
 @torch.library.custom_op("attngen::attention_bwd", mutates_args=())
 def _attention_bwd(variant: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   dout: Tensor, sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                   res: Tensor, dout: Tensor, sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                    cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int],
                    max_seqlen_k: Optional[int], scale: Optional[float],
                    layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dsinks); dsinks is empty for a variant without sinks."""
     module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, layout)
-    dq, dk, dv, dsinks = module.backward(q, k, v, out, lse, dout, *offsets, **options)
+    dq, dk, dv, dsinks = module.backward(q, k, v, out, lse, res, dout, *offsets, **options)
     return dq, dk, dv, q.new_empty(0) if dsinks is None else dsinks
 
 
 @_attention_bwd.register_fake
-def _(variant, q, k, v, out, lse, dout, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+def _(variant, q, k, v, out, lse, res, dout, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
       max_seqlen_k, scale, layout):
     if cu_seqlens_q is not None:
         grads = [torch.empty_like(t) for t in (q, k, v)]
@@ -139,16 +142,16 @@ def _(variant, q, k, v, out, lse, dout, sinks, cu_seqlens_q, cu_seqlens_k, max_s
 
 def _setup_context(ctx, inputs, output):
     variant, q, k, v, sinks, cu_q, cu_k, max_q, max_k, scale, layout = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, sinks, out, lse, cu_q, cu_k)
+    out, lse, res = output
+    ctx.mark_non_differentiable(lse, res)
+    ctx.save_for_backward(q, k, v, sinks, out, lse, res, cu_q, cu_k)
     ctx.options = (variant, max_q, max_k, scale, layout)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, sinks, out, lse, cu_q, cu_k = ctx.saved_tensors
+def _backward(ctx, dout, _dlse, _dres):
+    q, k, v, sinks, out, lse, res, cu_q, cu_k = ctx.saved_tensors
     variant, max_q, max_k, scale, layout = ctx.options
-    dq, dk, dv, dsinks = torch.ops.attngen.attention_bwd(variant, q, k, v, out, lse, dout, sinks,
+    dq, dk, dv, dsinks = torch.ops.attngen.attention_bwd(variant, q, k, v, out, lse, res, dout, sinks,
                                                          cu_q, cu_k, max_q, max_k, scale, layout)
     return (None, dq, dk, dv, None if sinks is None else dsinks, None, None, None, None, None, None)
 

@@ -144,7 +144,8 @@ class KernelSpec:
         dO * O), ``"_dkdv"`` and ``"_dq"``.  The kernels' signatures, the AOT signatures and
         the launcher's argument lists are all generated from these lists.  Each feature adds
         its own parameters here: sinks a logit per head (and, in the dQ kernel, each row's
-        sum of P * dP for their gradient), varlen the sequence offsets, softcap changes what
+        sum of P * dP for their gradient, and in the training forward and the delta kernel
+        the output's rounding residual), varlen the sequence offsets, softcap changes what
         the scale means.
 
         Each kernel has a twin, its suffix + ``"_i64"``, whose ``io``/``rows`` arrays
@@ -156,6 +157,9 @@ class KernelSpec:
         sinks = [Param("Sinks", "f32[]", "prepare_sinks(sinks, heads, q.device, NAME)")] if f.sinks else []
         # the sinks' gradient needs each row's sum of P * dP, exact in fp32 (the dQ kernel has it)
         sink_rows = [Param("PdP", "rows", "p_dp")] if f.sinks else []
+        # with sinks, delta = rowsum(dO * O) needs O as the forward had it in fp32, not rounded
+        # to the output dtype: the forward also keeps what the rounding lost (see the template)
+        residual = [Param("Res", "io", "res")] if f.sinks else []
         if f.varlen and f.chunked:
             offsets = [Param("CuQ", "i32[]", "cu_q"), Param("CuK", "i32[]", "cu_k")]
         elif f.varlen:
@@ -171,10 +175,10 @@ class KernelSpec:
         softmax_scale = Param("scale", "f32", "softmax_scale(scale, HEAD_DIM)")
         narrow = {
             "": (*qkv, Param("Out", "io", out), *sinks, *offsets, qk_scale),
-            "_fwd": (*qkv, Param("Out", "io", out), Param("Lse", "rows", "lse"), *sinks, *offsets,
-                     qk_scale),
-            "_delta": (Param("Out", "io", out), Param("dO", "io", "dout"), Param("Delta", "rows", "delta"),
-                       *offsets),
+            "_fwd": (*qkv, Param("Out", "io", out), Param("Lse", "rows", "lse"), *residual, *sinks,
+                     *offsets, qk_scale),
+            "_delta": (Param("Out", "io", out), *residual, Param("dO", "io", "dout"),
+                       Param("Delta", "rows", "delta"), *offsets),
             "_dkdv": (*qkv, *grads_in, Param("dK", "io", "dk"), Param("dV", "io", "dv"), *offsets,
                       qk_scale, softmax_scale),
             "_dq": (*qkv, *grads_in, Param("dQ", "io", "dq"), *sink_rows, *offsets, qk_scale,
