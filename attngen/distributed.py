@@ -7,30 +7,29 @@ A query sees only the keys of its window, so a rank needs only the keys just bef
 window, the ``right`` keys just after it: its *halo*.  Every rank derives from the chunk
 lengths (one ``all_gather``) which keys it receives from whom and which of its own keys it
 sends to whom (:func:`halo_plan`), so sends and receives match without further messages
-(``lengths=`` given, not even that one).  One ``batch_isend_irecv`` moves K and V.  The
-queries that see no halo key (all but the first ``L`` and, bidirectional, the last ``R``) run
-over the local keys while the halo is in flight; then the edge queries run over ``[left halo
-| their local keys]`` and ``[their local keys | right halo]``.  Every piece is one launch of
-the variant's ``chunked`` kernel, whose queries are the last of its keys: a bidirectional
-piece, whose last ``r`` keys follow its last query, runs the window shifted by ``r``
-(``left + r`` back, ``right - r`` ahead).  Only the halo and the ``L`` (``R``) local keys
-joined to it are copied.  The backward sends the halo's dK/dV back to the ranks that own
-those keys without waiting, runs the local part's backward while they travel, and adds what
-it received into its own at the end: the gradients are those of attention over the whole
-sequence in one process.  See ``docs/distributed.md`` for the data moved, the cost model
-and the limits.
+(``lengths=`` given, not even that one).  One ``batch_isend_irecv`` moves K and V.  While
+the halo is in flight, every local query attends to the local keys: one launch of the
+layer's own kernel on the tensors as given (no copies).  Then the first ``L`` queries
+attend to the left halo alone and, bidirectional, the last ``R`` to the right halo, each
+part a launch of a ``chunked`` kernel (queries the last of its keys) with the window
+shifted to where the part's keys lie; each part is merged into its rows' output through
+the log-sum-exp.  The backward runs each part's backward kernels with the merged output and
+log-sum-exp (which gives each part's share of the gradients), the halo parts first, so the
+halo keys' dK/dV leave for their owners while the local part's backward runs; what comes
+back is added last.  The gradients are those of attention over the whole sequence in one
+process.  See ``docs/distributed.md`` for the data moved, the cost model and the limits.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from . import reference
 from .mask import Mask
-from .support import check_layout
+from .support import LOG2E, bhsd, check_layout
 
 __all__ = ["HaloPlan", "attention", "halo_plan"]
 
@@ -148,127 +147,159 @@ def _received_halos(got, plan: HaloPlan, like: torch.Tensor, dim: int):
 
 @dataclass
 class _Job:
-    """One call's fixed parts: the exchange, the pieces' runner, the layout."""
+    """One call's fixed parts: the exchange, the kernels' runner, the layout."""
 
     plan: HaloPlan
     mask: Mask
     group: object
-    dim: int                # the sequence axis
-    run: object             # _KernelPieces or _ReferencePieces
-    train: bool             # whether autograd records the call (the pieces keep their LSE)
+    layout: str
+    run: object             # _KernelRunner or _ReferenceRunner
+    sinks: bool             # whether the layer has sinks (only the local part runs them)
 
 
 @dataclass
-class _Piece:
-    rows: tuple[int, int]   # local query rows [a, b)
-    first: int              # global positions [first, stop) of its keys
+class _HaloPart:
+    """Local query rows ``rows`` over the halo keys at global positions ``[first, stop)``."""
+
+    right: bool             # the right halo (else the left)
+    rows: tuple[int, int]
+    first: int
     stop: int
-    mask: Mask              # the (shifted) mask its chunked launch runs
-    k: torch.Tensor | None = None   # its keys and values when they include a halo (else: local)
+    mask: Mask              # the window as the chunked launch sees it (_shifted)
+    k: torch.Tensor | None = None       # views of its halo keys and values
     v: torch.Tensor | None = None
-    saved: object = None    # what its forward keeps for the backward (the log-sum-exp, ...)
+    out: torch.Tensor | None = None     # its output and log-sum-exp, for the sinks' gradient
+    lse: torch.Tensor | None = None
 
 
 class _ContextParallel(torch.autograd.Function):
-    """One rank's attention over the whole sequence: exchange, pieces, and their backward.
+    """One rank's attention over the whole sequence: the exchange, the parts, their merge and
+    their backward.
 
-    Forward: start the halo exchange; run the middle piece (the queries that see only local
-    keys, on views) while it is in flight; then the edge pieces over keys joined to the halo.
-    Backward: the edges first, whose halo-key gradients go back to their owners at once
-    (without waiting); the middle while they travel; then the gradients returned for this
-    rank's keys are added.  dQ, dK and dV are assembled here, once (no zero-filled full-size
-    gradient per piece)."""
+    Forward: start the halo exchange; every local query attends to the local keys (one
+    launch, on the tensors as given) while the halo is in flight; then the queries that see
+    the halo attend to the halo keys alone, and each such part is merged into the rows'
+    output through the log-sum-exp.  Backward: each part's backward kernels run with the
+    merged output and log-sum-exp, which gives each part's share of the gradients; the halo
+    parts first, so that their keys' dK/dV leave for their owners at once, then the local
+    part while they travel; the dK/dV returned for this rank's keys are added last."""
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, job: _Job):
-        plan, mask, s = job.plan, job.mask, job.dim
+        plan, s = job.plan, 2 if job.layout == "bhsd" else 1
         pending = _start_halo(k, v, plan, job.group, s)
-        middle, edges = _split(mask, plan)
-        pieces, outs = [], {}
-        if middle[1] > middle[0]:       # its keys are exactly the local chunk
-            first, stop, shift = _key_span(mask, plan, middle)    # (plan.start, plan.stop, ...)
-            piece = _Piece(middle, first, stop, _shifted(mask, shift))
-            outs[middle], piece.saved = job.run.forward(_rows(q, s, middle), k, v, piece.mask, job.train)
-            pieces.append(piece)
-        left, right = _received_halos(pending.wait(), plan, k, s)
-        for rows in edges:
-            first, stop, shift = _key_span(mask, plan, rows)
-            parts = []
-            for pair, at, end in ((left, plan.lo, plan.start), (None, plan.start, plan.stop),
-                                  (right, plan.stop, plan.hi)):
-                a, b = max(first, at), min(stop, end)
-                if a < b:
-                    parts.append(pair.narrow(s + 1, a - at, b - a) if pair is not None else
-                                 torch.stack([k.narrow(s, a - at, b - a), v.narrow(s, a - at, b - a)]))
-            pair = torch.cat(parts, s + 1)
-            piece = _Piece(rows, first, stop, _shifted(mask, shift), pair[0], pair[1])
-            outs[rows], piece.saved = job.run.forward(_rows(q, s, rows), piece.k, piece.v, piece.mask,
-                                                      job.train)
-            pieces.append(piece)
-        ordered = [outs[r] for r in sorted(outs)]
-        out = ordered[0] if len(ordered) == 1 else torch.cat(ordered, s) if ordered else torch.empty_like(q)
-        ctx.job, ctx.pieces = job, pieces
-        ctx.save_for_backward(q, k, v, sinks, out)
+        out, lse, res = job.run.forward(q, k, v, job.mask, job.sinks)
+        parts = _halo_parts(job.mask, plan)
+        if parts:
+            halos = _received_halos(pending.wait(), plan, k, s)
+            o4, r4 = bhsd(out, job.layout), res if res.numel() else None
+            for part in parts:
+                pair, at = (halos[1], plan.stop) if part.right else (halos[0], plan.lo)
+                part.k, part.v = (t.narrow(s, part.first - at, part.stop - part.first) for t in pair)
+                oh, lh, _ = job.run.forward(_rows(q, s, part.rows), part.k, part.v, part.mask, False)
+                part.out, part.lse = oh, lh
+                rows = part.rows
+                o, l = _rows(o4, 2, rows), _rows(lse, 2, rows)
+                merged = torch.logaddexp2(l, lh)
+                exact = _wide(o) if r4 is None else _wide(o) + _wide(_rows(r4, 2, rows))
+                exact = (exact * torch.exp2(l - merged)[..., None]
+                         + _wide(bhsd(oh, job.layout)) * torch.exp2(lh - merged)[..., None])
+                o.copy_(exact)
+                if r4 is not None:      # what rounding the merged output lost (see the kernels)
+                    _rows(r4, 2, rows).copy_(exact - _wide(o))
+                l.copy_(merged)
+        else:
+            pending.wait()
+        ctx.job, ctx.parts = job, parts
+        ctx.save_for_backward(q, k, v, sinks, out, lse, res)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, sinks, out = ctx.saved_tensors
-        job, pieces = ctx.job, ctx.pieces
-        plan, s = job.plan, job.dim
-        dq = torch.empty_like(q) if len(pieces) != 1 else None
-        dsinks = None
-
-        def run(piece):
-            """The piece's backward: its dQ rows go into dq; returns its keys' (dK, dV)."""
-            nonlocal dq, dsinks
-            kk, vv = (k, v) if piece.k is None else (piece.k, piece.v)
-            gq, gk, gv, gs = job.run.backward(_rows(q, s, piece.rows), kk, vv, _rows(out, s, piece.rows),
-                                              piece.saved, _rows(dout, s, piece.rows), piece.mask)
-            if dq is None:
-                dq = gq
-            else:
-                _rows(dq, s, piece.rows).copy_(gq)
-            if gs is not None:
-                dsinks = gs if dsinks is None else dsinks + gs
-            return gk, gv
-
-        # The edges first: their halo keys' gradients leave while the middle runs.
-        halos = {}                  # False / True: (dK, dV) of the left / right halo
-        local = []                  # ((a, b), dK, dV) of local keys an edge saw
-        for piece in (p for p in pieces if p.k is not None):
-            grads = run(piece)
-            for right, at, end in ((False, plan.lo, plan.start), (True, plan.stop, plan.hi)):
-                a, b = max(piece.first, at), min(piece.stop, end)
-                if a < b:
-                    halo = halos.setdefault(right, [g.new_zeros(_pair_shape(k, s, end - at)[1:]) for g in grads])
-                    for h, g in zip(halo, grads):
-                        h.narrow(s, a - at, b - a).add_(g.narrow(s, a - piece.first, b - a))
-            a, b = max(piece.first, plan.start), min(piece.stop, plan.stop)
-            if a < b:
-                local.append(((a, b), *(g.narrow(s, a - piece.first, b - a) for g in grads)))
+        q, k, v, sinks, out, lse, res = ctx.saved_tensors
+        job, parts = ctx.job, ctx.parts
+        plan, s = job.plan, 2 if job.layout == "bhsd" else 1
+        halo_grads, dq_parts, dsinks_parts = {}, [], []
+        for part in parts:          # the halo parts first: their keys' gradients leave early
+            rows = part.rows
+            gq, gk, gv, _ = job.run.backward(_rows(q, s, rows), part.k, part.v, _rows(out, s, rows),
+                                             _rows(lse, 2, rows), q.new_empty(0), _rows(dout, s, rows),
+                                             part.mask, False)
+            dq_parts.append((rows, gq))
+            at, end = (plan.stop, plan.hi) if part.right else (plan.lo, plan.start)
+            acc = halo_grads.setdefault(part.right, [g.new_zeros(_pair_shape(k, s, end - at)[1:]) for g in (gk, gv)])
+            for a_, g in zip(acc, (gk, gv)):
+                a_.narrow(s, part.first - at, part.stop - part.first).add_(g)
+            if job.sinks:
+                dsinks_parts.append(_halo_sink_grad(sinks, part, _rows(lse, 2, rows),
+                                                    _rows(dout, s, rows), job.layout))
         pending = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:      # the same on every rank
             sends = []
             for p, a, b in plan.recv:
                 right = p > plan.rank
                 at = plan.stop if right else plan.lo
-                sends.append((p, torch.stack([g.narrow(s, a - at, b - a) for g in halos[right]])))
+                sends.append((p, torch.stack([g.narrow(s, a - at, b - a) for g in halo_grads[right]])))
             pending = _Pending(job.group, sends, [(p, _pair_shape(k, s, b - a)) for p, a, b in plan.send], k)
-        # The middle piece's keys are this rank's: its dK, dV are the start of the rank's own.
-        middle = [p for p in pieces if p.k is None]
-        dk, dv = run(middle[0]) if middle else (torch.zeros_like(k), torch.zeros_like(v))
-        returned = [((a, b), g[0], g[1]) for g, (_, a, b) in zip(pending.wait(), plan.send)] if pending else []
-        for (a, b), gk, gv in local + returned:
-            dk.narrow(s, a - plan.start, b - a).add_(gk)
-            dv.narrow(s, a - plan.start, b - a).add_(gv)
-        if dq is None:
-            dq = torch.zeros_like(q)      # no query on this rank
+        dq, dk, dv, dsinks = job.run.backward(q, k, v, out, lse, res, dout, job.mask, job.sinks)
+        for rows, gq in dq_parts:
+            _rows(dq, s, rows).add_(gq)
+        for extra in dsinks_parts:
+            dsinks = dsinks + extra
+        if pending is not None:
+            for g, (_, a, b) in zip(pending.wait(), plan.send):
+                dk.narrow(s, a - plan.start, b - a).add_(g[0])
+                dv.narrow(s, a - plan.start, b - a).add_(g[1])
         return dq, dk, dv, dsinks, None
 
 
 def _rows(t: torch.Tensor, dim: int, rows) -> torch.Tensor:
     return t.narrow(dim, rows[0], rows[1] - rows[0])
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 at least (float64 stays float64): the precision the merge runs in."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _halo_parts(mask: Mask, plan: HaloPlan) -> list[_HaloPart]:
+    """The launches that attend this rank's queries to its halo keys.  The first ``L`` local
+    queries see the left halo and the last ``R`` the right one.  A chunked launch needs
+    S_q <= S_k, so where a halo is shorter than the queries that see it (a chunk near the
+    sequence's start or end) the queries go in several launches, each over the halo keys its
+    queries see."""
+    parts, n = [], plan.stop - plan.start
+    if plan.left:
+        qa, end = plan.start, plan.start + min(mask.left, n)
+        while qa < end:
+            first = max(plan.lo, qa - mask.left)
+            if first >= plan.start:
+                break
+            qb = min(end, qa + plan.start - first)
+            parts.append(_HaloPart(False, (qa - plan.start, qb - plan.start), first, plan.start,
+                                   _shifted(mask, plan.start - qb)))
+            qa = qb
+    if plan.right:
+        qb, begin = plan.stop, plan.stop - min(mask.right, n)
+        while qb > begin:
+            stop = min(plan.hi, qb + mask.right)
+            if stop <= plan.stop:
+                break
+            qa = max(begin, qb - (stop - plan.stop))
+            parts.append(_HaloPart(True, (qa - plan.start, qb - plan.start), plan.stop, stop,
+                                   _shifted(mask, stop - qb)))
+            qb = qa
+    return parts
+
+
+def _halo_sink_grad(sinks, part: _HaloPart, lse, dout, layout: str):
+    """The halo keys' share of the sinks' gradient for ``part``'s rows: -p_sink times the
+    sum over the halo keys of P dP, which is rowsum(dO * the part's output) rescaled from the
+    part's normalisation to the row's (the local part's kernels add the local keys' share)."""
+    share = (_wide(bhsd(dout, layout)) * _wide(bhsd(part.out, layout))).sum(-1)
+    share = share * torch.exp2(part.lse - lse)
+    p_sink = torch.exp2(_wide(sinks).reshape(1, -1, 1) * LOG2E - lse)
+    return (-(p_sink * share).sum(dim=(0, 2))).to(sinks.dtype)
 
 
 def _mask(window, causal) -> Mask:
@@ -343,40 +374,19 @@ def attention(q, k, v, *, window, causal: bool = True, group=None, layout: str =
             raise ValueError(f"lengths must give the chunk length of each of the group's {size} "
                              f"ranks, this rank's ({rank}) being {k.shape[s]}; got {lengths}")
     plan = halo_plan(lengths, rank, mask)
-    train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks))
-    job = _Job(plan, mask, group, s, _pieces(q, k, h, layout, scale, softcap, sinks), train)
+    job = _Job(plan, mask, group, layout, _runner(q, k, h, layout, scale, softcap, sinks), sinks is not None)
     return _ContextParallel.apply(q, k, v, sinks, job)
 
 
-def _split(mask: Mask, plan: HaloPlan):
-    """This rank's queries (local rows ``[a, b)``) as the middle that sees only local keys,
-    and the edges that see the left or the right halo (one edge when both halos reach the
-    same queries)."""
-    n = plan.stop - plan.start
-    a = min(mask.left, n) if plan.left else 0
-    b = max(n - (mask.right or 0), 0) if plan.right else n
-    if a >= b:                      # every query sees a halo
-        return (0, 0), [(0, n)] if n else []
-    return (a, b), [e for e in ((0, a), (b, n)) if e[1] > e[0]]
-
-
-def _key_span(mask: Mask, plan: HaloPlan, rows):
-    """The global positions ``[first, stop)`` of the keys local query rows ``rows`` see, and
-    how far the last key lies past the last query (``stop - 1`` minus its position)."""
-    first = max(plan.lo, plan.start + rows[0] - mask.left)
-    stop = min(plan.hi, plan.start + rows[1] + (mask.right or 0))
-    return first, stop, stop - (plan.start + rows[1])
-
-
 def _shifted(mask: Mask, shift: int) -> Mask:
-    """The mask of a chunked launch whose queries are the last of its keys but ``shift``: the
-    kernels put query ``t`` of ``S_q`` at key position ``S_k - S_q + t``, which is ``shift``
-    past its true position when ``shift`` keys follow the last query (a bidirectional
-    window's right reach, cut at the sequence end).  In the kernel's positions the query
-    sees ``left + shift`` keys back and ``right - shift`` ahead."""
-    if mask.causal:
-        return mask                 # keys never follow a causal query: shift is 0
-    return Mask(False, mask.left + shift, mask.right - shift)
+    """The window as a chunked launch sees it when its last key lies ``shift`` positions past
+    its last query (negative: before it).  The kernels put query ``t`` of ``S_q`` at key
+    position ``S_k - S_q + t``, ``shift`` past its true position; there the query sees
+    ``left + shift`` keys back and ``right - shift`` ahead (a causal window's right is 0;
+    the parts never ask for a key past the query, so ``shift < 0`` keeps it causal)."""
+    if shift == 0:
+        return mask
+    return Mask(False, mask.left + shift, (mask.right or 0) - shift)
 
 
 def _gathered_lengths(q, k, mask: Mask, needs_grad: bool, s: int, h: int, group,
@@ -399,66 +409,93 @@ def _gathered_lengths(q, k, mask: Mask, needs_grad: bool, s: int, h: int, group,
     return [r[0] for r in rows]
 
 
-def _pieces(q, k, h: int, layout: str, scale, softcap, sinks):
-    """How a piece runs: attngen's chunked kernels on CUDA, the reference elsewhere."""
+def _runner(q, k, h: int, layout: str, scale, softcap, sinks):
+    """How one part runs: attngen's kernels on CUDA, their float64-capable emulation elsewhere."""
+    gqa = q.shape[h] // k.shape[h]
     if q.device.type == "cuda":
-        return _KernelPieces(q.shape[h] // k.shape[h], layout, scale, softcap, sinks)
-    return _ReferencePieces(layout, scale, softcap, sinks)
+        return _KernelRunner(gqa, layout, scale, softcap, sinks)
+    return _ReferenceRunner(gqa, layout, scale, softcap, sinks)
 
 
-class _KernelPieces:
-    """A piece is one launch of the variant's ``chunked`` kernel (queries the last of the
-    keys), through attngen's training ops: ``forward`` -> (out, saved), ``backward`` -> (dq,
-    dk, dv, dsinks)."""
+class _KernelRunner:
+    """A part is one launch of a generated kernel through attngen's training ops (queries
+    the last of the keys: the ``chunked`` variant where there are fewer queries than keys):
+    ``forward`` -> (out, log-sum-exp, rounding residual), ``backward`` -> (dq, dk, dv, dsinks)
+    given the (merged) output and log-sum-exp."""
+
+    def __init__(self, gqa: int, layout: str, scale, softcap, sinks):
+        self.gqa, self.layout, self.scale, self.softcap, self.sinks = gqa, layout, scale, softcap, sinks
+        self.s = 2 if layout == "bhsd" else 1
+
+    def _args(self, mask: Mask, q, k, v, sinks: bool):
+        from .registry import get_kernel
+        chunked = k.shape[self.s] != q.shape[self.s]
+        key = get_kernel(mask, gqa=self.gqa, softcap=self.softcap, sinks=sinks, chunked=chunked).key
+        return key, q, k, v, (self.sinks if sinks else None)
+
+    def forward(self, q, k, v, mask: Mask, sinks: bool):
+        return torch.ops.attngen.attention_fwd(*self._args(mask, q, k, v, sinks), None, None, None, None,
+                                               self.scale, self.layout)
+
+    def backward(self, q, k, v, out, lse, res, dout, mask: Mask, sinks: bool):
+        key, q, k, v, sink = self._args(mask, q, k, v, sinks)
+        dq, dk, dv, dsinks = torch.ops.attngen.attention_bwd(key, q, k, v, out, lse, res, dout, sink,
+                                                             None, None, None, None, self.scale, self.layout)
+        return dq, dk, dv, dsinks if sinks else None
+
+
+class _ReferenceRunner:
+    """The kernels' interface computed by PyTorch in ``q.dtype`` (float64 in the CPU tests),
+    by the same formulas: the forward returns the output and the log-sum-exp (log2 units,
+    sinks included), the backward recomputes P from them (P = 2^(S log2 e - lse)), and
+    dS = P (dP - delta) with delta = rowsum(dO * O).  Dense scores per part: for checking
+    the exchange, the parts and their merge, not for speed."""
 
     def __init__(self, gqa: int, layout: str, scale, softcap, sinks):
         self.gqa, self.layout, self.scale, self.softcap, self.sinks = gqa, layout, scale, softcap, sinks
 
-    def _key(self, mask: Mask) -> str:
-        from .registry import get_kernel
-        return get_kernel(mask, gqa=self.gqa, softcap=self.softcap, sinks=self.sinks is not None,
-                          chunked=True).key
+    def _scores(self, q, k, mask: Mask):
+        q4, k4 = bhsd(q, self.layout), bhsd(k, self.layout).repeat_interleave(self.gqa, dim=1)
+        scale = q4.shape[-1] ** -0.5 if self.scale is None else self.scale
+        raw = q4 @ k4.transpose(-1, -2) * scale
+        t = torch.tanh(raw / self.softcap) if self.softcap is not None else None
+        scores = raw if t is None else self.softcap * t
+        rows = (k4.shape[2] - q4.shape[2]) + torch.arange(q4.shape[2])[:, None]
+        visible = mask.visible(rows, torch.arange(k4.shape[2])[None, :])
+        return scores.masked_fill(~visible, float("-inf")) * LOG2E, t, scale
 
-    def forward(self, q, k, v, mask, train: bool):
-        """(out, what the backward needs: the LSE and the rounding residual); the inference
-        kernel, saving nothing, when nothing needs a gradient."""
-        args = (self._key(mask), q, k, v, self.sinks, None, None, None, None, self.scale, self.layout)
-        if train:
-            out, lse, res = torch.ops.attngen.attention_fwd(*args)
-            return out, (lse, res)
-        return torch.ops.attngen.attention(*args), None
+    def forward(self, q, k, v, mask: Mask, sinks: bool):
+        s2, _, _ = self._scores(q, k, mask)
+        if sinks:
+            sink = (self.sinks.to(s2.dtype) * LOG2E).reshape(1, -1, 1, 1).expand(*s2.shape[:3], 1)
+            s2 = torch.cat([s2, sink], -1)
+        lse = torch.logsumexp(s2 * math.log(2), -1) * LOG2E
+        p = torch.exp2(s2 - lse[..., None])[..., :bhsd(k, self.layout).shape[2]]
+        out = p @ bhsd(v, self.layout).repeat_interleave(self.gqa, dim=1)
+        out = out.to(q.dtype)
+        return (out if self.layout == "bhsd" else out.transpose(1, 2)), lse, q.new_empty(0)
 
-    def backward(self, q, k, v, out, saved, dout, mask):
-        lse, res = saved
-        dq, dk, dv, dsinks = torch.ops.attngen.attention_bwd(
-            self._key(mask), q, k, v, out, lse, res, dout, self.sinks, None, None, None, None,
-            self.scale, self.layout)
-        return dq, dk, dv, dsinks if self.sinks is not None else None
+    def backward(self, q, k, v, out, lse, res, dout, mask: Mask, sinks: bool):
+        s2, t, scale = self._scores(q, k, mask)
+        q4, k4, v4 = (bhsd(x, self.layout) for x in (q, k, v))
+        do4, o4 = bhsd(dout, self.layout), bhsd(out, self.layout)
+        p = torch.exp2(s2 - lse[..., None])
+        dp = do4 @ v4.repeat_interleave(self.gqa, dim=1).transpose(-1, -2)
+        ds = p * (dp - (do4 * o4).sum(-1, keepdim=True))
+        if t is not None:
+            ds = ds * (1 - t * t)
+        dq = ds @ k4.repeat_interleave(self.gqa, dim=1) * scale
 
-
-class _ReferencePieces:
-    """A piece is :func:`attngen.reference.attention` in ``q.dtype``, queries the last of the
-    keys; its backward recomputes the piece under autograd."""
-
-    def __init__(self, layout: str, scale, softcap, sinks):
-        self.layout, self.scale, self.softcap, self.sinks = layout, scale, softcap, sinks
-
-    def _run(self, q, k, v, sinks, mask):
-        s = 2 if self.layout == "bhsd" else 1
-        return reference.attention(q, k, v, mask, scale=self.scale, layout=self.layout,
-                                   q_offset=k.shape[s] - q.shape[s], softcap=self.softcap,
-                                   sinks=sinks, dtype=q.dtype)
-
-    def forward(self, q, k, v, mask, train: bool):
-        return self._run(q, k, v, self.sinks, mask), None
-
-    def backward(self, q, k, v, out, saved, dout, mask):
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            sinks = None if self.sinks is None else self.sinks.detach().requires_grad_()
-            got = self._run(*leaves, sinks, mask)
-            grads = torch.autograd.grad(got, leaves + ([sinks] if sinks is not None else []), dout)
-        return (*grads[:3], grads[3] if sinks is not None else None)
+        def per_kv_head(x):     # the query heads of a GQA group summed onto their KV head
+            return x.reshape(x.shape[0], x.shape[1] // self.gqa, self.gqa, *x.shape[2:]).sum(2)
+        dk = per_kv_head(ds.transpose(-1, -2) @ q4) * scale
+        dv = per_kv_head(p.transpose(-1, -2) @ do4)
+        grads = [g.to(q.dtype) if self.layout == "bhsd" else g.to(q.dtype).transpose(1, 2) for g in (dq, dk, dv)]
+        dsinks = None
+        if sinks:
+            p_sink = torch.exp2(self.sinks.to(lse.dtype).reshape(1, -1, 1) * LOG2E - lse)
+            dsinks = (-(p_sink * (p * dp).sum(-1)).sum(dim=(0, 2))).to(self.sinks.dtype)
+        return (*grads, dsinks)
 
 
 def _dtype_code(dtype: torch.dtype) -> int:

@@ -1,7 +1,8 @@
 """Context parallelism on real devices: attngen.distributed against one process on the whole
 sequence (output and dq, dk, dv), and the time of one forward + backward: per rank with the
-halo exchange, the same rank's computation alone (its chunked launches on a halo already in
-place, no communication), and one GPU on the whole sequence.
+halo exchange, the same rank's computation alone (one chunked launch over [halo | local] with
+the halo already in place, no communication), and one GPU on the whole sequence (means of
+--reps steps).
 
     torchrun --nproc_per_node 2 scripts/cp_check.py [--seq 4096] [--window 1024] [--dtype fp16]
     # shape A at 256k: --seq 262144 --window 4096 --heads 32 --kv-heads 8 --head-dim 128 --dtype fp16
@@ -11,9 +12,10 @@ place, no communication), and one GPU on the whole sequence.
 The exchange is timed twice: with the chunk lengths gathered by the call (its all_gather and
 the host's wait for it) and with ``lengths=`` given.
 
-On GPUs (NCCL) both sides run attngen's kernels: the ranks the chunked kernel over their
-[halo | local] keys, the reference process the plain kernel over the whole sequence.  Without
-GPUs it runs on the CPU with gloo and the float64 reference (a check of this script).
+On GPUs (NCCL) both sides run attngen's kernels: the ranks attngen.distributed's parts, the
+reference process the plain kernel over the whole sequence.  Without GPUs it runs on the CPU
+with gloo, the ranks' float64 emulation of the kernels against the float64 reference (a
+check of this script).
 """
 import argparse
 import os

@@ -213,10 +213,11 @@ def test_bad_inputs_are_named_before_any_communication():
         distributed.attention(q, q, q, window=4)
 
 
-def test_pieces_cover_every_query_and_see_exactly_its_keys():
-    """Each piece of a rank's queries is one chunked launch (queries the last of its keys)
-    over keys [first, stop) with the shifted mask; together the pieces must give every query
-    exactly the keys of the whole-sequence mask, and the middle piece only local keys."""
+def test_parts_give_every_query_exactly_its_keys():
+    """A rank's queries attend to its local keys (the layer's mask) in one launch and to its
+    halo keys in the halo parts, each a chunked launch (queries the last of its keys: S_q <=
+    S_k) with the shifted mask.  Per query, the local keys and the halo parts' keys must be
+    exactly the whole-sequence mask's, each key once."""
     rng = random.Random(1)
     for _ in range(300):
         size = rng.randint(1, 5)
@@ -228,22 +229,21 @@ def test_pieces_cover_every_query_and_see_exactly_its_keys():
             mask = Mask(False, rng.randint(0, 12), rng.randint(0, 12))
         for rank in range(size):
             plan = distributed.halo_plan(lengths, rank, mask)
-            middle, edges = distributed._split(mask, plan)
-            seen = []
-            for rows in [middle, *edges]:
-                if rows[1] == rows[0]:
-                    continue
-                first, stop, shift = distributed._key_span(mask, plan, rows)
-                if rows == middle:
-                    assert plan.start <= first and stop <= plan.stop, (lengths, mask, rank)
-                kmask = distributed._shifted(mask, shift)
-                for t in range(*rows):
-                    p = (stop - first) - (rows[1] - rows[0]) + (t - rows[0])
-                    got = [first + j for j in range(stop - first) if kmask.visible(p, j)]
-                    want = [j for j in range(total) if mask.visible(plan.start + t, j)]
-                    assert got == want, (lengths, mask, rank, rows, t)
-                    seen.append(t)
-            assert sorted(seen) == list(range(plan.stop - plan.start)), (lengths, mask, rank)
+            seen = {t: [j for j in range(plan.start, plan.stop)
+                        if mask.visible(plan.start + t, j) and j < total]
+                    for t in range(plan.stop - plan.start)}
+            for part in distributed._halo_parts(mask, plan):
+                (a, b), first, stop = part.rows, part.first, part.stop
+                assert 0 < b - a <= stop - first, (lengths, mask, rank, part)
+                assert part.mask.left >= 0 and (part.mask.right or 0) >= 0
+                halo = (plan.stop, plan.hi) if part.right else (plan.lo, plan.start)
+                assert halo[0] <= first < stop <= halo[1]
+                for t in range(a, b):
+                    p = (stop - first) - (b - a) + (t - a)      # the kernel's query position
+                    seen[t] += [first + j for j in range(stop - first) if part.mask.visible(p, j)]
+            for t, keys in seen.items():
+                want = [j for j in range(total) if mask.visible(plan.start + t, j)]
+                assert sorted(keys) == want, (lengths, mask, rank, t)
 
 
 def test_worked_example_of_the_docs():
