@@ -213,21 +213,26 @@ def test_bad_inputs_are_named_before_any_communication():
         distributed.attention(q, q, q, window=4)
 
 
+def _random_splits(seed, count=300):
+    """(chunk lengths, mask) of 1-6 ranks holding 0-9 tokens each, causal or bidirectional
+    windows of up to 12 keys either way: windows shorter and longer than the chunks."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        lengths = [rng.randint(0, 9) for _ in range(rng.randint(1, 6))]
+        if rng.random() < 0.5:
+            yield lengths, Mask(True, rng.randint(0, 12))
+        else:
+            yield lengths, Mask(False, rng.randint(0, 12), rng.randint(0, 12))
+
+
 def test_parts_give_every_query_exactly_its_keys():
     """A rank's queries attend to its local keys (the layer's mask) in one launch and to its
     halo keys in the halo parts, each a chunked launch (queries the last of its keys: S_q <=
     S_k) with the shifted mask.  Per query, the local keys and the halo parts' keys must be
     exactly the whole-sequence mask's, each key once."""
-    rng = random.Random(1)
-    for _ in range(300):
-        size = rng.randint(1, 5)
-        lengths = [rng.randint(0, 9) for _ in range(size)]
+    for lengths, mask in _random_splits(seed=1):
         total = sum(lengths)
-        if rng.random() < 0.4:
-            mask = Mask(True, rng.randint(0, 12))
-        else:
-            mask = Mask(False, rng.randint(0, 12), rng.randint(0, 12))
-        for rank in range(size):
+        for rank in range(len(lengths)):
             plan = distributed.halo_plan(lengths, rank, mask)
             seen = {t: [j for j in range(plan.start, plan.stop)
                         if mask.visible(plan.start + t, j) and j < total]
@@ -263,16 +268,9 @@ def test_worked_example_of_the_docs():
 
 
 def test_sends_and_receives_match_and_cover_exactly_the_visible_keys():
-    rng = random.Random(0)
-    for _ in range(300):
-        size = rng.randint(1, 6)
-        lengths = [rng.randint(0, 7) for _ in range(size)]
+    for lengths, mask in _random_splits(seed=0):
         total = sum(lengths)
-        if rng.random() < 0.5:
-            mask = Mask(True, rng.randint(0, 12))
-        else:
-            mask = Mask(False, rng.randint(0, 12), rng.randint(0, 12))
-        plans = [distributed.halo_plan(lengths, r, mask) for r in range(size)]
+        plans = [distributed.halo_plan(lengths, r, mask) for r in range(len(lengths))]
         for a, plan in enumerate(plans):
             for p, lo, hi in plan.recv:
                 assert (a, lo, hi) in plans[p].send
