@@ -262,6 +262,8 @@ def test_worked_example_of_the_docs():
         (((0, 5, 6), (1, 6, 12)), ()),
     ]
     assert [(p.lo, p.hi, p.left) for p in plans] == [(0, 6, 0), (0, 12, 6), (5, 14, 7)]
+    parts = [[(h.rows, h.first, h.stop) for h in distributed._halo_parts(mask, p)] for p in plans]
+    assert parts == [[], [((0, 6), 0, 6)], [((0, 2), 5, 12)]]      # local rows, halo keys
     plans = [distributed.halo_plan([6, 6, 2], r, Mask.from_window({"left": 2, "right": 3}, False))
              for r in range(3)]
     assert [p.recv for p in plans] == [((1, 6, 9),), ((0, 4, 6), (2, 12, 14)), ((1, 10, 12),)]
