@@ -280,16 +280,18 @@ def table(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
-def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = False) -> list[dict]:
+def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = False,
+         dq: bool = False) -> list[dict]:
     """Time each candidate tile config of the attngen kernel for ``shape``: the forward's, or
     with ``backward`` the backward kernels' (each candidate in place of the table's row for
-    the head dim, timing the backward pass)."""
+    the head dim, timing the backward pass): dK/dV's and dQ's, or with ``dq`` dQ's alone."""
     from . import tuning
 
     rows = []
     for tiles in candidates:
-        table = tuning.BACKWARD[tuning.DEFAULT_ARCH]
-        saved = table[shape.head_dim]
+        table = (tuning.DQ if dq else tuning.BACKWARD)[tuning.DEFAULT_ARCH]
+        saved = table.get(shape.head_dim)
+        dq_saved = tuning.DQ[tuning.DEFAULT_ARCH].pop(shape.head_dim, None) if backward and not dq else None
         try:
             if backward:
                 table[shape.head_dim] = tiles
@@ -302,7 +304,12 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
             say(f"{shape.label}: {tiles.tag}: failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         finally:
-            table[shape.head_dim] = saved
+            if saved is None:
+                table.pop(shape.head_dim, None)
+            else:
+                table[shape.head_dim] = saved
+            if dq_saved is not None:
+                tuning.DQ[tuning.DEFAULT_ARCH][shape.head_dim] = dq_saved
         rows += got
         times = "  ".join(f"S={r['seq']}: {r['us_p50']:.1f}us {r['tflops']:.0f}TF err {r['rel_err']:.1e}"
                           for r in got)
@@ -310,9 +317,10 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
     if rows:
         best = min(candidates, key=lambda t: sum(r["us_p50"] for r in rows if r["tiles"] == asdict(t))
                    if any(r["tiles"] == asdict(t) for r in rows) else math.inf)
-        default = tuning.backward_tiles(shape.head_dim) if backward else \
+        default = (tuning.dq_tiles if dq else tuning.backward_tiles)(shape.head_dim) if backward else \
             tiles_for(shape.head_dim, shape.mask, shape.heads // shape.heads_kv)
-        say(f"{shape.label}: best {'backward ' if backward else ''}{best.tag} (table: {default.tag})")
+        what = ("dQ " if dq else "backward ") if backward else ""
+        say(f"{shape.label}: best {what}{best.tag} (table: {default.tag})")
     return rows
 
 
@@ -361,6 +369,8 @@ def main(argv=None) -> int:
                            default=[parse_tiles(t) for t in DEFAULT_CANDIDATES])
             p.add_argument("--backward", action="store_true",
                            help="tune the backward kernels' tiles (timing the backward pass)")
+            p.add_argument("--dq", action="store_true",
+                           help="with --backward: the dQ kernel's tiles alone (dK/dV keep the table's)")
     p = sub.add_parser("plot", help="draw a JSON file written by `run`")
     p.add_argument("json")
     p.add_argument("png")
@@ -388,7 +398,9 @@ def main(argv=None) -> int:
         if args.command == "run":
             rows += bench(shape, names=args.impl, tiles=args.tiles, which=args.which)
         else:
-            rows += tune(shape, args.candidates, backward=args.backward)
+            if args.dq and not args.backward:
+                parser.error("--dq tunes a backward kernel: give --backward too")
+            rows += tune(shape, args.candidates, backward=args.backward, dq=args.dq)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"command": " ".join(["attngen bench", *(argv or sys.argv[1:])]),

@@ -97,11 +97,25 @@ BACKWARD: dict[str, dict[int, Tiles]] = {
 }
 
 
+# arch -> head_dim -> tiles of the dQ kernel (DQ_M query rows a program, DQ_N keys a step),
+# tuned apart from dK/dV's (`attngen bench tune --backward --dq`); a head dim without a row
+# takes its BACKWARD row.  H100 sweep (docs/performance.md): D = 256 takes 128-row programs
+# over 32-key steps (backward pass 9.5-11.6 % faster at shape B), D = 64 narrower steps at
+# occupancy 4 (6 % at shape C); at D = 128 nothing beat the shared 64 x 64 at both lengths.
+DQ: dict[str, dict[int, Tiles]] = {
+    "sm_90": {64: Tiles(64, 32, 4, 1), 256: Tiles(128, 32, 1, 1, worker_warps=8)},
+}
+
+
 def backward_tiles(head_dim: int) -> Tiles:
     try:
         return BACKWARD[DEFAULT_ARCH][head_dim]
     except KeyError:
         raise ValueError(f"no backward tile table entry for head_dim {head_dim}") from None
+
+
+def dq_tiles(head_dim: int) -> Tiles:
+    return DQ[DEFAULT_ARCH].get(head_dim) or backward_tiles(head_dim)
 
 
 def tiles_for(head_dim: int, mask: Mask, gqa: int = 1, varlen: bool = False) -> Tiles:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from .mask import Mask
 from .support import check_dtype, check_gqa, check_head_dim, check_positive_number, forced_pack
-from .tuning import Tiles, backward_tiles
+from .tuning import Tiles, backward_tiles, dq_tiles
 from .version import fingerprint
 
 
@@ -199,12 +199,22 @@ class KernelSpec:
 
     @property
     def backward_tiles(self) -> Tiles:
-        """Tiles of the backward kernels (from the tuned table; part of the hash)."""
+        """Tiles of the delta and dK/dV kernels (from the tuned table; part of the hash)."""
         return backward_tiles(self.head_dim)
 
     @property
+    def dq_tiles(self) -> Tiles:
+        """Tiles of the dQ kernel (from the tuned table; part of the hash)."""
+        return dq_tiles(self.head_dim)
+
+    @property
+    def _dq_tag(self) -> str:
+        """The dQ tiles in the hash where they differ from dK/dV's (names stay as they were)."""
+        return "" if self.dq_tiles == self.backward_tiles else "dq" + self.dq_tiles.tag
+
+    @property
     def hash(self) -> str:
-        text = json.dumps(self.as_dict(), sort_keys=True) + self.backward_tiles.tag + fingerprint()
+        text = json.dumps(self.as_dict(), sort_keys=True) + self.backward_tiles.tag + self._dq_tag + fingerprint()
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     @property

@@ -16,7 +16,7 @@ import torch
 from attngen import codegen, version
 from attngen.cases import cases_for
 from attngen.mask import Mask
-from attngen.tuning import BACKWARD, DEFAULT_ARCH, Tiles, tiles_for
+from attngen.tuning import BACKWARD, DEFAULT_ARCH, DQ, Tiles, tiles_for
 from attngen.variant import Features, KernelSpec
 
 
@@ -124,6 +124,7 @@ def test_constants_are_the_spec_and_nothing_else(spec):
         assert c["BLOCK_M"] == t.block_m
     assert c.get("GROUP") == (spec.gqa if spec.gqa > 1 else None)      # the backward's group loop
     assert (c["BWD_M"], c["BWD_N"]) == (spec.backward_tiles.block_m, spec.backward_tiles.block_n)
+    assert (c["DQ_M"], c["DQ_N"]) == (spec.dq_tiles.block_m, spec.dq_tiles.block_n)
     cap = spec.features.softcap
     assert c.get("SOFTCAP_LOG2") == (None if cap is None else pytest.approx(cap * math.log2(math.e)))
     fn = kernel_function(spec)
@@ -234,7 +235,7 @@ def tile_sizes(spec, suffix):
     """The constants that size a query tile (in positions) and a KV block of a kernel that loops
     over KV blocks: the forward (``""``) or dQ."""
     if suffix == "_dq":
-        return "BWD_M", "BWD_N"
+        return "DQ_M", "DQ_N"
     return "POSITIONS" if spec.tiles.pack > 1 else "BLOCK_M", "BLOCK_N"
 
 
@@ -292,9 +293,11 @@ def query_tile_program(spec):
 
 
 def use_backward_tiles(monkeypatch, tiles):
-    """Give head_dim 64 kernels backward tiles of ``tiles``' shape (KernelSpec.backward_tiles
-    reads them from the tuned table)."""
+    """Give head_dim 64 kernels dK/dV tiles of ``tiles``' shape and dQ tiles of the transposed
+    shape (KernelSpec.backward_tiles and dq_tiles read them from the tuned tables), so that the
+    dQ kernel's bounds are checked with tiles of their own."""
     monkeypatch.setitem(BACKWARD[DEFAULT_ARCH], 64, Tiles(tiles.block_m, tiles.block_n, 1, 1))
+    monkeypatch.setitem(DQ[DEFAULT_ARCH], 64, Tiles(tiles.block_n, tiles.block_m, 1, 1))
 
 
 def grid(mask, rows, keys):
@@ -320,7 +323,7 @@ TILES = [Tiles(16, 16, 1, 1), Tiles(32, 16, 1, 1), Tiles(16, 32, 1, 1), Tiles(32
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.tag)
 def test_visited_blocks_hold_every_visible_key_and_unmasked_blocks_no_hidden_one(mask, tiles, chunked,
                                                                                  monkeypatch):
-    """In the forward (tiles ``tiles``) and the dQ kernel (BWD_M x BWD_N tiles of its shape)."""
+    """In the forward (tiles ``tiles``) and the dQ kernel (DQ_M x DQ_N: the shape transposed)."""
     use_backward_tiles(monkeypatch, tiles)
     spec = kernel(mask, gqa=2, head_dim=64, tiles=tiles, chunked=chunked)
     for suffix in ("", "_dq"):
@@ -404,3 +407,25 @@ def test_bounds_do_o_s_w_work(mask, chunked, monkeypatch):
     for kb in far:
         _, tiles, _ = run(kb + 2_000, seq, seq_q)
         assert 0 < len(tiles) <= cdiv(bn + w - 1, bm) + 1
+
+
+def test_dq_tiles_are_their_own_row_and_part_of_the_name(monkeypatch):
+    """A DQ row sizes and hints the dQ kernel and its grid alone (dK/dV keep BACKWARD's), and
+    renames the variant; without one the dQ kernel takes BACKWARD's row and the name is as
+    before."""
+    monkeypatch.delitem(DQ[DEFAULT_ARCH], 64, raising=False)
+    spec = kernel(head_dim=64)
+    before = spec.name
+    assert spec.dq_tiles == spec.backward_tiles
+    monkeypatch.setitem(DQ[DEFAULT_ARCH], 64, Tiles(128, 32, 1, 1, worker_warps=8))
+    spec = kernel(head_dim=64)
+    assert spec.name != before
+    c = constants(spec)
+    assert (c["DQ_M"], c["DQ_N"]) == (128, 32)
+    assert (c["BWD_M"], c["BWD_N"]) == (spec.backward_tiles.block_m, spec.backward_tiles.block_n)
+    hints = {kw.arg: ast.literal_eval(kw.value)
+             for kw in kernel_function(spec, "_dq").decorator_list[0].keywords}
+    assert hints == {"occupancy": 1, "num_ctas": 1, "num_worker_warps": 8}
+    assert "num_worker_warps" not in ast.unparse(kernel_function(spec, "_dkdv").decorator_list[0])
+    launcher = codegen.render(spec)["launcher.py"]
+    assert '["_dq"], ' in launcher and "((seq + 127) // 128, batch * heads, 1)" in launcher
