@@ -287,14 +287,16 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
     the head dim, timing the backward pass): dK/dV's and dQ's, or with ``dq`` dQ's alone."""
     from . import tuning
 
+    # the table rows a backward candidate stands in for: dQ's, or dK/dV's and dQ's
+    tables = [] if not backward else [tuning.DQ] if dq else [tuning.BACKWARD, tuning.DQ]
+    tables = [t[tuning.DEFAULT_ARCH] for t in tables]
+    saved = [t.get(shape.head_dim) for t in tables]
     rows = []
     for tiles in candidates:
-        table = (tuning.DQ if dq else tuning.BACKWARD)[tuning.DEFAULT_ARCH]
-        saved = table.get(shape.head_dim)
-        dq_saved = tuning.DQ[tuning.DEFAULT_ARCH].pop(shape.head_dim, None) if backward and not dq else None
         try:
             if backward:
-                table[shape.head_dim] = tiles
+                for table in tables:
+                    table[shape.head_dim] = tiles
                 got = bench(shape, names=("attngen",), say=lambda _: None, which="bwd")
                 for r in got:
                     r["tiles"] = asdict(tiles)
@@ -304,12 +306,11 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
             say(f"{shape.label}: {tiles.tag}: failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         finally:
-            if saved is None:
-                table.pop(shape.head_dim, None)
-            else:
-                table[shape.head_dim] = saved
-            if dq_saved is not None:
-                tuning.DQ[tuning.DEFAULT_ARCH][shape.head_dim] = dq_saved
+            for table, row in zip(tables, saved):
+                if row is None:
+                    table.pop(shape.head_dim, None)
+                else:
+                    table[shape.head_dim] = row
         rows += got
         times = "  ".join(f"S={r['seq']}: {r['us_p50']:.1f}us {r['tflops']:.0f}TF err {r['rel_err']:.1e}"
                           for r in got)

@@ -22,6 +22,7 @@ process.  See ``docs/distributed.md`` for the data moved, the cost model and the
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 from .mask import Mask
-from .support import LOG2E, bhsd, check_layout
+from .ops import sink_grad
+from .support import LOG2E, at_least_fp32, bhsd, check_layout
 
 __all__ = ["HaloPlan", "attention", "halo_plan"]
 
@@ -121,9 +123,14 @@ class _Pending:
         return self.received
 
 
+def _shape_at(t: torch.Tensor, dim: int, n: int) -> tuple[int, ...]:
+    """``t``'s shape, ``n`` positions long along ``dim``."""
+    return (*t.shape[:dim], n, *t.shape[dim + 1:])
+
+
 def _pair_shape(t: torch.Tensor, dim: int, n: int) -> tuple[int, ...]:
     """The shape of K and V stacked, ``n`` positions long along ``dim``."""
-    return (2, *t.shape[:dim], n, *t.shape[dim + 1:])
+    return (2, *_shape_at(t, dim, n))
 
 
 def _start_halo(k, v, plan: HaloPlan, group, dim: int) -> _Pending:
@@ -201,12 +208,12 @@ class _ContextParallel(torch.autograd.Function):
                 rows = part.rows
                 o, l = _rows(o4, 2, rows), _rows(lse, 2, rows)
                 merged = torch.logaddexp2(l, lh)
-                exact = _wide(o) if r4 is None else _wide(o) + _wide(_rows(r4, 2, rows))
+                exact = at_least_fp32(o) if r4 is None else at_least_fp32(o) + at_least_fp32(_rows(r4, 2, rows))
                 exact = (exact * torch.exp2(l - merged)[..., None]
-                         + _wide(bhsd(oh, job.layout)) * torch.exp2(lh - merged)[..., None])
+                         + at_least_fp32(bhsd(oh, job.layout)) * torch.exp2(lh - merged)[..., None])
                 o.copy_(exact)
                 if r4 is not None:      # what rounding the merged output lost (see the kernels)
-                    _rows(r4, 2, rows).copy_(exact - _wide(o))
+                    _rows(r4, 2, rows).copy_(exact - at_least_fp32(o))
                 l.copy_(merged)
         else:
             pending.wait()
@@ -227,7 +234,7 @@ class _ContextParallel(torch.autograd.Function):
                                              part.mask, False)
             dq_parts.append((rows, gq))
             at, end = (plan.stop, plan.hi) if part.right else (plan.lo, plan.start)
-            acc = halo_grads.setdefault(part.right, [g.new_zeros(_pair_shape(k, s, end - at)[1:]) for g in (gk, gv)])
+            acc = halo_grads.setdefault(part.right, [g.new_zeros(_shape_at(k, s, end - at)) for g in (gk, gv)])
             for a_, g in zip(acc, (gk, gv)):
                 a_.narrow(s, part.first - at, part.stop - part.first).add_(g)
             if job.sinks:
@@ -255,11 +262,6 @@ class _ContextParallel(torch.autograd.Function):
 
 def _rows(t: torch.Tensor, dim: int, rows) -> torch.Tensor:
     return t.narrow(dim, rows[0], rows[1] - rows[0])
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in fp32 at least (float64 stays float64): the precision the merge runs in."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _halo_parts(mask: Mask, plan: HaloPlan) -> list[_HaloPart]:
@@ -296,10 +298,8 @@ def _halo_sink_grad(sinks, part: _HaloPart, lse, dout, layout: str):
     """The halo keys' share of the sinks' gradient for ``part``'s rows: -p_sink times the
     sum over the halo keys of P dP, which is rowsum(dO * the part's output) rescaled from the
     part's normalisation to the row's (the local part's kernels add the local keys' share)."""
-    share = (_wide(bhsd(dout, layout)) * _wide(bhsd(part.out, layout))).sum(-1)
-    share = share * torch.exp2(part.lse - lse)
-    p_sink = torch.exp2(_wide(sinks).reshape(1, -1, 1) * LOG2E - lse)
-    return (-(p_sink * share).sum(dim=(0, 2))).to(sinks.dtype)
+    share = (at_least_fp32(bhsd(dout, layout)) * at_least_fp32(bhsd(part.out, layout))).sum(-1)
+    return sink_grad(sinks, lse, share * torch.exp2(part.lse - lse), head_axis=1)
 
 
 def _mask(window, causal) -> Mask:
@@ -417,6 +417,14 @@ def _runner(q, k, h: int, layout: str, scale, softcap, sinks):
     return _ReferenceRunner(gqa, layout, scale, softcap, sinks)
 
 
+@functools.lru_cache(maxsize=None)
+def _variant_key(mask: Mask, gqa: int, softcap, sinks: bool, chunked: bool) -> str:
+    """The ``attngen::`` ops' variant key of a part's kernel, looked up once per kind of part
+    (not on every launch of every layer)."""
+    from .registry import get_kernel
+    return get_kernel(mask, gqa=gqa, softcap=softcap, sinks=sinks, chunked=chunked).key
+
+
 class _KernelRunner:
     """A part is one launch of a generated kernel through attngen's training ops (queries
     the last of the keys: the ``chunked`` variant where there are fewer queries than keys):
@@ -428,9 +436,7 @@ class _KernelRunner:
         self.s = 2 if layout == "bhsd" else 1
 
     def _args(self, mask: Mask, q, k, v, sinks: bool):
-        from .registry import get_kernel
-        chunked = k.shape[self.s] != q.shape[self.s]
-        key = get_kernel(mask, gqa=self.gqa, softcap=self.softcap, sinks=sinks, chunked=chunked).key
+        key = _variant_key(mask, self.gqa, self.softcap, sinks, k.shape[self.s] != q.shape[self.s])
         return key, q, k, v, (self.sinks if sinks else None)
 
     def forward(self, q, k, v, mask: Mask, sinks: bool):
@@ -460,8 +466,8 @@ class _ReferenceRunner:
         raw = q4 @ k4.transpose(-1, -2) * scale
         t = torch.tanh(raw / self.softcap) if self.softcap is not None else None
         scores = raw if t is None else self.softcap * t
-        rows = (k4.shape[2] - q4.shape[2]) + torch.arange(q4.shape[2])[:, None]
-        visible = mask.visible(rows, torch.arange(k4.shape[2])[None, :])
+        rows = (k4.shape[2] - q4.shape[2]) + torch.arange(q4.shape[2], device=q4.device)[:, None]
+        visible = mask.visible(rows, torch.arange(k4.shape[2], device=q4.device)[None, :])
         return scores.masked_fill(~visible, float("-inf")) * LOG2E, t, scale
 
     def forward(self, q, k, v, mask: Mask, sinks: bool):
@@ -491,10 +497,7 @@ class _ReferenceRunner:
         dk = per_kv_head(ds.transpose(-1, -2) @ q4) * scale
         dv = per_kv_head(p.transpose(-1, -2) @ do4)
         grads = [g.to(q.dtype) if self.layout == "bhsd" else g.to(q.dtype).transpose(1, 2) for g in (dq, dk, dv)]
-        dsinks = None
-        if sinks:
-            p_sink = torch.exp2(self.sinks.to(lse.dtype).reshape(1, -1, 1) * LOG2E - lse)
-            dsinks = (-(p_sink * (p * dp).sum(-1)).sum(dim=(0, 2))).to(self.sinks.dtype)
+        dsinks = sink_grad(self.sinks, lse, (p * dp).sum(-1), head_axis=1) if sinks else None
         return (*grads, dsinks)
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .inputs import InputError, no_out_with_grad, wants_grad
-from .support import LOG2E, bhsd, dtype_name
+from .support import LOG2E, at_least_fp32, bhsd, dtype_name
 
 _targets: dict[str, ModuleType | Callable[[int, str], ModuleType]] = {}
 
@@ -183,6 +183,6 @@ def sink_grad(sinks: Tensor, lse: Tensor, p_dp: Tensor, head_axis: int) -> Tenso
     it too coarse for a sum over every row); ``lse`` is in log2 units."""
     shape = [1] * lse.dim()
     shape[head_axis] = -1
-    p_sink = torch.exp2(sinks.float().reshape(shape) * LOG2E - lse)
+    p_sink = torch.exp2(at_least_fp32(sinks).reshape(shape) * LOG2E - lse)
     axes = [a for a in range(lse.dim()) if a != head_axis]
     return (-(p_sink * p_dp).sum(dim=axes)).to(sinks.dtype)

@@ -72,3 +72,11 @@ def check_layout(layout) -> str:
 def bhsd(t, layout: str):
     """A (B, H, S, D) view of a tensor in ``layout``; no copy."""
     return t if check_layout(layout) == "bhsd" else t.transpose(1, 2)
+
+
+def at_least_fp32(t):
+    """``t`` in fp32 at least (float64 stays float64): the precision of the sums done in
+    PyTorch beside the kernels (the sinks' gradient, context parallelism's merge)."""
+    import torch
+
+    return t.to(torch.promote_types(t.dtype, torch.float32))
