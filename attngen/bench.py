@@ -173,10 +173,17 @@ def _error(out, q, k, v, sinks, shape: Shape) -> float:
     return max(errs) if all(math.isfinite(e) for e in errs) else float("nan")
 
 
+_warmed_up = False
+
+
 def _time(fn):
     import triton
 
-    p20, p50, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+    # The first timing of a process warms up for a second: an idle GPU's clocks take longer
+    # than do_bench's 25 ms warm-up to ramp up (measured: first rows 1.2-2.5x slow on an H100).
+    global _warmed_up
+    warmup, _warmed_up = (25 if _warmed_up else 1000), True
+    p20, p50, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=100, quantiles=[0.2, 0.5, 0.8])
     return p20 * 1e3, p50 * 1e3, p80 * 1e3      # ms -> us
 
 
@@ -281,20 +288,28 @@ def table(rows: list[dict], header: bool = True) -> str:
 
 
 def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = False,
-         dq: bool = False) -> list[dict]:
+         dq: bool = False, dkdv: bool = False) -> list[dict]:
     """Time each candidate tile config of the attngen kernel for ``shape``: the forward's, or
     with ``backward`` the backward kernels' (each candidate in place of the table's row for
-    the head dim, timing the backward pass): dK/dV's and dQ's, or with ``dq`` dQ's alone."""
+    the head dim, timing the backward pass): dK/dV's and dQ's, with ``dq`` dQ's alone, with
+    ``dkdv`` dK/dV's alone (dQ keeps the tiles it has now)."""
     from . import tuning
 
-    # the table rows a backward candidate stands in for: dQ's, or dK/dV's and dQ's
-    tables = [] if not backward else [tuning.DQ] if dq else [tuning.BACKWARD, tuning.DQ]
+    if dq and dkdv:
+        raise ValueError("dq and dkdv each tune one backward kernel: give at most one")
+    # the table rows a backward candidate stands in for: dQ's, dK/dV's, or both
+    tables = [] if not backward else [tuning.DQ] if dq else [tuning.BACKWARD] if dkdv \
+        else [tuning.BACKWARD, tuning.DQ]
     tables = [t[tuning.DEFAULT_ARCH] for t in tables]
+    dq_table = tuning.DQ[tuning.DEFAULT_ARCH]
+    saved_dq = dq_table.get(shape.head_dim)
     saved = [t.get(shape.head_dim) for t in tables]
     rows = []
     for tiles in candidates:
         try:
             if backward:
+                if dkdv:    # a head dim without a dQ row would follow the candidate: pin it
+                    dq_table[shape.head_dim] = tuning.dq_tiles(shape.head_dim)
                 for table in tables:
                     table[shape.head_dim] = tiles
                 got = bench(shape, names=("attngen",), say=lambda _: None, which="bwd")
@@ -306,7 +321,7 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
             say(f"{shape.label}: {tiles.tag}: failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         finally:
-            for table, row in zip(tables, saved):
+            for table, row in zip(tables + [dq_table], saved + [saved_dq]):
                 if row is None:
                     table.pop(shape.head_dim, None)
                 else:
@@ -320,7 +335,7 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
                    if any(r["tiles"] == asdict(t) for r in rows) else math.inf)
         default = (tuning.dq_tiles if dq else tuning.backward_tiles)(shape.head_dim) if backward else \
             tiles_for(shape.head_dim, shape.mask, shape.heads // shape.heads_kv)
-        what = ("dQ " if dq else "backward ") if backward else ""
+        what = ("dQ " if dq else "dK/dV " if dkdv else "backward ") if backward else ""
         say(f"{shape.label}: best {what}{best.tag} (table: {default.tag})")
     return rows
 
@@ -370,8 +385,11 @@ def main(argv=None) -> int:
                            default=[parse_tiles(t) for t in DEFAULT_CANDIDATES])
             p.add_argument("--backward", action="store_true",
                            help="tune the backward kernels' tiles (timing the backward pass)")
-            p.add_argument("--dq", action="store_true",
-                           help="with --backward: the dQ kernel's tiles alone (dK/dV keep the table's)")
+            which = p.add_mutually_exclusive_group()
+            which.add_argument("--dq", action="store_true",
+                               help="with --backward: the dQ kernel's tiles alone (dK/dV keep the table's)")
+            which.add_argument("--dkdv", action="store_true",
+                               help="with --backward: the dK/dV kernel's tiles alone (dQ keeps its own)")
     p = sub.add_parser("plot", help="draw a JSON file written by `run`")
     p.add_argument("json")
     p.add_argument("png")
@@ -399,9 +417,9 @@ def main(argv=None) -> int:
         if args.command == "run":
             rows += bench(shape, names=args.impl, tiles=args.tiles, which=args.which)
         else:
-            if args.dq and not args.backward:
-                parser.error("--dq tunes a backward kernel: give --backward too")
-            rows += tune(shape, args.candidates, backward=args.backward, dq=args.dq)
+            if (args.dq or args.dkdv) and not args.backward:
+                parser.error(f"--{'dq' if args.dq else 'dkdv'} tunes a backward kernel: give --backward too")
+            rows += tune(shape, args.candidates, backward=args.backward, dq=args.dq, dkdv=args.dkdv)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"command": " ".join(["attngen bench", *(argv or sys.argv[1:])]),

@@ -51,3 +51,30 @@ def test_run_without_gpu_says_so(capsys):
         pytest.skip("has a GPU")
     assert bench.main(["run", "--preset", "A"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [{}, {"dq": True}, {"dkdv": True}])
+def test_backward_tune_swaps_only_the_rows_asked_for(monkeypatch, flags):
+    """`tune --backward` stands each candidate in for dK/dV's and dQ's rows, `--dq` for dQ's
+    alone, `--dkdv` for dK/dV's alone (dQ keeping the tiles it had, even where it shares the
+    dK/dV row); the tables are as they were afterwards."""
+    from attngen import tuning
+
+    seen = []
+
+    def fake_bench(shape, names, say, which, tiles=None):
+        seen.append((tuning.backward_tiles(shape.head_dim), tuning.dq_tiles(shape.head_dim)))
+        return [{"seq": 1, "us_p50": 1.0, "tflops": 1.0, "rel_err": 0.0}]
+
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    candidate = Tiles(32, 32, 1, 1)
+    for head_dim in (64, 128):      # 64 has a dQ row of its own, 128 shares dK/dV's
+        shape = bench.Shape("t", 2, 1, head_dim, 64, "fp16", (128,))
+        before = (tuning.backward_tiles(head_dim), tuning.dq_tiles(head_dim))
+        bench.tune(shape, [candidate], say=lambda _: None, backward=True, **flags)
+        expect = {(): (candidate, candidate), ("dq",): (before[0], candidate),
+                  ("dkdv",): (candidate, before[1])}[tuple(flags)]
+        assert seen.pop() == expect
+        assert (tuning.backward_tiles(head_dim), tuning.dq_tiles(head_dim)) == before
+    with pytest.raises(ValueError, match="at most one"):
+        bench.tune(shape, [candidate], backward=True, dq=True, dkdv=True)
