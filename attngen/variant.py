@@ -140,11 +140,12 @@ class KernelSpec:
     def kernels(self) -> dict[str, tuple[Param, ...]]:
         """Every kernel of the variant, by the suffix of its name, with its parameters in
         order: the inference forward (``""``), the forward that also saves the row
-        log-sum-exp for autograd (``"_fwd"``), and the backward's ``"_delta"`` (rowsum of
-        dO * O), ``"_dkdv"`` and ``"_dq"``.  The kernels' signatures, the AOT signatures and
+        log-sum-exp for autograd (``"_fwd"``), and the backward's ``"_dq"`` (which first
+        computes each row's delta = rowsum(dO * O) and stores it) and ``"_dkdv"`` (launched
+        after it, reading delta).  The kernels' signatures, the AOT signatures and
         the launcher's argument lists are all generated from these lists.  Each feature adds
         its own parameters here: sinks a logit per head (and, in the dQ kernel, each row's
-        sum of P * dP for their gradient, and in the training forward and the delta kernel
+        sum of P * dP for their gradient, and in the training forward and the dQ kernel
         the output's rounding residual), varlen the sequence offsets, softcap changes what
         the scale means.
 
@@ -177,12 +178,10 @@ class KernelSpec:
             "": (*qkv, Param("Out", "io", out), *sinks, *offsets, qk_scale),
             "_fwd": (*qkv, Param("Out", "io", out), Param("Lse", "rows", "lse"), *residual, *sinks,
                      *offsets, qk_scale),
-            "_delta": (Param("Out", "io", out), *residual, Param("dO", "io", "dout"),
-                       Param("Delta", "rows", "delta"), *offsets),
             "_dkdv": (*qkv, *grads_in, Param("dK", "io", "dk"), Param("dV", "io", "dv"), *offsets,
                       qk_scale, softmax_scale),
-            "_dq": (*qkv, *grads_in, Param("dQ", "io", "dq"), *sink_rows, *offsets, qk_scale,
-                    softmax_scale),
+            "_dq": (*qkv, Param("Out", "io", out), *residual, *grads_in, Param("dQ", "io", "dq"),
+                    *sink_rows, *offsets, qk_scale, softmax_scale),
         }
         wide = {suffix + "_i64": tuple(replace(p, kind=p.kind + "64") if p.kind in ("io", "rows") else p
                                        for p in params) for suffix, params in narrow.items()}
@@ -199,7 +198,7 @@ class KernelSpec:
 
     @property
     def backward_tiles(self) -> Tiles:
-        """Tiles of the delta and dK/dV kernels (from the tuned table; part of the hash)."""
+        """Tiles of the dK/dV kernel (from the tuned table; part of the hash)."""
         return backward_tiles(self.head_dim)
 
     @property
