@@ -179,8 +179,9 @@ _warmed_up = False
 def _time(fn):
     import triton
 
-    # The first timing of a process warms up for a second: an idle GPU's clocks take longer
-    # than do_bench's 25 ms warm-up to ramp up (measured: first rows 1.2-2.5x slow on an H100).
+    # The first timing of a process warms up for a second, not do_bench's 25 ms: first rows
+    # read 1.2-2.5x slow without it (H100; clocks ramping up from idle, we think).  This is not
+    # the whole story: one `bench tune` process's first row still read 1.9x slow with it.
     global _warmed_up
     warmup, _warmed_up = (25 if _warmed_up else 1000), True
     p20, p50, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=100, quantiles=[0.2, 0.5, 0.8])
