@@ -523,7 +523,11 @@ def check_error(err: SpecError, text: str):
 @given(data=st.data())
 def test_invalid_specs_raise_spec_error_naming_the_key(kind, data):
     d, extra, path, message = data.draw(mutated_specs(kind), label="mutated spec")
-    text = dump(d, data.draw(st.sampled_from([False, None]), label="flow")) + extra
+    # extra lines (a duplicated key) follow a block mapping: after a one-line flow mapping
+    # ({name: ..., gqa: 1}, what PyYAML writes for all-scalar values) they would be a second
+    # document, a YAML error that names no key
+    flow = False if extra else data.draw(st.sampled_from([False, None]), label="flow")
+    text = dump(d, flow) + extra
     note(text)
     with pytest.raises(SpecError) as info:
         load(text)
