@@ -40,6 +40,17 @@ def wide_index(*tensors: torch.Tensor) -> bool:
     return False
 
 
+GRID_YZ_MAX = 65535     # programs a CUDA grid's y or z axis holds
+
+
+def launch_grid(tiles: int, pairs: int) -> tuple[int, int, int]:
+    """The grid of a kernel over ``tiles`` tiles (axis x) of ``pairs`` (batch, head) pairs,
+    the pairs folded over axes y and z (``y * z >= pairs``; a kernel skips the programs past
+    the last pair), so that more than 65535 pairs (1100 sequences x 64 heads) fit."""
+    z = max(1, -(-pairs // GRID_YZ_MAX))
+    return tiles, -(-pairs // z), z
+
+
 def softmax_scale(scale: float | None, head_dim: int) -> float:
     """The softmax scale itself (default ``head_dim ** -0.5``), for the backward kernels."""
     try:

@@ -111,6 +111,32 @@ def test_signature_and_launch_arguments_are_the_declared_params(spec):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_grids_fold_the_batch_head_pairs_over_y_and_z(spec):
+    """Every launch's grid is launch_grid(tiles, pairs): tiles on x, the (batch, head) pairs
+    folded over y and z, as a grid's y axis holds only 65535 programs, fewer than B x H can be
+    (1100 sequences x 64 heads).  Each kernel reads its pair back as bid(1) + bid(2) * ny and
+    returns at once past the last pair."""
+    launcher = ast.parse(codegen.render(spec)["launcher.py"])
+    grids = [ast.unparse(n.value) for n in ast.walk(launcher)
+             if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "grid"]
+    grids += [ast.unparse(c.args[1]) for c in ast.walk(launcher) if isinstance(c, ast.Call)
+              and ast.unparse(c.func) == "ct.launch" and ast.unparse(c.args[1]) != "grid"]
+    assert len(grids) == 4
+    for grid in grids:
+        call = ast.parse(grid, mode="eval").body
+        assert ast.unparse(call.func) == "launch_grid" and "heads" in ast.unparse(call.args[1]), grid
+    for suffix in spec.kernels:
+        fn = kernel_function(spec, suffix)
+        forward = suffix.removesuffix("_i64") in ("", "_fwd")
+        tile, pair = ("kb", "batch_kv_head") if "_dkdv" in suffix else \
+            ("tile", "batch_pack" if forward and spec.tiles.pack > 1 else "batch_head")
+        text = ast.unparse(fn)
+        assert f"{tile} = ct.bid(0)" in text and f"{pair} = ct.bid(1) + ct.bid(2) * ct.num_blocks(1)" in text
+        guard = next(n for n in fn.body if isinstance(n, ast.If) and pair in ast.unparse(n.test))
+        assert ast.unparse(guard.test).startswith(f"{pair} >= ") and isinstance(guard.body[0], ast.Return)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_constants_are_the_spec_and_nothing_else(spec):
     c = constants(spec)
     m, t = spec.mask, spec.tiles
@@ -428,4 +454,4 @@ def test_dq_tiles_are_their_own_row_and_part_of_the_name(monkeypatch):
     assert hints == {"occupancy": 1, "num_ctas": 1, "num_worker_warps": 8}
     assert "num_worker_warps" not in ast.unparse(kernel_function(spec, "_dkdv").decorator_list[0])
     launcher = codegen.render(spec)["launcher.py"]
-    assert '["_dq"], ' in launcher and "((seq + 127) // 128, batch * heads, 1)" in launcher
+    assert '["_dq"], ' in launcher and "launch_grid((seq + 127) // 128, batch * heads)" in launcher

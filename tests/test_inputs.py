@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from attngen import inputs
 from attngen.inputs import (InputError, grad_output, no_out_with_grad, prepare, scale_arg, softmax_scale,
                             wants_grad)
 
@@ -74,3 +75,13 @@ def test_wide_index_only_past_int32():
     assert wide_index(meta(2, 8, 131073, 1024))                          # batch offsets past it
     assert not wide_index(meta(0, 32, 10**6, 128))                        # empty: nothing indexed
     assert not wide_index(meta(2**20, 8, 128))
+
+
+@pytest.mark.parametrize("pairs", [1, 7, 65535, 65536, 70400, 131071, 131072, 10**6])
+def test_launch_grid_folds_pairs_over_y_and_z(pairs):
+    """Every (batch, head) pair gets a program, no axis past 65535, and fewer than z spare
+    programs (the ones the kernels skip)."""
+    tiles, y, z = inputs.launch_grid(5, pairs)
+    assert tiles == 5 and y <= inputs.GRID_YZ_MAX and z <= inputs.GRID_YZ_MAX
+    assert pairs <= y * z < pairs + z
+    assert (y, z) == (pairs, 1) or pairs > inputs.GRID_YZ_MAX

@@ -137,3 +137,37 @@ def test_tensors_past_2_31_elements(layout, capsys):
     with capsys.disabled():
         print(f"\n{layout}: " + ", ".join(f"{k} {e:.1e}" for k, e in errors.items()))
     assert all(e < 2e-3 for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_more_than_65535_batch_head_pairs(packed, capsys):
+    """1100 sequences x 64 heads: more (sequence, head) pairs than a grid's second axis holds.
+    The flat grid runs them all; the first, a middle and the last sequence's output and
+    gradients against autograd of the float64 reference."""
+    from attngen import Mask, reference
+
+    batch, heads, seq, window = 1100, 64, 24, 16
+    mask = Mask.from_window(window, True)
+    attn = attngen.get_kernel(window=window, varlen=packed)
+    if packed:
+        q, k, v = (_rand(batch * seq, heads, 64, requires_grad=True) for _ in range(3))
+        cu = torch.arange(0, batch * seq + 1, seq, dtype=torch.int32, device="cuda")
+        out = attn(q, k, v, cu, max_seqlen_q=seq)
+    else:
+        q, k, v = (_rand(batch, heads, seq, 64, requires_grad=True) for _ in range(3))
+        out = attn(q, k, v)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    errors = {}
+    for b in (0, batch // 2, batch - 1):
+        rows = slice(b * seq, (b + 1) * seq) if packed else b
+        pick = (lambda t: t[rows].unsqueeze(0).transpose(1, 2)) if packed else (lambda t: t[b:b + 1])
+        qb, kb, vb = (pick(t).detach().double().requires_grad_(True) for t in (q, k, v))
+        ref = reference.attention(qb, kb, vb, mask)
+        ref_grads = torch.autograd.grad(ref, (qb, kb, vb), pick(dout).double())
+        errors[f"out[{b}]"] = _rel(pick(out), ref)
+        for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+            errors[f"{name}[{b}]"] = _rel(pick(g), r)
+    with capsys.disabled():
+        print(f"\n{'packed' if packed else 'bhsd'} {batch} x {heads}: worst {max(errors.values()):.1e}")
+    assert all(e < 2e-2 for e in errors.values()), errors
