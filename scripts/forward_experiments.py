@@ -92,10 +92,13 @@ def multi(body, n):
 
 
 def reverse(body, head_major=False):
+    tile, pair = "    tile = ct.bid(0)\n", "    batch_head = ct.bid(1) + ct.bid(2) * ct.num_blocks(1)\n"
+    if tile not in body or pair not in body:
+        raise SystemExit("the generated kernel changed: no tile and (batch, head) lines to rewrite")
     if head_major:
-        return body.replace("    tile = ct.bid(0)\n    batch_head = ct.bid(1)\n",
-                            "    tile = ct.num_blocks(1) - 1 - ct.bid(1)\n    batch_head = ct.bid(0)\n")
-    return body.replace("    tile = ct.bid(0)\n", "    tile = ct.num_blocks(0) - 1 - ct.bid(0)\n")
+        return body.replace(tile, "    tile = ct.num_blocks(1) - 1 - ct.bid(1)\n").replace(
+            pair, "    batch_head = ct.bid(0)\n")
+    return body.replace(tile, "    tile = ct.num_blocks(0) - 1 - ct.bid(0)\n")
 
 
 def hints(body, text):
