@@ -173,18 +173,10 @@ def _error(out, q, k, v, sinks, shape: Shape) -> float:
     return max(errs) if all(math.isfinite(e) for e in errs) else float("nan")
 
 
-_warmed_up = False
-
-
 def _time(fn):
     import triton
 
-    # The first timing of a process warms up for a second, not do_bench's 25 ms: first rows
-    # read 1.2-2.5x slow without it (H100; clocks ramping up from idle, we think).  This is not
-    # the whole story: one `bench tune` process's first row still read 1.9x slow with it.
-    global _warmed_up
-    warmup, _warmed_up = (25 if _warmed_up else 1000), True
-    p20, p50, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=100, quantiles=[0.2, 0.5, 0.8])
+    p20, p50, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
     return p20 * 1e3, p50 * 1e3, p80 * 1e3      # ms -> us
 
 
