@@ -290,21 +290,19 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
 
     if dq and dkdv:
         raise ValueError("dq and dkdv each tune one backward kernel: give at most one")
-    # the table rows a backward candidate stands in for: dQ's, dK/dV's, or both
-    tables = [] if not backward else [tuning.DQ] if dq else [tuning.BACKWARD] if dkdv \
-        else [tuning.BACKWARD, tuning.DQ]
-    tables = [t[tuning.DEFAULT_ARCH] for t in tables]
-    dq_table = tuning.DQ[tuning.DEFAULT_ARCH]
-    saved_dq = dq_table.get(shape.head_dim)
-    saved = [t.get(shape.head_dim) for t in tables]
+    hd = shape.head_dim
+    tables = {"dkdv": tuning.BACKWARD[tuning.DEFAULT_ARCH], "dq": tuning.DQ[tuning.DEFAULT_ARCH]}
+    saved = {name: table.get(hd) for name, table in tables.items()}
+    # the rows a backward candidate stands in for: dQ's, dK/dV's, or both
+    swapped = ["dq"] if dq else ["dkdv"] if dkdv else ["dkdv", "dq"]
     rows = []
     for tiles in candidates:
         try:
             if backward:
-                if dkdv:    # a head dim without a dQ row would follow the candidate: pin it
-                    dq_table[shape.head_dim] = tuning.dq_tiles(shape.head_dim)
-                for table in tables:
-                    table[shape.head_dim] = tiles
+                # dQ's tiles as they are, pinned: a head dim without a dQ row would follow dK/dV's
+                tables["dq"][hd] = tuning.dq_tiles(hd)
+                for name in swapped:
+                    tables[name][hd] = tiles
                 got = bench(shape, names=("attngen",), say=lambda _: None, which="bwd")
                 for r in got:
                     r["tiles"] = asdict(tiles)
@@ -314,11 +312,11 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
             say(f"{shape.label}: {tiles.tag}: failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         finally:
-            for table, row in zip(tables + [dq_table], saved + [saved_dq]):
-                if row is None:
-                    table.pop(shape.head_dim, None)
+            for name, table in tables.items():
+                if saved[name] is None:
+                    table.pop(hd, None)
                 else:
-                    table[shape.head_dim] = row
+                    table[hd] = saved[name]
         rows += got
         times = "  ".join(f"S={r['seq']}: {r['us_p50']:.1f}us {r['tflops']:.0f}TF err {r['rel_err']:.1e}"
                           for r in got)
@@ -326,8 +324,8 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
     if rows:
         best = min(candidates, key=lambda t: sum(r["us_p50"] for r in rows if r["tiles"] == asdict(t))
                    if any(r["tiles"] == asdict(t) for r in rows) else math.inf)
-        default = (tuning.dq_tiles if dq else tuning.backward_tiles)(shape.head_dim) if backward else \
-            tiles_for(shape.head_dim, shape.mask, shape.heads // shape.heads_kv)
+        default = (tuning.dq_tiles if dq else tuning.backward_tiles)(hd) if backward else \
+            tiles_for(hd, shape.mask, shape.heads // shape.heads_kv)
         what = ("dQ " if dq else "dK/dV " if dkdv else "backward ") if backward else ""
         say(f"{shape.label}: best {what}{best.tag} (table: {default.tag})")
     return rows
