@@ -78,6 +78,15 @@ PRESETS = {
 DEFAULT_PRESETS = ("A", "B", "B'", "C", "C16")
 
 
+def parse_window(text: str) -> int | str:
+    """``--window``: a positive number of keys, or ``full``."""
+    if text == "full":
+        return text
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"a window is a positive integer or 'full', got {text!r}")
+    return int(text)
+
+
 def parse_tiles(text: str) -> Tiles:
     """The inverse of ``Tiles.tag``: ``128x64o2c1p8`` -> Tiles(128, 64, 2, 1, pack=8)."""
     import re
@@ -173,11 +182,50 @@ def _error(out, q, k, v, sinks, shape: Shape) -> float:
     return max(errs) if all(math.isfinite(e) for e in errs) else float("nan")
 
 
-def _time(fn):
+def cuda_graph(fn):
+    """Capture ``fn()`` in a CUDA graph after one warm-up call on a side stream (which builds,
+    loads and compiles what it needs); returns ``(graph, outputs)``: ``graph.replay()``
+    recomputes ``outputs`` in place from the current contents of ``fn``'s input tensors."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
+QUANTILES = (0.2, 0.5, 0.8)
+
+
+def _time(fn, graph: bool = False):
+    """p20, p50, p80 of ``fn`` in microseconds: ``do_bench`` (L2 flushed before each call), or
+    with ``graph`` a CUDA graph of one call replayed back to back (no host launch cost, no L2
+    flush), timed by CUDA events over rounds of 10 replays."""
+    import torch
     import triton
 
-    p20, p50, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
-    return p20 * 1e3, p50 * 1e3, p80 * 1e3      # ms -> us
+    if not graph:
+        got = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES))
+        return tuple(t * 1e3 for t in got)      # ms -> us
+    replays, rounds = 10, 30
+    g, _ = cuda_graph(fn)
+    for _ in range(replays):
+        g.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(rounds)]
+    for start, end in events:
+        start.record()
+        for _ in range(replays):
+            g.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = torch.tensor([s.elapsed_time(e) * 1e3 / replays for s, e in events])
+    return tuple(torch.quantile(times, q).item() for q in QUANTILES)
 
 
 def _extra_memory(fn, out_bytes: int) -> int:
@@ -207,17 +255,23 @@ def _pass(fn, which: str, q, k, v, sinks):
     if which == "fwd":
         return fn, fn()
     inputs = [t for t in (q, k, v, sinks) if t is not None]
-    out = fn()
-    dout = torch.randn_like(out)
     if which == "bwd":
+        out = fn()
+        dout = torch.randn_like(out)
         return (lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)), out
+    # fwd+bwd: the output to check is computed without recording: an autograd graph kept alive
+    # here would pin the inputs' AccumulateGrad nodes to this stream, and a CUDA-graph capture
+    # of the step (--graph) fails when it has to wait on them
+    with torch.no_grad():
+        out = fn()
+    dout = torch.randn_like(out)
     return (lambda: torch.autograd.grad(fn(), inputs, dout)), out
 
 
 def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print,
-          which: str = "fwd") -> list[dict]:
+          which: str = "fwd", graph: bool = False) -> list[dict]:
     """Time every implementation at every sequence length of ``shape`` for one pass (``fwd``,
-    ``bwd`` or ``fwd+bwd``); one dict per row."""
+    ``bwd`` or ``fwd+bwd``), with ``graph`` as CUDA-graph replays; one dict per row."""
     import torch
 
     rows = []
@@ -242,7 +296,7 @@ def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print,
             err = _error(out.detach(), q.detach(), k.detach(), v.detach(),
                          None if sinks is None else sinks.detach(), shape) \
                 if name in ("attngen", "flex", "sdpa-band") else None
-            p20, p50, p80 = _time(fn)
+            p20, p50, p80 = _time(fn, graph)
             extra = _extra_memory(fn, 0 if which != "fwd" else out.numel() * out.element_size())
             del out, fn
             if name == "attngen":
@@ -250,7 +304,7 @@ def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print,
             row = {**env, "shape": shape.label, "batch": shape.batch, "heads": shape.heads,
                    "heads_kv": shape.heads_kv, "head_dim": shape.head_dim, "window": shape.window,
                    "dtype": shape.dtype, "seq": seq, "prefix": shape.prefix, "softcap": shape.softcap,
-                   "sinks": shape.sinks, "impl": name, "pass": which, "us_p20": p20, "us_p50": p50,
+                   "sinks": shape.sinks, "impl": name, "pass": which, "timing": "cuda-graph" if graph else "do_bench", "us_p20": p20, "us_p50": p50,
                    "us_p80": p80, "tflops": flops / (p50 * 1e-6) / 1e12,
                    "io_gb_s": io_bytes / (p50 * 1e-6) / 1e9, "extra_mem_bytes": extra,
                    "rel_err": err, "tiles": asdict(tiles) if name == "attngen" else None}
@@ -269,7 +323,8 @@ def table(rows: list[dict], header: bool = True) -> str:
         r = rows[0]
         lines.append(f"\n{r['shape']}: B={r['batch']} H={r['heads']} HKV={r['heads_kv']} "
                      f"D={r['head_dim']} W={r['window']} {r['dtype']} on {r['gpu']}, "
-                     f"pass {r.get('pass', 'fwd')}")
+                     f"pass {r.get('pass', 'fwd')}"
+                     f"{', CUDA-graph replays' if r.get('timing') == 'cuda-graph' else ''}")
         lines.append(f"{'S':>6} {'impl':<11} {'us (p50)':>10} {'TFLOP/s':>8} {'GB/s':>7} "
                      f"{'attngen x':>9} {'extra MB':>9} {'rel err':>8}")
     for r in rows:
@@ -363,6 +418,8 @@ def main(argv=None) -> int:
         p.add_argument("--preset", action="append", choices=list(PRESETS),
                        help=f"shape presets (repeatable); default: {' '.join(DEFAULT_PRESETS)}")
         p.add_argument("--seq", type=int, nargs="+", help="override the sequence lengths")
+        p.add_argument("--window", type=parse_window,
+                       help="override the window: W (the W most recent keys) or 'full' (full causal)")
         p.add_argument("--json", help="write the rows here (long format)")
         if name == "run":
             p.add_argument("--impl", nargs="+", choices=PEERS, default=list(PEERS))
@@ -370,6 +427,9 @@ def main(argv=None) -> int:
             p.add_argument("--pass", dest="which", choices=PASSES, default="fwd",
                            help="what to time: the forward, the backward of one forward, or both "
                                 "(TFLOP/s count the backward as 2.5 x the forward's FLOPs)")
+            p.add_argument("--graph", action="store_true",
+                           help="time replays of a CUDA graph of the pass instead of do_bench's "
+                                "launches (no host cost; no L2 flush between calls)")
             p.add_argument("--plot", help="also draw the rows to this PNG")
         else:
             p.add_argument("--candidates", type=parse_tiles, nargs="+",
@@ -396,6 +456,8 @@ def main(argv=None) -> int:
         with open(args.json) as fh:
             plot(json.load(fh)["rows"], args.png)
         return 0
+    if args.command == "run" and args.graph and args.which == "bwd":
+        parser.error("--graph times fwd or fwd+bwd: a captured backward needs its forward in the graph")
     import torch
     if not torch.cuda.is_available():
         print("attngen bench: needs a CUDA GPU", file=sys.stderr)
@@ -403,10 +465,12 @@ def main(argv=None) -> int:
     shapes = [PRESETS[p] for p in (args.preset or DEFAULT_PRESETS)]
     if args.seq:
         shapes = [replace(s, seqs=tuple(args.seq)) for s in shapes]
+    if args.window is not None:
+        shapes = [replace(s, window=None if args.window == "full" else args.window) for s in shapes]
     rows = []
     for shape in shapes:
         if args.command == "run":
-            rows += bench(shape, names=args.impl, tiles=args.tiles, which=args.which)
+            rows += bench(shape, names=args.impl, tiles=args.tiles, which=args.which, graph=args.graph)
         else:
             if (args.dq or args.dkdv) and not args.backward:
                 parser.error(f"--{'dq' if args.dq else 'dkdv'} tunes a backward kernel: give --backward too")

@@ -23,21 +23,6 @@ from .variant import KernelSpec
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def cuda_graph(fn):
-    """Capture ``fn()`` in a CUDA graph after one warm-up call on a side stream (which builds,
-    loads and compiles what it needs); returns ``(graph, outputs)``: ``graph.replay()``
-    recomputes ``outputs`` in place from the current contents of ``fn``'s input tensors."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn()
-    return graph, outputs
-
-
 def _tensor(shape, dtype, generator, gain=1.0):
     return (torch.randn(shape, dtype=torch.float32, device="cuda", generator=generator) * gain).to(dtype)
 

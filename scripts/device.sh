@@ -49,14 +49,17 @@ PY
       python -m attngen.bench run --preset A-chunk --impl attngen flex --json "$OUT/chunk.json" 2>&1 \
         | grep -v -i warn | tee -a "$OUT/features.log" ;;
     profile)
+      # PROFILE_PASS=bwd PROFILE_LAUNCHES=3: the forward, then the dQ and dK/dV kernels
+      pass=${PROFILE_PASS:-fwd} launches=${PROFILE_LAUNCHES:-1}
       for p in ${PROFILE_SHAPES:-A:16384 B:32768 C:32768}; do
         set -- ${p/:/ }
-        ncu --clock-control none -k regex:_g[0-9]+_d[0-9]+_ -c 1 --section SpeedOfLight --section Occupancy \
+        log="$OUT/ncu-${1//\'/p}-$pass.txt"
+        ncu --clock-control none -k regex:_g[0-9]+_d[0-9]+_ -c "$launches" --section SpeedOfLight --section Occupancy \
           --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
           --section WarpStateStats python -m attngen.bench run --preset "$1" --seq "$2" --impl attngen \
-          > "$OUT/ncu-$1.txt" 2>&1
-        grep -E "Duration|Throughput|Pipe|Occupancy|Registers|Shared Memory|Warp Cycles|Stall|Block Size|Grid Size|Waves" \
-          "$OUT/ncu-$1.txt" | head -60
+          --pass "$pass" > "$log" 2>&1
+        grep -E "_g[0-9]+_d[0-9]+_|Duration|Throughput|Pipe|Occupancy|Registers|Shared Memory|Warp Cycles|Stall|Block Size|Grid Size|Waves" \
+          "$log" | head -n $((60 * launches))
       done ;;
     train)
       for p in A B "B'" C; do

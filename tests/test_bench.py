@@ -53,6 +53,24 @@ def test_run_without_gpu_says_so(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_window_override_and_graph_flags(monkeypatch, capsys):
+    assert bench.parse_window("full") == "full" and bench.parse_window("4096") == 4096
+    for bad in ("0", "-3", "wide"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive integer or 'full'"):
+            bench.parse_window(bad)
+    with pytest.raises(SystemExit):
+        bench.main(["run", "--graph", "--pass", "bwd"])
+    assert "a captured backward needs its forward" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(bench, "bench", lambda shape, **kw: seen.append((shape, kw)) or [])
+    assert bench.main(["run", "--preset", "A", "--window", "full", "--graph", "--pass", "fwd+bwd"]) == 0
+    assert bench.main(["run", "--preset", "C", "--window", "32768"]) == 0
+    (full, kw), (wide, _) = seen
+    assert full.window is None and full.mask.left is None and kw["graph"] and kw["which"] == "fwd+bwd"
+    assert wide.window == 32768 and wide.mask.left == 32767 and wide.heads == 64
+
+
 @pytest.mark.parametrize("flags", [{}, {"dq": True}, {"dkdv": True}])
 def test_backward_tune_swaps_only_the_rows_asked_for(monkeypatch, flags):
     """`tune --backward` stands each candidate in for dK/dV's and dQ's rows, `--dq` for dQ's

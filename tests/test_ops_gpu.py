@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import attngen
-from attngen.testing import cuda_graph, long_context_errors, needs_gpu
+from attngen.bench import cuda_graph
+from attngen.testing import long_context_errors, needs_gpu
 
 pytestmark = [pytest.mark.gpu, needs_gpu]
 
