@@ -13,8 +13,10 @@ when the op runs):
 
 Each op has a fake implementation (shapes, strides and dtypes only), so ``torch.compile(...,
 fullgraph=True)`` traces through an attngen call without running it, and ``aot_autograd``
-sees the backward as one op too.  :func:`attention` picks the op: the differentiable one
-when autograd records the call, else the inference one.
+sees the backward as one op too.  :func:`attention` picks: when autograd records the call,
+``_Attention`` (the op's autograd formula as an autograd.Function), else inference.  In eager
+mode on plain tensors it runs the implementations behind the ops directly, which costs a
+fraction of the host time of the ops' Python dispatch; anything that traces gets the ops.
 
 The real implementations validate the inputs and launch (``attngen.inputs``, the generated
 launcher).  Nothing on the path synchronizes with the host, except reading packed sequences'
@@ -63,8 +65,7 @@ def _resolve(variant: str, q: Tensor, sinks, cu_q, cu_k, max_q, max_k, scale, la
 
 
 # -- inference --------------------------------------------------------------------------
-@torch.library.custom_op("attngen::attention", mutates_args=())
-def _attention(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
+def _infer(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
                cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
                layout: str) -> Tensor:
@@ -73,19 +74,24 @@ def _attention(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Te
     return module.infer(q, k, v, *offsets, **options)
 
 
+_attention = torch.library.custom_op("attngen::attention", mutates_args=())(_infer)
+
+
 @_attention.register_fake
 def _(variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("attngen::attention_out", mutates_args=("out",))
-def _attention_out(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
+def _infer_out(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
                    layout: str, out: Tensor) -> None:
     module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, layout)
     module.infer(q, k, v, *offsets, **options, out=out)
+
+
+_attention_out = torch.library.custom_op("attngen::attention_out", mutates_args=("out",))(_infer_out)
 
 
 @_attention_out.register_fake
@@ -99,14 +105,16 @@ def _rows(q: Tensor, packed: bool, layout: str) -> tuple[int, ...]:
     return tuple(q.shape[:2]) if packed else tuple(bhsd(q, layout).shape[:3])
 
 
-@torch.library.custom_op("attngen::attention_fwd", mutates_args=())
-def _attention_fwd(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
+def _forward(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
                    layout: str) -> tuple[Tensor, Tensor, Tensor]:
     module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, layout)
     return module.forward(q, k, v, *offsets, **options)
+
+
+_attention_fwd = torch.library.custom_op("attngen::attention_fwd", mutates_args=())(_forward)
 
 
 @_attention_fwd.register_fake
@@ -117,8 +125,7 @@ def _(variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return out, q.new_empty(_rows(q, packed, layout), dtype=torch.float32), res
 
 
-@torch.library.custom_op("attngen::attention_bwd", mutates_args=())
-def _attention_bwd(variant: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def _gradients(variant: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    res: Tensor, dout: Tensor, sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                    cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int],
                    max_seqlen_k: Optional[int], scale: Optional[float],
@@ -128,6 +135,9 @@ def _attention_bwd(variant: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                                         max_seqlen_k, scale, layout)
     dq, dk, dv, dsinks = module.backward(q, k, v, out, lse, res, dout, *offsets, **options)
     return dq, dk, dv, q.new_empty(0) if dsinks is None else dsinks
+
+
+_attention_bwd = torch.library.custom_op("attngen::attention_bwd", mutates_args=())(_gradients)
 
 
 @_attention_bwd.register_fake
@@ -146,17 +156,49 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, res)
     ctx.save_for_backward(q, k, v, sinks, out, lse, res, cu_q, cu_k)
     ctx.options = (variant, max_q, max_k, scale, layout)
+    ctx.direct = False
 
 
 def _backward(ctx, dout, _dlse, _dres):
     q, k, v, sinks, out, lse, res, cu_q, cu_k = ctx.saved_tensors
     variant, max_q, max_k, scale, layout = ctx.options
-    dq, dk, dv, dsinks = torch.ops.attngen.attention_bwd(variant, q, k, v, out, lse, res, dout, sinks,
-                                                         cu_q, cu_k, max_q, max_k, scale, layout)
+    run = _gradients if ctx.direct and _direct(dout) else torch.ops.attngen.attention_bwd
+    dq, dk, dv, dsinks = run(variant, q, k, v, out, lse, res, dout, sinks, cu_q, cu_k, max_q, max_k,
+                             scale, layout)
     return (None, dq, dk, dv, None if sinks is None else dsinks, None, None, None, None, None, None)
 
 
+# the op stays differentiable for whoever calls it directly (torch.ops users, opcheck) ...
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Attention(torch.autograd.Function):
+    """... and :func:`attention` records the same formula through this autograd.Function,
+    which in eager mode runs the launchers without the ops (see :func:`_direct`) and under
+    torch.compile traces to the ops."""
+
+    @staticmethod
+    def forward(direct, *args):
+        return _forward(*args) if direct else torch.ops.attngen.attention_fwd(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs[1:], output)
+        ctx.direct = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *_backward(ctx, *grads))
+
+
+def _direct(*tensors) -> bool:
+    """Whether a call may run the generated launcher itself rather than through its op: in
+    eager mode, on plain tensors.  An op's Python dispatch and autograd wrappers cost more host
+    time than the launch (docs/performance.md, "Host time"); torch.compile, fake tensors,
+    dispatch modes and torch.func transforms need the ops and get them."""
+    return (not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+            and all(t is None or (type(t) is Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+                    for t in tensors))
 
 
 def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | None = None,
@@ -166,12 +208,13 @@ def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | 
     """Run ``variant`` (see the module docstring) through the op that fits the call: the
     differentiable one when autograd records it (``out=`` is then refused), else inference."""
     args = (variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout)
+    direct = _direct(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, out)
     if wants_grad(q, k, v, sinks):
         no_out_with_grad(out, variant)
-        return torch.ops.attngen.attention_fwd(*args)[0]
+        return _Attention.apply(direct, *args)[0]
     if out is None:
-        return torch.ops.attngen.attention(*args)
-    torch.ops.attngen.attention_out(*args, out)
+        return (_infer if direct else torch.ops.attngen.attention)(*args)
+    (_infer_out if direct else torch.ops.attngen.attention_out)(*args, out)
     return out
 
 

@@ -6,7 +6,8 @@
 # hf: tiny transformers models with attngen vs eager (logits, greedy generation);
 # features: what softcap, sinks and a chunk offset cost next to the plain kernel;
 # profile: Nsight Compute on the shape A, B and C kernels (one launch each; PROFILE_SHAPES);
-# train: forward + backward of A, B, B', C against FlexAttention and SDPA (TRAIN_SEQ).
+# train: forward + backward of A, B, B', C against FlexAttention and SDPA (TRAIN_SEQ; TRAIN_FLAGS=--graph
+#        times CUDA-graph replays).
 # Logs and JSON go to $OUT (the device tool brings them back).
 set -uo pipefail
 source .gpu/env.sh
@@ -64,7 +65,7 @@ PY
     train)
       for p in A B "B'" C; do
         python -m attngen.bench run --preset "$p" --seq ${TRAIN_SEQ:-8192 32768} --impl attngen flex sdpa-flash \
-          --pass fwd+bwd --json "$OUT/train-${p//\'/p}.json" 2>&1 | grep -v -i warn | tee -a "$OUT/train.log"
+          --pass fwd+bwd ${TRAIN_FLAGS:-} --json "$OUT/train-${p//\'/p}.json" 2>&1 | grep -v -i warn | tee -a "$OUT/train.log"
       done ;;
     tune) python -m attngen.bench tune --json "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/tune.log" ;;
     *) echo "unknown step $step"; exit 2 ;;

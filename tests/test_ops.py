@@ -126,3 +126,17 @@ def test_transformers_fallback_compiles_fullgraph_on_cpu():
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         got = compiled(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, eager)
+
+
+def test_only_plain_eager_calls_bypass_the_ops():
+    """Eager calls on plain tensors run the launchers without the ops' Python dispatch; fake
+    tensors, torch.compile and torch.func transforms must get the ops (they cannot launch)."""
+    from attngen.ops import _direct
+
+    x = torch.ones(3)
+    assert _direct(x, None)
+    with FakeTensorMode():
+        assert not _direct(torch.ones(3))
+    assert not torch.func.vmap(lambda t: torch.tensor(_direct(t)))(x).any()
+    traced = torch.compile(lambda t: t + int(_direct(t)), backend="eager", fullgraph=True)
+    assert torch.equal(traced(x), x)
