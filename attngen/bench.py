@@ -8,8 +8,9 @@ For one shape and a list of sequence lengths, on the current GPU and in one proc
 * ``flex``        FlexAttention, compiled, with the same window as a ``BlockMask``, ``enable_gqa``;
 * ``sdpa-band``   PyTorch SDPA with an explicit boolean band mask (where S x S fits: S <= 16384).
 
-Times are medians (p20/p80 too) of ``triton.testing.do_bench`` with warm-up excluded, on fresh
-random inputs; before timing, each implementation's output is checked against the float64
+Times are medians (p20/p80 too) of ``triton.testing.do_bench`` with warm-up excluded (or, with
+``--graph``, of replays of a CUDA graph of the pass, which leave out the host's launch cost), on
+fresh random inputs; before timing, each implementation's output is checked against the float64
 reference on the first and last query rows.  Effective TFLOP/s count only the attended
 (query, key) pairs: ``4 * D * pairs * B * H`` for the forward, 2.5 times that for the backward
 (``--pass bwd`` times the backward of one recorded forward; ``--pass fwd+bwd`` both; extra
@@ -304,7 +305,8 @@ def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print,
             row = {**env, "shape": shape.label, "batch": shape.batch, "heads": shape.heads,
                    "heads_kv": shape.heads_kv, "head_dim": shape.head_dim, "window": shape.window,
                    "dtype": shape.dtype, "seq": seq, "prefix": shape.prefix, "softcap": shape.softcap,
-                   "sinks": shape.sinks, "impl": name, "pass": which, "timing": "cuda-graph" if graph else "do_bench", "us_p20": p20, "us_p50": p50,
+                   "sinks": shape.sinks, "impl": name, "pass": which,
+                   "timing": "cuda-graph" if graph else "do_bench", "us_p20": p20, "us_p50": p50,
                    "us_p80": p80, "tflops": flops / (p50 * 1e-6) / 1e12,
                    "io_gb_s": io_bytes / (p50 * 1e-6) / 1e9, "extra_mem_bytes": extra,
                    "rel_err": err, "tiles": asdict(tiles) if name == "attngen" else None}

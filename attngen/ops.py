@@ -66,9 +66,9 @@ def _resolve(variant: str, q: Tensor, sinks, cu_q, cu_k, max_q, max_k, scale, la
 
 # -- inference --------------------------------------------------------------------------
 def _infer(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
-               cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-               max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
-               layout: str) -> Tensor:
+           cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+           max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
+           layout: str) -> Tensor:
     module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, layout)
     return module.infer(q, k, v, *offsets, **options)
@@ -83,9 +83,9 @@ def _(variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def _infer_out(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
-                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                   max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
-                   layout: str, out: Tensor) -> None:
+               cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+               max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
+               layout: str, out: Tensor) -> None:
     module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, layout)
     module.infer(q, k, v, *offsets, **options, out=out)
@@ -106,9 +106,9 @@ def _rows(q: Tensor, packed: bool, layout: str) -> tuple[int, ...]:
 
 
 def _forward(variant: str, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
-                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                   max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
-                   layout: str) -> tuple[Tensor, Tensor, Tensor]:
+             cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+             max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], scale: Optional[float],
+             layout: str) -> tuple[Tensor, Tensor, Tensor]:
     module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, layout)
     return module.forward(q, k, v, *offsets, **options)
@@ -126,10 +126,10 @@ def _(variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def _gradients(variant: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   res: Tensor, dout: Tensor, sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-                   cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int],
-                   max_seqlen_k: Optional[int], scale: Optional[float],
-                   layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               res: Tensor, dout: Tensor, sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+               cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int],
+               max_seqlen_k: Optional[int], scale: Optional[float],
+               layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dsinks); dsinks is empty for a variant without sinks."""
     module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, layout)
@@ -196,17 +196,17 @@ def _direct(*tensors) -> bool:
     eager mode, on plain tensors.  An op's Python dispatch and autograd wrappers cost more host
     time than the launch (docs/performance.md, "Host time"); torch.compile, fake tensors,
     dispatch modes and torch.func transforms need the ops and get them."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return (not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
-            and all(t is None or (type(t) is Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-                    for t in tensors))
+            and all(t is None or (type(t) is Tensor and not wrapped(t)) for t in tensors))
 
 
 def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | None = None,
               cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
               scale: float | None = None, layout: str = "bhsd", out: Tensor | None = None) -> Tensor:
-    """Run ``variant`` (see the module docstring) through the op that fits the call: the
-    differentiable one when autograd records it (``out=`` is then refused), else inference."""
+    """Run ``variant`` (see the module docstring): differentiably when autograd records the call
+    (``out=`` is then refused), else inference; in eager mode without the ops' dispatch."""
     args = (variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout)
     direct = _direct(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, out)
     if wants_grad(q, k, v, sinks):
