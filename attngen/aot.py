@@ -17,8 +17,9 @@ def check_arch(arch: str) -> str:
 
 def signature(spec, params=None):
     """A kernel's signature as the generated launcher launches it, from its parameters
-    (default: the inference kernel's, ``spec.params``): fp16/bf16 arrays and fp32 row
-    statistics with a unit last stride (64-bit shapes and strides for ``io64``/``rows64``),
+    (default: the inference kernel's, ``spec.params``): fp16/bf16 arrays, fp32 accumulators
+    and fp32 row statistics with a unit last stride (64-bit shapes and strides for the
+    ``*64`` kinds),
     1-D fp32 / int32 arrays, fp32 scalars."""
     import cuda.tile as ct
     from cuda.tile.compilation import (ArrayConstraint, CallingConvention, KernelSignature,
@@ -32,8 +33,10 @@ def signature(spec, params=None):
 
     packed = spec.features.varlen
     kinds = {"io": lambda: array(getattr(ct, DTYPES[spec.dtype]), 3 if packed else 4),
+             "acc": lambda: array(ct.float32, 3 if packed else 4),
              "rows": lambda: array(ct.float32, 2 if packed else 3),
              "io64": lambda: array(getattr(ct, DTYPES[spec.dtype]), 3 if packed else 4, ct.int64),
+             "acc64": lambda: array(ct.float32, 3 if packed else 4, ct.int64),
              "rows64": lambda: array(ct.float32, 2 if packed else 3, ct.int64),
              "f32[]": lambda: array(ct.float32, 1), "i32[]": lambda: array(ct.int32, 1),
              "f32": lambda: ScalarConstraint(ct.float32)}

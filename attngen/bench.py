@@ -34,7 +34,9 @@ from .variant import Features, KernelSpec
 from .version import environment
 
 CHECK_ROWS = 256        # query rows checked at each end of the sequence
-PEERS = ("attngen", "sdpa-flash", "sdpa-cudnn", "flex", "sdpa-band")
+PEERS = ("attngen", "attngen-det", "sdpa-flash", "sdpa-cudnn", "flex", "sdpa-band")
+#: attngen-det is attngen with the deterministic backward: timed only when asked for
+DEFAULT_PEERS = tuple(p for p in PEERS if p != "attngen-det")
 
 
 @dataclass(frozen=True)
@@ -126,14 +128,17 @@ def _implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles, names
 
     impls = {}
     group = shape.heads // shape.heads_kv
-    if "attngen" in names:
+    if {"attngen", "attngen-det"} & set(names):
         from .registry import default_registry
 
         features = Features(shape.softcap, shape.sinks, chunked=shape.prefix > 0)
         extra = {"sinks": sinks} if shape.sinks else {}
         attn = default_registry.ensure(KernelSpec(shape.mask, group, shape.head_dim, shape.dtype,
                                                   tiles, features))
-        impls["attngen"] = lambda: attn(q, k, v, **extra)
+        if "attngen" in names:
+            impls["attngen"] = lambda: attn(q, k, v, deterministic=False, **extra)
+        if "attngen-det" in names:
+            impls["attngen-det"] = lambda: attn(q, k, v, deterministic=True, **extra)
     if not shape.plain:
         names = [n for n in names if n == "flex"] if not shape.sinks else []
     needs_expanded = {"sdpa-flash", "sdpa-cudnn", "sdpa-band"} & set(names)
@@ -269,7 +274,7 @@ def _pass(fn, which: str, q, k, v, sinks):
     return (lambda: torch.autograd.grad(fn(), inputs, dout)), out
 
 
-def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print,
+def bench(shape: Shape, names=DEFAULT_PEERS, tiles: Tiles | None = None, say=print,
           which: str = "fwd", graph: bool = False) -> list[dict]:
     """Time every implementation at every sequence length of ``shape`` for one pass (``fwd``,
     ``bwd`` or ``fwd+bwd``), with ``graph`` as CUDA-graph replays; one dict per row."""
@@ -296,7 +301,7 @@ def bench(shape: Shape, names=PEERS, tiles: Tiles | None = None, say=print,
             # peers that compute full causal attention are not expected to match the window
             err = _error(out.detach(), q.detach(), k.detach(), v.detach(),
                          None if sinks is None else sinks.detach(), shape) \
-                if name in ("attngen", "flex", "sdpa-band") else None
+                if name in ("attngen", "attngen-det", "flex", "sdpa-band") else None
             p20, p50, p80 = _time(fn, graph)
             extra = _extra_memory(fn, 0 if which != "fwd" else out.numel() * out.element_size())
             del out, fn
@@ -338,29 +343,35 @@ def table(rows: list[dict], header: bool = True) -> str:
 
 
 def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = False,
-         dq: bool = False, dkdv: bool = False) -> list[dict]:
+         deterministic: bool = False, dq: bool = False, dkdv: bool = False) -> list[dict]:
     """Time each candidate tile config of the attngen kernel for ``shape``: the forward's, or
-    with ``backward`` the backward kernels' (each candidate in place of the table's row for
-    the head dim, timing the backward pass): dK/dV's and dQ's, with ``dq`` dQ's alone, with
-    ``dkdv`` dK/dV's alone (dQ keeps the tiles it has now)."""
+    with ``backward`` a backward kernel's (each candidate in place of the table's row for the
+    head dim, timing the backward pass): the fused kernel's, or with ``deterministic`` the
+    deterministic mode's dK/dV and dQ kernels (with ``dq`` dQ's alone, with ``dkdv`` dK/dV's
+    alone; the other keeps the tiles it has now)."""
     from . import tuning
 
     if dq and dkdv:
         raise ValueError("dq and dkdv each tune one backward kernel: give at most one")
+    if (dq or dkdv) and not deterministic:
+        raise ValueError("dq and dkdv tune the deterministic mode's kernels: give deterministic too")
     hd = shape.head_dim
-    tables = {"dkdv": tuning.BACKWARD[tuning.DEFAULT_ARCH], "dq": tuning.DQ[tuning.DEFAULT_ARCH]}
+    arch = tuning.DEFAULT_ARCH
+    tables = {"fused": tuning.FUSED[arch], "dkdv": tuning.BACKWARD[arch], "dq": tuning.DQ[arch]}
     saved = {name: table.get(hd) for name, table in tables.items()}
-    # the rows a backward candidate stands in for: dQ's, dK/dV's, or both
-    swapped = ["dq"] if dq else ["dkdv"] if dkdv else ["dkdv", "dq"]
+    # the rows a backward candidate stands in for
+    swapped = ["fused"] if not deterministic else ["dq"] if dq else ["dkdv"] if dkdv else ["dkdv", "dq"]
     rows = []
     for tiles in candidates:
         try:
             if backward:
-                # dQ's tiles as they are, pinned: a head dim without a dQ row would follow dK/dV's
-                tables["dq"][hd] = tuning.dq_tiles(hd)
+                # the other kernels' tiles as they are, pinned: a head dim without a row of its
+                # own would follow the row a candidate replaces
+                tables["fused"][hd], tables["dq"][hd] = tuning.fused_tiles(hd), tuning.dq_tiles(hd)
                 for name in swapped:
                     tables[name][hd] = tiles
-                got = bench(shape, names=("attngen",), say=lambda _: None, which="bwd")
+                got = bench(shape, names=("attngen-det" if deterministic else "attngen",),
+                            say=lambda _: None, which="bwd")
                 for r in got:
                     r["tiles"] = asdict(tiles)
             else:
@@ -381,9 +392,13 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
     if rows:
         best = min(candidates, key=lambda t: sum(r["us_p50"] for r in rows if r["tiles"] == asdict(t))
                    if any(r["tiles"] == asdict(t) for r in rows) else math.inf)
-        default = (tuning.dq_tiles if dq else tuning.backward_tiles)(hd) if backward else \
-            tiles_for(hd, shape.mask, shape.heads // shape.heads_kv)
-        what = ("dQ " if dq else "dK/dV " if dkdv else "backward ") if backward else ""
+        if not backward:
+            default, what = tiles_for(hd, shape.mask, shape.heads // shape.heads_kv), ""
+        elif not deterministic:
+            default, what = tuning.fused_tiles(hd), "fused backward "
+        else:
+            default = (tuning.dq_tiles if dq else tuning.backward_tiles)(hd)
+            what = "dQ " if dq else "dK/dV " if dkdv else "deterministic backward "
         say(f"{shape.label}: best {what}{best.tag} (table: {default.tag})")
     return rows
 
@@ -424,7 +439,9 @@ def main(argv=None) -> int:
                        help="override the window: W (the W most recent keys) or 'full' (full causal)")
         p.add_argument("--json", help="write the rows here (long format)")
         if name == "run":
-            p.add_argument("--impl", nargs="+", choices=PEERS, default=list(PEERS))
+            p.add_argument("--impl", nargs="+", choices=PEERS, default=list(DEFAULT_PEERS),
+                           help="implementations to time (attngen-det: attngen's deterministic "
+                                "backward; not timed unless named)")
             p.add_argument("--tiles", type=parse_tiles, help="attngen tiles, e.g. 128x64o2c1")
             p.add_argument("--pass", dest="which", choices=PASSES, default="fwd",
                            help="what to time: the forward, the backward of one forward, or both "
@@ -437,12 +454,14 @@ def main(argv=None) -> int:
             p.add_argument("--candidates", type=parse_tiles, nargs="+",
                            default=[parse_tiles(t) for t in DEFAULT_CANDIDATES])
             p.add_argument("--backward", action="store_true",
-                           help="tune the backward kernels' tiles (timing the backward pass)")
+                           help="tune the fused backward kernel's tiles (timing the backward pass)")
+            p.add_argument("--deterministic", action="store_true",
+                           help="with --backward: the deterministic mode's dK/dV and dQ kernels instead")
             which = p.add_mutually_exclusive_group()
             which.add_argument("--dq", action="store_true",
-                               help="with --backward: the dQ kernel's tiles alone (dK/dV keep the table's)")
+                               help="with --backward --deterministic: the dQ kernel's tiles alone")
             which.add_argument("--dkdv", action="store_true",
-                               help="with --backward: the dK/dV kernel's tiles alone (dQ keeps its own)")
+                               help="with --backward --deterministic: the dK/dV kernel's tiles alone")
     p = sub.add_parser("plot", help="draw a JSON file written by `run`")
     p.add_argument("json")
     p.add_argument("png")
@@ -474,9 +493,13 @@ def main(argv=None) -> int:
         if args.command == "run":
             rows += bench(shape, names=args.impl, tiles=args.tiles, which=args.which, graph=args.graph)
         else:
-            if (args.dq or args.dkdv) and not args.backward:
-                parser.error(f"--{'dq' if args.dq else 'dkdv'} tunes a backward kernel: give --backward too")
-            rows += tune(shape, args.candidates, backward=args.backward, dq=args.dq, dkdv=args.dkdv)
+            if (args.dq or args.dkdv or args.deterministic) and not args.backward:
+                parser.error("--deterministic, --dq and --dkdv tune backward kernels: give --backward too")
+            if (args.dq or args.dkdv) and not args.deterministic:
+                parser.error(f"--{'dq' if args.dq else 'dkdv'} tunes a deterministic-mode kernel: "
+                             "give --deterministic too")
+            rows += tune(shape, args.candidates, backward=args.backward, deterministic=args.deterministic,
+                         dq=args.dq, dkdv=args.dkdv)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"command": " ".join(["attngen bench", *(argv or sys.argv[1:])]),

@@ -446,7 +446,8 @@ class _KernelRunner:
     def backward(self, q, k, v, out, lse, res, dout, mask: Mask, sinks: bool):
         key, q, k, v, sink = self._args(mask, q, k, v, sinks)
         dq, dk, dv, dsinks = torch.ops.attngen.attention_bwd(key, q, k, v, out, lse, res, dout, sink,
-                                                             None, None, None, None, self.scale, self.layout)
+                                                             None, None, None, None, self.scale, self.layout,
+                                                             torch.are_deterministic_algorithms_enabled())
         return dq, dk, dv, dsinks if sinks else None
 
 

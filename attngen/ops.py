@@ -11,6 +11,11 @@ when the op runs):
   sinks; else empty) the output's rounding residual, with a registered autograd formula that
   runs ``attngen::attention_bwd`` (dq, dk, dv, dsinks).
 
+The backward is by default the fused kernel that adds dQ atomically (the last bits of dQ may
+differ run to run); it is deterministic (identical bits every run) when asked for, with
+``deterministic=True``, or when ``torch.use_deterministic_algorithms(True)`` is on when the
+forward runs.
+
 Each op has a fake implementation (shapes, strides and dtypes only), so ``torch.compile(...,
 fullgraph=True)`` traces through an attngen call without running it, and ``aot_autograd``
 sees the backward as one op too.  :func:`attention` picks: when autograd records the call,
@@ -128,12 +133,13 @@ def _(variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 def _gradients(variant: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                res: Tensor, dout: Tensor, sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int],
-               max_seqlen_k: Optional[int], scale: Optional[float],
-               layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               max_seqlen_k: Optional[int], scale: Optional[float], layout: str,
+               deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dsinks); dsinks is empty for a variant without sinks."""
     module, offsets, options = _resolve(variant, q, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, scale, layout)
-    dq, dk, dv, dsinks = module.backward(q, k, v, out, lse, res, dout, *offsets, **options)
+    dq, dk, dv, dsinks = module.backward(q, k, v, out, lse, res, dout, *offsets, **options,
+                                         deterministic=deterministic)
     return dq, dk, dv, q.new_empty(0) if dsinks is None else dsinks
 
 
@@ -142,7 +148,7 @@ _attention_bwd = torch.library.custom_op("attngen::attention_bwd", mutates_args=
 
 @_attention_bwd.register_fake
 def _(variant, q, k, v, out, lse, res, dout, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k, scale, layout):
+      max_seqlen_k, scale, layout, deterministic=False):
     if cu_seqlens_q is not None:
         grads = [torch.empty_like(t) for t in (q, k, v)]
     else:   # the backward allocates (B, H, S, D) and returns views in the inputs' layout
@@ -157,6 +163,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, sinks, out, lse, res, cu_q, cu_k)
     ctx.options = (variant, max_q, max_k, scale, layout)
     ctx.direct = False
+    ctx.deterministic = torch.are_deterministic_algorithms_enabled()
 
 
 def _backward(ctx, dout, _dlse, _dres):
@@ -164,7 +171,7 @@ def _backward(ctx, dout, _dlse, _dres):
     variant, max_q, max_k, scale, layout = ctx.options
     run = _gradients if ctx.direct and _direct(dout) else torch.ops.attngen.attention_bwd
     dq, dk, dv, dsinks = run(variant, q, k, v, out, lse, res, dout, sinks, cu_q, cu_k, max_q, max_k,
-                             scale, layout)
+                             scale, layout, ctx.deterministic)
     return (None, dq, dk, dv, None if sinks is None else dsinks, None, None, None, None, None, None)
 
 
@@ -178,17 +185,17 @@ class _Attention(torch.autograd.Function):
     torch.compile traces to the ops."""
 
     @staticmethod
-    def forward(direct, *args):
+    def forward(direct, deterministic, *args):
         return _forward(*args) if direct else torch.ops.attngen.attention_fwd(*args)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs[1:], output)
-        ctx.direct = inputs[0]
+        _setup_context(ctx, inputs[2:], output)
+        ctx.direct, ctx.deterministic = inputs[:2]
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, *_backward(ctx, *grads))
+        return (None, None, *_backward(ctx, *grads))
 
 
 def _direct(*tensors) -> bool:
@@ -204,28 +211,35 @@ def _direct(*tensors) -> bool:
 def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | None = None,
               cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
-              scale: float | None = None, layout: str = "bhsd", out: Tensor | None = None) -> Tensor:
+              scale: float | None = None, layout: str = "bhsd", out: Tensor | None = None,
+              deterministic: bool | None = None) -> Tensor:
     """Run ``variant`` (see the module docstring): differentiably when autograd records the call
-    (``out=`` is then refused), else inference; in eager mode without the ops' dispatch."""
+    (``out=`` is then refused), else inference; in eager mode without the ops' dispatch.  The
+    backward is deterministic when ``deterministic`` is true, or when it is None and
+    ``torch.use_deterministic_algorithms(True)`` is on; ``deterministic=False`` asks for the
+    fused kernel whatever the global setting."""
     args = (variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout)
     direct = _direct(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, out)
     if wants_grad(q, k, v, sinks):
         no_out_with_grad(out, variant)
-        return _Attention.apply(direct, *args)[0]
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        return _Attention.apply(direct, bool(deterministic), *args)[0]
     if out is None:
         return (_infer if direct else torch.ops.attngen.attention)(*args)
     (_infer_out if direct else torch.ops.attngen.attention_out)(*args, out)
     return out
 
 
-def sink_grad(sinks: Tensor, lse: Tensor, p_dp: Tensor, head_axis: int) -> Tensor:
+def sink_grad(sinks: Tensor, lse: Tensor, delta: Tensor, head_axis: int) -> Tensor:
     """The gradient of the sink logits.  A sink takes probability mass p_sink =
     exp(sink - lse) of its row and adds no value, so d loss / d sink = -p_sink * sum_j P_j dP_j
-    summed over the head's rows.  ``p_dp`` is that sum, accumulated in fp32 by the dQ kernel
-    (rowsum(dO * O) is the same number in exact arithmetic, but O rounded to fp16/bf16 makes
-    it too coarse for a sum over every row); ``lse`` is in log2 units."""
+    summed over the head's rows.  That row sum is ``delta`` = rowsum(dO * O), which the
+    backward computes in fp32 from the fp32 output (Out + its rounding residual): from O
+    rounded to fp16/bf16 it would be too coarse for a sum over every row.  ``lse`` is in log2
+    units."""
     shape = [1] * lse.dim()
     shape[head_axis] = -1
     p_sink = torch.exp2(at_least_fp32(sinks).reshape(shape) * LOG2E - lse)
     axes = [a for a in range(lse.dim()) if a != head_axis]
-    return (-(p_sink * p_dp).sum(dim=axes)).to(sinks.dtype)
+    return (-(p_sink * delta).sum(dim=axes)).to(sinks.dtype)

@@ -26,7 +26,7 @@ from .mask import Mask
 from .ops import attention, register_resolver
 from .spec import Spec
 from .store import KernelEntry, SpecEntry, default_out, jit_dir, read_manifest
-from .support import HEAD_DIMS, check_dtype, check_head_dim, dtype_name
+from .support import HEAD_DIMS, check_deterministic, check_dtype, check_head_dim, dtype_name
 from .tuning import Tiles, tiles_for
 from .variant import Family, Features, KernelSpec
 
@@ -193,19 +193,24 @@ class AttentionKernel:
     torch.compile traces them without graph breaks and CUDA graphs capture them."""
 
     def __init__(self, family: Family, registry: Registry, scale: float | None = None,
-                 head_dim: int | None = None):
+                 head_dim: int | None = None, deterministic: bool | None = None):
         self.family, self.registry, self.scale, self.head_dim = family, registry, scale, head_dim
+        self.deterministic = check_deterministic(deterministic)
         self.key = family.key + ("" if registry is default_registry else f"@{id(registry):x}")
         register_resolver(self.key, functools.partial(registry.variant, family))
 
     def __repr__(self):
-        return f"AttentionKernel({_describe(self.family, self.head_dim)}, scale={self.scale})"
+        return (f"AttentionKernel({_describe(self.family, self.head_dim)}, scale={self.scale}"
+                + (f", deterministic={self.deterministic}" if self.deterministic is not None else "") + ")")
 
     def __call__(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, *,
-                 max_seqlen_k=None, scale: float | None = None, sinks=None, out=None, layout="bhsd"):
+                 max_seqlen_k=None, scale: float | None = None, sinks=None, out=None, layout="bhsd",
+                 deterministic: bool | None = None):
         """Attention of ``q`` over ``k, v``.  Packed sequences (``varlen``) take
         ``cu_seqlens_q`` (and ``cu_seqlens_k``, ``max_seqlen_q``, ``max_seqlen_k``), the others
-        ``layout=``; ``sinks=`` where the kernel has sinks; ``out=`` to write into a tensor."""
+        ``layout=``; ``sinks=`` where the kernel has sinks; ``out=`` to write into a tensor.
+        ``deterministic`` (default: the kernel's, see :func:`get_kernel`) picks the backward:
+        True, identical gradient bits every run; False, the faster fused kernel."""
         import torch
 
         f = self.family.features
@@ -232,7 +237,9 @@ class AttentionKernel:
             raise InputError("sinks= given, but this kernel has none: get_kernel(..., sinks=True)")
         return attention(self.key, q, k, v, sinks=sinks, cu_seqlens_q=cu_seqlens_q,
                          cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                         scale=self.scale if scale is None else scale, layout=layout, out=out)
+                         scale=self.scale if scale is None else scale, layout=layout, out=out,
+                         deterministic=self.deterministic if deterministic is None
+                         else check_deterministic(deterministic))
 
 
 default_registry = Registry()
@@ -242,10 +249,15 @@ def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool 
                gqa: int = 1, softcap: float | None = None, sinks: bool = False,
                chunked: bool = False, varlen: bool = False, head_dim: int | None = None,
                dtype: str | None = None, scale: float | None = None,
-               registry: Registry | None = None) -> AttentionKernel:
+               deterministic: bool | None = None, registry: Registry | None = None) -> AttentionKernel:
     """The attention callable for a window (see :class:`attngen.Mask`; a ``Mask`` itself is
     taken as it is), GQA ratio and features (:class:`attngen.variant.Features`: softcap,
     sinks, chunked prefill, packed sequences).  ``causal`` defaults to True for a window.
+
+    ``deterministic`` picks the backward: None (default) follows
+    ``torch.use_deterministic_algorithms``; True always gives identical gradient bits run to
+    run (two kernels, no atomics); False always takes the faster fused kernel, which adds dQ
+    atomically (its last bits may differ run to run).
 
     ``head_dim``/``dtype``, when given, must have a kernel now (built, or generated on
     demand); otherwise they are picked from the tensors at call time.
@@ -266,7 +278,7 @@ def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool 
         raise reg.not_found(family, head_dim, dtype)
     if head_dim is not None and dtype is not None:
         reg.launcher(family, head_dim, dtype)
-    return AttentionKernel(family, reg, scale, head_dim)
+    return AttentionKernel(family, reg, scale, head_dim, deterministic)
 
 
 def get_layer_kernels(model: str, *, registry: Registry | None = None) -> list[AttentionKernel]:

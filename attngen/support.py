@@ -51,6 +51,13 @@ def check_dtype(value) -> str:
     return value
 
 
+def check_deterministic(value) -> bool | None:
+    """The backward's mode: None (follow ``torch.use_deterministic_algorithms``), True or False."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"deterministic must be True, False or None, got {value!r}")
+    return value
+
+
 def dtype_name(torch_dtype) -> str | None:
     """The spec name of a torch dtype or its name (``torch.bfloat16``, ``"bfloat16"`` ->
     ``"bf16"``); None if attngen has no kernels for it."""

@@ -117,11 +117,13 @@ GRAD_FLOOR = {"fp16": 5e-4, "bf16": 1e-3}
 
 def check_grad_case(launch, spec_dict: dict, case: Case) -> dict:
     """Gradients of one case on the GPU (dq, dk, dv and, with sinks, dsinks) against autograd
-    of the float64 reference.  Rule (FlashAttention's): each gradient's error is at most
-    2 x the error of the same computation by PyTorch eager math in the kernel's dtype, plus
-    ``GRAD_FLOOR``.  Errors are ||x - ref|| / max(||ref||, 1e-2 ||dv_ref||): relative, except
-    for a gradient that is exactly zero (a window of one key), measured against dv's scale.
-    A second backward must give the same bits.  Returns the errors."""
+    of the float64 reference, in both backward modes: the default (fused, dQ added
+    atomically) and ``deterministic=True``.  Rule (FlashAttention's): each gradient's error is
+    at most 2 x the error of the same computation by PyTorch eager math in the kernel's dtype,
+    plus ``GRAD_FLOOR``.  Errors are ||x - ref|| / max(||ref||, 1e-2 ||dv_ref||): relative,
+    except for a gradient that is exactly zero (a window of one key), measured against dv's
+    scale.  A second deterministic backward must give the same bits.  Returns the errors by
+    mode: {"default": {name: (ours, eager's)}, "deterministic": {...}}."""
     spec = KernelSpec.from_dict(spec_dict)
     seed, gen = _generator()
     tensors, call, ref_fn = _inputs(spec, case, gen)
@@ -134,29 +136,36 @@ def check_grad_case(launch, spec_dict: dict, case: Case) -> dict:
         out.backward(dout.to(out.dtype))
         return out, {n: leaves[n].grad for n in names}
 
+    def run(deterministic):
+        return lambda q, k, v, sinks=None: call(launch, q, k, v, sinks, deterministic=deterministic)
+
     dout = _tensor(tensors["q"].shape, tensors["q"].dtype, gen)
-    run = lambda q, k, v, sinks=None: call(launch, q, k, v, sinks)  # noqa: E731
-    out, got = grads(run)
+    out, fused = grads(run(False))
     assert out.grad_fn is not None, f"{where}: the output does not carry gradients"
-    _, again = grads(run)
+    _, fixed = grads(run(True))
+    _, again = grads(run(True))
     for n in names:
-        assert torch.equal(got[n], again[n]), f"{where}: d{n} differs between two runs (not deterministic)"
+        assert torch.equal(fixed[n], again[n]), \
+            f"{where}: deterministic d{n} differs between two runs"
     _, exact = grads(lambda q, k, v, sinks=None: ref_fn(q, k, v, sinks), torch.float64)
     low = getattr(torch, DTYPES[spec.dtype])
     _, eager = grads(lambda q, k, v, sinks=None: ref_fn(q, k, v, sinks, dtype=low), low)
     scale = 1e-2 * exact["v"].norm().item()
     errors = {}
-    for n in names:
-        ref = exact[n]
+    for mode, got in (("default", fused), ("deterministic", fixed)):
+        errors[mode] = {}
+        for n in names:
+            ref = exact[n]
 
-        def err(x):
-            return ((x.double() - ref).norm() / max(ref.norm().item(), scale)).item()
-        errors[n] = (err(got[n]), err(eager[n]))
-        _log({"kernel": spec.name, "case": case.id, "grad": n, "rel_err": errors[n][0],
-              "eager_err": errors[n][1]})
-    for n, (ours, theirs) in errors.items():
-        bound = 2 * theirs + GRAD_FLOOR[spec.dtype]
-        assert ours <= bound, f"{where}: d{n} error {ours:.3g} > 2 x eager {theirs:.3g} + floor"
+            def err(x):
+                return ((x.double() - ref).norm() / max(ref.norm().item(), scale)).item()
+            errors[mode][n] = (err(got[n]), err(eager[n]))
+            _log({"kernel": spec.name, "case": case.id, "mode": mode, "grad": n,
+                  "rel_err": errors[mode][n][0], "eager_err": errors[mode][n][1]})
+    for mode, by_name in errors.items():
+        for n, (ours, theirs) in by_name.items():
+            bound = 2 * theirs + GRAD_FLOOR[spec.dtype]
+            assert ours <= bound, f"{where}: {mode} d{n} error {ours:.3g} > 2 x eager {theirs:.3g} + floor"
     return errors
 
 

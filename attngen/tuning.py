@@ -97,6 +97,16 @@ BACKWARD: dict[str, dict[int, Tiles]] = {
 }
 
 
+# arch -> head_dim -> tiles of the fused backward (BLOCK_N keys a program, BLOCK_M query rows a
+# step, dQ added atomically), tuned apart from the deterministic kernels (`attngen bench tune
+# --backward`); a head dim without a row takes its BACKWARD row.  Its dQ traffic falls with
+# BLOCK_N, which 8 worker warps make room for at D = 128 (H200, shape A, S = 8k: 64 x 128
+# with 8 warps 2989 us, 64 x 64 at occupancy 2 3011 us, 128 x 64 with 8 warps 3076 us).
+FUSED: dict[str, dict[int, Tiles]] = {
+    "sm_90": {128: Tiles(64, 128, 1, 1, worker_warps=8)},
+}
+
+
 # arch -> head_dim -> tiles of the dQ kernel (DQ_M query rows a program, DQ_N keys a step),
 # tuned apart from dK/dV's (`attngen bench tune --backward --dq`); a head dim without a row
 # takes its BACKWARD row.  H100 sweep (docs/performance.md): D = 256 takes 128-row programs
@@ -107,11 +117,21 @@ DQ: dict[str, dict[int, Tiles]] = {
 }
 
 
+#: query rows per program of the backward's pre- and post-processing kernels (delta and the
+#: dQ accumulator's zeroing; dQ's scaling and cast): memory-bound, any tile that keeps the
+#: rows' loads wide will do
+PREPROCESS_ROWS = 64
+
+
 def backward_tiles(head_dim: int) -> Tiles:
     try:
         return BACKWARD[DEFAULT_ARCH][head_dim]
     except KeyError:
         raise ValueError(f"no backward tile table entry for head_dim {head_dim}") from None
+
+
+def fused_tiles(head_dim: int) -> Tiles:
+    return FUSED[DEFAULT_ARCH].get(head_dim) or backward_tiles(head_dim)
 
 
 def dq_tiles(head_dim: int) -> Tiles:

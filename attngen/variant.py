@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from .mask import Mask
 from .support import check_dtype, check_gqa, check_head_dim, check_positive_number, forced_pack
-from .tuning import Tiles, backward_tiles, dq_tiles
+from .tuning import Tiles, backward_tiles, dq_tiles, fused_tiles
 from .version import fingerprint
 
 
@@ -90,9 +90,10 @@ class Family:
 class Param:
     """One kernel parameter: its name in the kernel, its kind and what the launcher passes.
 
-    kinds: ``io`` (an fp16/bf16 array: (B, H, S, D), or (total, H, D) packed), ``rows`` (one
-    fp32 value per query row: (B, H, S), or (total, H) packed), ``f32[]`` and ``i32[]`` (1-D
-    arrays), ``f32`` (a scalar); ``io64`` and ``rows64`` are ``io`` and ``rows`` indexed with
+    kinds: ``io`` (an fp16/bf16 array: (B, H, S, D), or (total, H, D) packed), ``acc`` (an
+    fp32 array of the same shape: the dQ accumulator), ``rows`` (one fp32 value per query
+    row: (B, H, S), or (total, H) packed), ``f32[]`` and ``i32[]`` (1-D arrays), ``f32`` (a
+    scalar); ``io64``, ``acc64`` and ``rows64`` are ``io``, ``acc`` and ``rows`` indexed with
     64-bit shapes and strides.
     """
 
@@ -139,25 +140,26 @@ class KernelSpec:
     @property
     def kernels(self) -> dict[str, tuple[Param, ...]]:
         """Every kernel of the variant, by the suffix of its name, with its parameters in
-        order: the inference forward (``""``), the forward that also saves the row
-        log-sum-exp for autograd (``"_fwd"``), and the backward's ``"_dq"`` (which first
-        computes each row's delta = rowsum(dO * O) and stores it) and ``"_dkdv"`` (launched
-        after it, reading delta).  The kernels' signatures, the AOT signatures and
-        the launcher's argument lists are all generated from these lists.  Each feature adds
-        its own parameters here: sinks a logit per head (and, in the dQ kernel, each row's
-        sum of P * dP for their gradient, and in the training forward and the dQ kernel
-        the output's rounding residual), varlen the sequence offsets, softcap changes what
-        the scale means.
+        order: the inference forward (``""``); the forward that also saves the row
+        log-sum-exp for autograd (``"_fwd"``); the backward, by default three kernels:
+        ``"_pre"`` (each row's delta = rowsum(dO * O), and the fp32 dQ accumulator zeroed),
+        ``"_bwd"`` (one program per KV block: dK, dV, and the block's share of dQ added
+        atomically into the accumulator) and ``"_post"`` (dQ scaled and cast from the
+        accumulator); in deterministic mode, two kernels that write every element once:
+        ``"_dq"`` (which computes delta first and stores it) and ``"_dkdv"`` (launched after
+        it, reading delta).  The kernels' signatures, the AOT signatures and the launcher's
+        argument lists are all generated from these lists.  Each feature adds its own
+        parameters here: sinks a logit per head (and, where delta is computed, the output's
+        rounding residual), varlen the sequence offsets, softcap changes what the scale
+        means.
 
-        Each kernel has a twin, its suffix + ``"_i64"``, whose ``io``/``rows`` arrays
-        (``io64``/``rows64``) take 64-bit shapes and strides: the launcher runs it only for
-        tensors past 2^31 elements, because 64-bit indexing made the forward 35-48 % slower
-        (H100, shapes A, B, C; docs/performance.md)."""
+        Each kernel has a twin, its suffix + ``"_i64"``, whose ``io``/``rows``/``acc`` arrays
+        (``io64``/``rows64``/``acc64``) take 64-bit shapes and strides: the launcher runs it
+        only for tensors past 2^31 elements, because 64-bit indexing made the forward 35-48 %
+        slower (H100, shapes A, B, C; docs/performance.md)."""
         f = self.features
         out = "out" if f.varlen else "o"
         sinks = [Param("Sinks", "f32[]", "prepare_sinks(sinks, heads, q.device, NAME)")] if f.sinks else []
-        # the sinks' gradient needs each row's sum of P * dP, exact in fp32 (the dQ kernel has it)
-        sink_rows = [Param("PdP", "rows", "p_dp")] if f.sinks else []
         # with sinks, delta = rowsum(dO * O) needs O as the forward had it in fp32, not rounded
         # to the output dtype: the forward also keeps what the rounding lost (see the template)
         residual = [Param("Res", "io", "res")] if f.sinks else []
@@ -167,6 +169,7 @@ class KernelSpec:
             offsets = [Param("Cu", "i32[]", "cu_q")]
         else:
             offsets = []
+        q_offsets = offsets[:1]     # kernels over query rows alone
         if f.softcap is not None:
             qk_scale = Param("qk_scale_over_cap", "f32", "scale_arg(scale, HEAD_DIM, SOFTCAP)")
         else:
@@ -174,16 +177,22 @@ class KernelSpec:
         qkv = [Param("Q", "io", "q"), Param("K", "io", "k"), Param("V", "io", "v")]
         grads_in = [Param("dO", "io", "dout"), Param("Lse", "rows", "lse"), Param("Delta", "rows", "delta")]
         softmax_scale = Param("scale", "f32", "softmax_scale(scale, HEAD_DIM)")
+        dq_acc = Param("dQacc", "acc", "dq_acc")
         narrow = {
             "": (*qkv, Param("Out", "io", out), *sinks, *offsets, qk_scale),
             "_fwd": (*qkv, Param("Out", "io", out), Param("Lse", "rows", "lse"), *residual, *sinks,
                      *offsets, qk_scale),
+            "_pre": (Param("Out", "io", out), *residual, Param("dO", "io", "dout"),
+                     Param("Delta", "rows", "delta"), dq_acc, *q_offsets),
+            "_bwd": (*qkv, *grads_in, dq_acc, Param("dK", "io", "dk"), Param("dV", "io", "dv"),
+                     *offsets, qk_scale, softmax_scale),
+            "_post": (dq_acc, Param("dQ", "io", "dq"), *q_offsets, softmax_scale),
+            "_dq": (*qkv, Param("Out", "io", out), *residual, *grads_in, Param("dQ", "io", "dq"),
+                    *offsets, qk_scale, softmax_scale),
             "_dkdv": (*qkv, *grads_in, Param("dK", "io", "dk"), Param("dV", "io", "dv"), *offsets,
                       qk_scale, softmax_scale),
-            "_dq": (*qkv, Param("Out", "io", out), *residual, *grads_in, Param("dQ", "io", "dq"),
-                    *sink_rows, *offsets, qk_scale, softmax_scale),
         }
-        wide = {suffix + "_i64": tuple(replace(p, kind=p.kind + "64") if p.kind in ("io", "rows") else p
+        wide = {suffix + "_i64": tuple(replace(p, kind=p.kind + "64") if p.kind in ("io", "rows", "acc") else p
                                        for p in params) for suffix, params in narrow.items()}
         return {**narrow, **wide}
 
@@ -197,8 +206,13 @@ class KernelSpec:
                    Tiles(**data["tiles"]), Features(**data["features"]))
 
     @property
+    def fused_tiles(self) -> Tiles:
+        """Tiles of the fused backward kernel (from the tuned table; part of the hash)."""
+        return fused_tiles(self.head_dim)
+
+    @property
     def backward_tiles(self) -> Tiles:
-        """Tiles of the dK/dV kernel (from the tuned table; part of the hash)."""
+        """Tiles of the deterministic dK/dV kernel (from the tuned table; part of the hash)."""
         return backward_tiles(self.head_dim)
 
     @property
@@ -213,7 +227,8 @@ class KernelSpec:
 
     @property
     def hash(self) -> str:
-        text = json.dumps(self.as_dict(), sort_keys=True) + self.backward_tiles.tag + self._dq_tag + fingerprint()
+        text = (json.dumps(self.as_dict(), sort_keys=True) + self.backward_tiles.tag + self._dq_tag
+                + "fused" + self.fused_tiles.tag + fingerprint())
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     @property

@@ -30,16 +30,17 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     k = r["kernel"]
     if "grad" in r:
-        g = grad.setdefault(k, {})
+        g = grad.setdefault((k, r["mode"]), {})
         ours, eager = g.get(r["grad"], (0.0, 0.0))
         g[r["grad"]] = (max(ours, r["rel_err"]), max(eager, r["eager_err"]))
     else:
         fwd[k] = max(fwd.get(k, 0.0), r["rel_err"])
         count[k] = count.get(k, 0) + 1
-print(f"{'kernel':<60} cases  fwd err   worst gradient err (bf16/fp16 eager's) per input")
+print(f"{'kernel':<60} cases  fwd err   mode   worst gradient err (bf16/fp16 eager's) per input")
 for k in sorted(fwd):
-    g = "  ".join(f"d{n} {o:.1e} ({e:.1e})" for n, (o, e) in sorted(grad.get(k, {}).items()))
-    print(f"{k:<60} {count[k]:>5}  {fwd[k]:.2e}  {g}")
+    for mode in ("default", "deterministic"):
+        g = "  ".join(f"d{n} {o:.1e} ({e:.1e})" for n, (o, e) in sorted(grad.get((k, mode), {}).items()))
+        print(f"{k:<60} {count[k]:>5}  {fwd[k]:.2e}  {mode[:5]}  {g}")
 PY
       ;;
     bench) python -m attngen.bench run --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/bench.log" ;;

@@ -39,9 +39,11 @@ def main() -> None:
                 fails += 1
                 print(f"  fail: {str(e).splitlines()[0]}")
                 continue
-            for n, (ours, eager) in errors.items():
-                worst[n] = max(worst.get(n, 0.0), ours / max(eager, 1e-12))
-        ratios = "  ".join(f"d{n} {r:.2f}" for n, r in sorted(worst.items()))
+            for mode, by_name in errors.items():
+                for n, (ours, eager) in by_name.items():
+                    key = f"{mode} d{n}"
+                    worst[key] = max(worst.get(key, 0.0), ours / max(eager, 1e-12))
+        ratios = "  ".join(f"{k} {r:.2f}" for k, r in sorted(worst.items()))
         print(f"{names[0]} {case.id}: {args.reps - fails}/{args.reps} passed; worst ours/eager "
               f"of the passing runs: {ratios}", flush=True)
 

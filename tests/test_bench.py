@@ -71,28 +71,37 @@ def test_window_override_and_graph_flags(monkeypatch, capsys):
     assert wide.window == 32768 and wide.mask.left == 32767 and wide.heads == 64
 
 
-@pytest.mark.parametrize("flags", [{}, {"dq": True}, {"dkdv": True}])
+@pytest.mark.parametrize("flags", [{}, {"deterministic": True}, {"deterministic": True, "dq": True},
+                                   {"deterministic": True, "dkdv": True}])
 def test_backward_tune_swaps_only_the_rows_asked_for(monkeypatch, flags):
-    """`tune --backward` stands each candidate in for dK/dV's and dQ's rows, `--dq` for dQ's
-    alone, `--dkdv` for dK/dV's alone (dQ keeping the tiles it had, even where it shares the
-    dK/dV row); the tables are as they were afterwards."""
+    """`tune --backward` stands each candidate in for the fused kernel's row and times attngen;
+    with `--deterministic` for dK/dV's and dQ's rows, `--dq` for dQ's alone, `--dkdv` for
+    dK/dV's alone (the others keeping the tiles they had, even where they share a row), and
+    times attngen-det; the tables are as they were afterwards."""
     from attngen import tuning
 
     seen = []
 
     def fake_bench(shape, names, say, which, tiles=None):
-        seen.append((tuning.backward_tiles(shape.head_dim), tuning.dq_tiles(shape.head_dim)))
+        hd = shape.head_dim
+        seen.append((names, (tuning.fused_tiles(hd), tuning.backward_tiles(hd), tuning.dq_tiles(hd))))
         return [{"seq": 1, "us_p50": 1.0, "tflops": 1.0, "rel_err": 0.0}]
 
     monkeypatch.setattr(bench, "bench", fake_bench)
     candidate = Tiles(32, 32, 1, 1)
-    for head_dim in (64, 128):      # 64 has a dQ row of its own, 128 shares dK/dV's
+    for head_dim in (64, 128):      # 64 has a dQ row of its own, 128 a fused row
         shape = bench.Shape("t", 2, 1, head_dim, 64, "fp16", (128,))
-        before = (tuning.backward_tiles(head_dim), tuning.dq_tiles(head_dim))
+        before = (tuning.fused_tiles(head_dim), tuning.backward_tiles(head_dim), tuning.dq_tiles(head_dim))
         bench.tune(shape, [candidate], say=lambda _: None, backward=True, **flags)
-        expect = {(): (candidate, candidate), ("dq",): (before[0], candidate),
-                  ("dkdv",): (candidate, before[1])}[tuple(flags)]
-        assert seen.pop() == expect
-        assert (tuning.backward_tiles(head_dim), tuning.dq_tiles(head_dim)) == before
+        fused, dkdv, dq = before
+        expect = {(): (candidate, dkdv, dq), ("deterministic",): (fused, candidate, candidate),
+                  ("deterministic", "dq"): (fused, dkdv, candidate),
+                  ("deterministic", "dkdv"): (fused, candidate, dq)}[tuple(flags)]
+        names, tiles = seen.pop()
+        assert tiles == expect
+        assert names == (("attngen-det",) if flags else ("attngen",))
+        assert (tuning.fused_tiles(head_dim), tuning.backward_tiles(head_dim), tuning.dq_tiles(head_dim)) == before
     with pytest.raises(ValueError, match="at most one"):
-        bench.tune(shape, [candidate], backward=True, dq=True, dkdv=True)
+        bench.tune(shape, [candidate], backward=True, deterministic=True, dq=True, dkdv=True)
+    with pytest.raises(ValueError, match="give deterministic too"):
+        bench.tune(shape, [candidate], backward=True, dq=True)

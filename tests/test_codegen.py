@@ -103,7 +103,7 @@ def test_signature_and_launch_arguments_are_the_declared_params(spec):
         assert [a.arg for a in fn.args.args] == [p.name for p in params]
         annotated = {a.arg: ast.unparse(a.annotation) for a in fn.args.args if a.annotation is not None}
         assert annotated == {p.name: "float" if p.kind == "f32" else "ct.IndexedWithInt64"
-                             for p in params if p.kind in ("f32", "io64", "rows64")}
+                             for p in params if p.kind in ("f32", "io64", "rows64", "acc64")}
         assert suffix.endswith("_i64") == any(p.kind.endswith("64") for p in params)
         assert launched[suffix.removesuffix("_i64")] == [p.arg for p in params]
         names = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
@@ -121,14 +121,14 @@ def test_grids_fold_the_batch_head_pairs_over_y_and_z(spec):
              if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "grid"]
     grids += [ast.unparse(c.args[1]) for c in ast.walk(launcher) if isinstance(c, ast.Call)
               and ast.unparse(c.func) == "ct.launch" and ast.unparse(c.args[1]) != "grid"]
-    assert len(grids) == 4
+    assert len(grids) == 7       # inference, training forward, fused backward (3), deterministic (2)
     for grid in grids:
         call = ast.parse(grid, mode="eval").body
         assert ast.unparse(call.func) == "launch_grid" and "heads" in ast.unparse(call.args[1]), grid
     for suffix in spec.kernels:
         fn = kernel_function(spec, suffix)
         forward = suffix.removesuffix("_i64") in ("", "_fwd")
-        tile, pair = ("kb", "batch_kv_head") if "_dkdv" in suffix else \
+        tile, pair = ("kb", "batch_kv_head") if suffix.removesuffix("_i64") in ("_dkdv", "_bwd") else \
             ("tile", "batch_pack" if forward and spec.tiles.pack > 1 else "batch_head")
         text = ast.unparse(fn)
         assert f"{tile} = ct.bid(0)" in text and f"{pair} = ct.bid(1) + ct.bid(2) * ct.num_blocks(1)" in text
@@ -151,6 +151,7 @@ def test_constants_are_the_spec_and_nothing_else(spec):
     assert c.get("GROUP") == (spec.gqa if spec.gqa > 1 else None)      # the backward's group loop
     assert (c["BWD_M"], c["BWD_N"]) == (spec.backward_tiles.block_m, spec.backward_tiles.block_n)
     assert (c["DQ_M"], c["DQ_N"]) == (spec.dq_tiles.block_m, spec.dq_tiles.block_n)
+    assert (c["FUSED_M"], c["FUSED_N"]) == (spec.fused_tiles.block_m, spec.fused_tiles.block_n)
     cap = spec.features.softcap
     assert c.get("SOFTCAP_LOG2") == (None if cap is None else pytest.approx(cap * math.log2(math.e)))
     fn = kernel_function(spec)
@@ -290,13 +291,14 @@ def bound_program(spec, suffix="", sizes=("BLOCK_M", "BLOCK_N")):
     return consts[sizes[0]], consts[sizes[1]], run
 
 
-def query_tile_program(spec):
-    """The dK/dV kernel, which loops over query tiles per key block: BWD_M, BWD_N and
+def query_tile_program(spec, suffix="_dkdv"):
+    """A kernel that loops over query tiles per key block (``_dkdv``, or the fused ``_bwd``
+    that also adds each tile's dQ): BWD_M, BWD_N and
     ``run(kb, seq, seq_q)``: the generated statements that place key block ``kb`` (``n0``,
     ``offset``, ``keys``, ``steps``) and bound its query-tile loop, run, with the loop's range
     and ``visit(i)``: tile ``i``'s statements run, and the visibility its ``ct.where`` computes
     (keys x rows), or None where the kernel leaves the tile unmasked."""
-    fn = kernel_function(spec, "_dkdv")
+    fn = kernel_function(spec, suffix)
     setup = _assignments(fn.body, ("n0", "offset", "keys", "steps", "first", "last"))
     loop, (start, stop) = _loop(fn, "i")
     place = _assignments(loop.body, ("m0",))
@@ -315,7 +317,8 @@ def query_tile_program(spec):
             exec(masking[1], local)
             return local, eval(masking[2], local)
         return env, range(eval(start, env), eval(stop, env)), visit
-    return consts["BWD_M"], consts["BWD_N"], run
+    prefix = "FUSED" if suffix == "_bwd" else "BWD"
+    return consts[f"{prefix}_M"], consts[f"{prefix}_N"], run
 
 
 def use_backward_tiles(monkeypatch, tiles):
@@ -377,17 +380,19 @@ def test_visited_blocks_hold_every_visible_key_and_unmasked_blocks_no_hidden_one
                         assert torch.equal(got.expand_as(block), block), f"{where}: block {j} mask"
 
 
+@pytest.mark.parametrize("suffix", ["_bwd", "_dkdv"], ids=["fused", "deterministic"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["prefill", "chunked"])
 @pytest.mark.parametrize("tiles", TILES, ids=lambda t: f"{t.block_m}x{t.block_n}")
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.tag)
-def test_dkdv_visits_every_query_tile_that_sees_its_keys_and_masks_exactly(mask, tiles, chunked,
-                                                                           monkeypatch):
-    """Per key block, the query tiles [first, last) hold every row that sees one of its keys;
-    a tile left unmasked hides no (row, key) pair, and a masked one is masked exactly.  Rows
-    and keys past the sequence are left out: their Q, dO, K, V load as zeros and add nothing."""
+def test_key_blocks_visit_every_query_tile_that_sees_their_keys_and_mask_exactly(mask, tiles, chunked,
+                                                                                 suffix, monkeypatch):
+    """Per key block (the fused backward, and deterministic mode's dK/dV kernel), the query
+    tiles [first, last) hold every row that sees one of its keys; a tile left unmasked hides no
+    (row, key) pair, and a masked one is masked exactly.  Rows and keys past the sequence are
+    left out: their Q, dO, K, V load as zeros and add nothing."""
     use_backward_tiles(monkeypatch, tiles)
     spec = kernel(mask, gqa=2, head_dim=64, tiles=tiles, chunked=chunked)
-    bm, bn, run = query_tile_program(spec)
+    bm, bn, run = query_tile_program(spec, suffix)
     for seq_q, seq in lengths(chunked):
         offset = seq - seq_q
         rows = offset + torch.arange(cdiv(seq_q, bm) * bm)[None, :]    # every row of every query tile
@@ -398,7 +403,7 @@ def test_dkdv_visits_every_query_tile_that_sees_its_keys_and_masks_exactly(mask,
                 assert (env["n0"], env["offset"]) == (kb * bn, offset)
             keys = torch.arange(kb * bn, kb * bn + bn)[:, None]
             truth, real = grid(mask, rows, keys), (rows < seq) & (keys < seq)
-            where = f"dkdv {mask.tag} {bm}x{bn} S_q={seq_q} S_k={seq} key block {kb}"
+            where = f"{suffix[1:]} {mask.tag} {bm}x{bn} S_q={seq_q} S_k={seq} key block {kb}"
             assert set(visited) <= set(range(cdiv(seq_q, bm))), f"{where}: visits tiles {visited}"
             missed = set((torch.nonzero((truth & real).any(0))[:, 0] // bm).tolist()) - set(visited)
             assert not missed, f"{where}: misses rows in tiles {sorted(missed)}"
@@ -412,6 +417,35 @@ def test_dkdv_visits_every_query_tile_that_sees_its_keys_and_masks_exactly(mask,
                 else:
                     assert torch.equal(got.expand_as(pairs) & tile_real, pairs & tile_real), \
                         f"{where}: tile {i} mask"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_fused_backward_adds_each_visited_tiles_dq_and_deterministic_mode_adds_nothing(spec):
+    """The fused kernel adds, for every query tile it visits, dS^T's transpose times K into the
+    fp32 accumulator at that tile's rows of head h, atomically; the _pre kernel zeroes those rows
+    and the _post kernel scales and casts them.  The deterministic kernels use no atomics.  The
+    launcher runs _pre, _bwd, _post by default and _dq, _dkdv in deterministic mode."""
+    fused = ast.unparse(kernel_function(spec, "_bwd"))
+    tile_rows = "(i, h, 0)" if spec.features.varlen else "(b, h, i, 0)"
+    assert "dq = ct.mma(ct.transpose(ds), k, " in fused
+    assert f"dq_rows.atomic_store_add({tile_rows}, dq.reshape(" in fused
+    acc = "dQas" if spec.features.varlen else "dQacc"
+    assert f"dq_rows = {acc}.tiled_view(" in fused
+    assert "ct.store(dQacc" in ast.unparse(kernel_function(spec, "_pre")) or \
+        "ct.store(dQas" in ast.unparse(kernel_function(spec, "_pre"))
+    assert "* scale).astype(dQ.dtype)" in ast.unparse(kernel_function(spec, "_post"))
+    for suffix in ("_dq", "_dkdv"):
+        assert "atomic" not in ast.unparse(kernel_function(spec, suffix))
+    backward = next(n for n in ast.parse(codegen.render(spec)["launcher.py"]).body
+                    if isinstance(n, ast.FunctionDef) and n.name == "backward")
+    branch = next(n for n in ast.walk(backward) if isinstance(n, ast.If)
+                  and ast.unparse(n.test) == "deterministic")
+
+    def launched(body):
+        return [ast.unparse(c.args[2]) for n in body for c in ast.walk(n)
+                if isinstance(c, ast.Call) and ast.unparse(c.func) == "ct.launch"]
+    assert launched(branch.body) == ["kernel['_dq']", "kernel['_dkdv']"]
+    assert launched(branch.orelse) == ["kernel['_pre']", "kernel['_bwd']", "kernel['_post']"]
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["prefill", "chunked"])

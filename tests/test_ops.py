@@ -140,3 +140,43 @@ def test_only_plain_eager_calls_bypass_the_ops():
     assert not torch.func.vmap(lambda t: torch.tensor(_direct(t)))(x).any()
     traced = torch.compile(lambda t: t + int(_direct(t)), backend="eager", fullgraph=True)
     assert torch.equal(traced(x), x)
+
+
+@pytest.mark.parametrize("kernel_mode, call_mode, global_mode, expected", [
+    (None, None, False, False),      # default: the fused backward
+    (None, None, True, True),        # torch.use_deterministic_algorithms(True) asks for it
+    (True, None, False, True),       # get_kernel(deterministic=True)
+    (None, True, False, True),       # the call's argument
+    (None, False, True, False),      # an explicit False wins over the global setting
+    (True, False, False, False),     # the call's argument wins over the kernel's
+])
+def test_backward_mode_follows_call_kernel_then_torch_setting(kernel_mode, call_mode, global_mode,
+                                                              expected, monkeypatch):
+    import attngen.ops as ops
+
+    seen = []
+    original = ops._backward
+
+    def spy(ctx, *grads):
+        seen.append(ctx.deterministic)
+        return original(ctx, *grads)
+    monkeypatch.setattr(ops, "_backward", spy)
+    attn = attngen.get_kernel(window=32, gqa=2, deterministic=kernel_mode)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(global_mode, warn_only=True)
+    try:
+        with FakeTensorMode():
+            q, k, v = _qkv("bhsd", requires_grad=True)
+            out = attn(q, k, v, deterministic=call_mode)
+            torch.autograd.grad(out.float().sum(), (q, k, v))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen == [expected]
+
+
+def test_deterministic_must_be_a_bool_or_none():
+    with pytest.raises(ValueError, match="deterministic must be True, False or None"):
+        attngen.get_kernel(window=32, deterministic="yes")
+    q, k, v = _qkv("bhsd")
+    with pytest.raises(ValueError, match="deterministic must be True, False or None"):
+        attngen.get_kernel(window=32)(q, k, v, deterministic=1)

@@ -78,9 +78,11 @@ def test_logits_and_greedy_generation_match_eager(family, caplog, capsys):
                 f"{family}: generations differ where the float32 model is not at a tie"  # noqa: E501
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_training_step_keeps_attention_gradients(family, caplog, capsys):
-    """train() mode runs attngen's generated backward (no fallback).  Rule for every
+def test_training_step_keeps_attention_gradients(family, deterministic, caplog, capsys):
+    """train() mode runs attngen's generated backward (no fallback), the fused one by default
+    and the deterministic one under torch.use_deterministic_algorithms.  Rule for every
     parameter: against the float32 eager model with the same weights, the attngen model's
     gradient is within 2 x the bf16 eager model's error + 5e-3."""
     import copy
@@ -102,8 +104,13 @@ def test_training_step_keeps_attention_gradients(family, caplog, capsys):
 
     exact, eager = grads(exact_model), grads(model)
     model.set_attn_implementation("attngen")
-    with caplog.at_level(logging.WARNING, logger="attngen"):
-        got = grads(model)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="attngen"):
+            got = grads(model)
+    finally:
+        torch.use_deterministic_algorithms(before)
     assert set(got) == set(eager) == set(exact)
     worst = (0.0, 0.0, "")
     for name, ref in exact.items():
@@ -112,7 +119,8 @@ def test_training_step_keeps_attention_gradients(family, caplog, capsys):
             f"{family} {name}: gradient error {rel(got):.2e} vs bf16 eager {rel(eager):.2e}"
         worst = max(worst, (rel(got), rel(eager), name))
     with capsys.disabled():
-        print(f"\n{family}: worst gradient vs fp32 eager: attngen {worst[0]:.2e} "
+        print(f"\n{family} ({'deterministic' if deterministic else 'fused'} backward): worst gradient "
+              f"vs fp32 eager: attngen {worst[0]:.2e} "
               f"(bf16 eager {worst[1]:.2e}) at {worst[2]}")
     fell_back = [r.message for r in caplog.records if "falling back" in r.message]
     assert not fell_back, fell_back
