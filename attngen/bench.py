@@ -367,7 +367,7 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
             if backward:
                 # the other kernels' tiles as they are, pinned: a head dim without a row of its
                 # own would follow the row a candidate replaces
-                tables["fused"][hd], tables["dq"][hd] = tuning.fused_tiles(hd), tuning.dq_tiles(hd)
+                tables["dq"][hd] = tuning.dq_tiles(hd)
                 for name in swapped:
                     tables[name][hd] = tiles
                 got = bench(shape, names=("attngen-det" if deterministic else "attngen",),
@@ -399,7 +399,7 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
         else:
             default = (tuning.dq_tiles if dq else tuning.backward_tiles)(hd)
             what = "dQ " if dq else "dK/dV " if dkdv else "deterministic backward "
-        say(f"{shape.label}: best {what}{best.tag} (table: {default.tag})")
+        say(f"{shape.label}: best {what}{best.tag} (table: {default.tag if default else 'none'})")
     return rows
 
 

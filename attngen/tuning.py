@@ -98,12 +98,16 @@ BACKWARD: dict[str, dict[int, Tiles]] = {
 
 
 # arch -> head_dim -> tiles of the fused backward (BLOCK_N keys a program, BLOCK_M query rows a
-# step, dQ added atomically), tuned apart from the deterministic kernels (`attngen bench tune
-# --backward`); a head dim without a row takes its BACKWARD row.  Its dQ traffic falls with
-# BLOCK_N, which 8 worker warps make room for at D = 128 (H200, shape A, S = 8k: 64 x 128
-# with 8 warps 2989 us, 64 x 64 at occupancy 2 3011 us, 128 x 64 with 8 warps 3076 us).
+# step, dQ added atomically).  A head dim has a row where the fused backward is the faster
+# one, measured: there it is the default backward, and deterministic mode runs the dQ and
+# dK/dV kernels.  Elsewhere those two kernels are the only backward (deterministic by
+# construction) and no fused kernel is generated.  H200, training step under CUDA graphs,
+# S = 8k (docs/performance.md): fused against two-kernel A 3758 / 3556 us, B' 1430 / 1210,
+# C 549 / 382, B 696 / 2383 (the two-kernel path's dQ at D = 256 with its loads reordered);
+# the fused kernel's atomic dQ traffic (one fp32 tile per query tile and key block) costs
+# more than the two-kernel path's extra matmuls at D <= 128.
 FUSED: dict[str, dict[int, Tiles]] = {
-    "sm_90": {128: Tiles(64, 128, 1, 1, worker_warps=8)},
+    "sm_90": {256: Tiles(64, 64, 1, 1, worker_warps=8)},
 }
 
 
@@ -130,8 +134,9 @@ def backward_tiles(head_dim: int) -> Tiles:
         raise ValueError(f"no backward tile table entry for head_dim {head_dim}") from None
 
 
-def fused_tiles(head_dim: int) -> Tiles:
-    return FUSED[DEFAULT_ARCH].get(head_dim) or backward_tiles(head_dim)
+def fused_tiles(head_dim: int) -> Tiles | None:
+    """Tiles of the fused backward, or None where the two-kernel backward is the faster one."""
+    return FUSED[DEFAULT_ARCH].get(head_dim)
 
 
 def dq_tiles(head_dim: int) -> Tiles:

@@ -141,13 +141,14 @@ class KernelSpec:
     def kernels(self) -> dict[str, tuple[Param, ...]]:
         """Every kernel of the variant, by the suffix of its name, with its parameters in
         order: the inference forward (``""``); the forward that also saves the row
-        log-sum-exp for autograd (``"_fwd"``); the backward, by default three kernels:
-        ``"_pre"`` (each row's delta = rowsum(dO * O), and the fp32 dQ accumulator zeroed),
-        ``"_bwd"`` (one program per KV block: dK, dV, and the block's share of dQ added
-        atomically into the accumulator) and ``"_post"`` (dQ scaled and cast from the
-        accumulator); in deterministic mode, two kernels that write every element once:
-        ``"_dq"`` (which computes delta first and stores it) and ``"_dkdv"`` (launched after
-        it, reading delta).  The kernels' signatures, the AOT signatures and the launcher's
+        log-sum-exp for autograd (``"_fwd"``); the backward: two kernels that write every
+        element once, ``"_dq"`` (which computes delta first and stores it) and ``"_dkdv"``
+        (launched after it, reading delta); and, for head dims where it is the faster one
+        (``fused_tiles``; then the default, the two kernels being deterministic mode), the
+        fused backward in three kernels: ``"_pre"`` (each row's delta = rowsum(dO * O), and
+        the fp32 dQ accumulator zeroed), ``"_bwd"`` (one program per KV block: dK, dV, and the
+        block's share of dQ added atomically into the accumulator) and ``"_post"`` (dQ scaled
+        and cast from the accumulator).  The kernels' signatures, the AOT signatures and the launcher's
         argument lists are all generated from these lists.  Each feature adds its own
         parameters here: sinks a logit per head (and, where delta is computed, the output's
         rounding residual), varlen the sequence offsets, softcap changes what the scale
@@ -178,15 +179,18 @@ class KernelSpec:
         grads_in = [Param("dO", "io", "dout"), Param("Lse", "rows", "lse"), Param("Delta", "rows", "delta")]
         softmax_scale = Param("scale", "f32", "softmax_scale(scale, HEAD_DIM)")
         dq_acc = Param("dQacc", "acc", "dq_acc")
-        narrow = {
-            "": (*qkv, Param("Out", "io", out), *sinks, *offsets, qk_scale),
-            "_fwd": (*qkv, Param("Out", "io", out), Param("Lse", "rows", "lse"), *residual, *sinks,
-                     *offsets, qk_scale),
+        fused = {
             "_pre": (Param("Out", "io", out), *residual, Param("dO", "io", "dout"),
                      Param("Delta", "rows", "delta"), dq_acc, *q_offsets),
             "_bwd": (*qkv, *grads_in, dq_acc, Param("dK", "io", "dk"), Param("dV", "io", "dv"),
                      *offsets, qk_scale, softmax_scale),
             "_post": (dq_acc, Param("dQ", "io", "dq"), *q_offsets, softmax_scale),
+        } if self.fused_tiles else {}
+        narrow = {
+            "": (*qkv, Param("Out", "io", out), *sinks, *offsets, qk_scale),
+            "_fwd": (*qkv, Param("Out", "io", out), Param("Lse", "rows", "lse"), *residual, *sinks,
+                     *offsets, qk_scale),
+            **fused,
             "_dq": (*qkv, Param("Out", "io", out), *residual, *grads_in, Param("dQ", "io", "dq"),
                     *offsets, qk_scale, softmax_scale),
             "_dkdv": (*qkv, *grads_in, Param("dK", "io", "dk"), Param("dV", "io", "dv"), *offsets,
@@ -206,8 +210,9 @@ class KernelSpec:
                    Tiles(**data["tiles"]), Features(**data["features"]))
 
     @property
-    def fused_tiles(self) -> Tiles:
-        """Tiles of the fused backward kernel (from the tuned table; part of the hash)."""
+    def fused_tiles(self) -> Tiles | None:
+        """Tiles of the fused backward kernel (from the tuned table; part of the hash), or None
+        where the head dim's faster backward is the two-kernel one (then no fused kernel)."""
         return fused_tiles(self.head_dim)
 
     @property
@@ -228,7 +233,7 @@ class KernelSpec:
     @property
     def hash(self) -> str:
         text = (json.dumps(self.as_dict(), sort_keys=True) + self.backward_tiles.tag + self._dq_tag
-                + "fused" + self.fused_tiles.tag + fingerprint())
+                + ("fused" + self.fused_tiles.tag if self.fused_tiles else "") + fingerprint())
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     @property

@@ -16,7 +16,7 @@ import torch
 from attngen import codegen, version
 from attngen.cases import cases_for
 from attngen.mask import Mask
-from attngen.tuning import BACKWARD, DEFAULT_ARCH, DQ, Tiles, tiles_for
+from attngen.tuning import BACKWARD, DEFAULT_ARCH, DQ, FUSED, Tiles, tiles_for
 from attngen.variant import Features, KernelSpec
 
 
@@ -121,7 +121,8 @@ def test_grids_fold_the_batch_head_pairs_over_y_and_z(spec):
              if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "grid"]
     grids += [ast.unparse(c.args[1]) for c in ast.walk(launcher) if isinstance(c, ast.Call)
               and ast.unparse(c.func) == "ct.launch" and ast.unparse(c.args[1]) != "grid"]
-    assert len(grids) == 7       # inference, training forward, fused backward (3), deterministic (2)
+    # inference, training forward, the two-kernel backward and, where the head dim has it, the fused one
+    assert len(grids) == (7 if spec.fused_tiles else 4)
     for grid in grids:
         call = ast.parse(grid, mode="eval").body
         assert ast.unparse(call.func) == "launch_grid" and "heads" in ast.unparse(call.args[1]), grid
@@ -151,7 +152,8 @@ def test_constants_are_the_spec_and_nothing_else(spec):
     assert c.get("GROUP") == (spec.gqa if spec.gqa > 1 else None)      # the backward's group loop
     assert (c["BWD_M"], c["BWD_N"]) == (spec.backward_tiles.block_m, spec.backward_tiles.block_n)
     assert (c["DQ_M"], c["DQ_N"]) == (spec.dq_tiles.block_m, spec.dq_tiles.block_n)
-    assert (c["FUSED_M"], c["FUSED_N"]) == (spec.fused_tiles.block_m, spec.fused_tiles.block_n)
+    fused = spec.fused_tiles
+    assert (c.get("FUSED_M"), c.get("FUSED_N")) == ((fused.block_m, fused.block_n) if fused else (None, None))
     cap = spec.features.softcap
     assert c.get("SOFTCAP_LOG2") == (None if cap is None else pytest.approx(cap * math.log2(math.e)))
     fn = kernel_function(spec)
@@ -326,6 +328,7 @@ def use_backward_tiles(monkeypatch, tiles):
     shape (KernelSpec.backward_tiles and dq_tiles read them from the tuned tables), so that the
     dQ kernel's bounds are checked with tiles of their own."""
     monkeypatch.setitem(BACKWARD[DEFAULT_ARCH], 64, Tiles(tiles.block_m, tiles.block_n, 1, 1))
+    monkeypatch.setitem(FUSED[DEFAULT_ARCH], 64, Tiles(tiles.block_m, tiles.block_n, 1, 1))
     monkeypatch.setitem(DQ[DEFAULT_ARCH], 64, Tiles(tiles.block_n, tiles.block_m, 1, 1))
 
 
@@ -421,10 +424,24 @@ def test_key_blocks_visit_every_query_tile_that_sees_their_keys_and_mask_exactly
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_fused_backward_adds_each_visited_tiles_dq_and_deterministic_mode_adds_nothing(spec):
-    """The fused kernel adds, for every query tile it visits, dS^T's transpose times K into the
-    fp32 accumulator at that tile's rows of head h, atomically; the _pre kernel zeroes those rows
-    and the _post kernel scales and casts them.  The deterministic kernels use no atomics.  The
-    launcher runs _pre, _bwd, _post by default and _dq, _dkdv in deterministic mode."""
+    """Where the head dim has a fused backward, its kernel adds, for every query tile it visits,
+    dS^T's transpose times K into the fp32 accumulator at that tile's rows of head h,
+    atomically; the _pre kernel zeroes those rows and the _post kernel scales and casts them;
+    the launcher runs _pre, _bwd, _post by default and _dq, _dkdv in deterministic mode.
+    Elsewhere no fused kernel is generated and _dq, _dkdv always run.  The two-kernel path
+    uses no atomics."""
+    backward = next(n for n in ast.parse(codegen.render(spec)["launcher.py"]).body
+                    if isinstance(n, ast.FunctionDef) and n.name == "backward")
+
+    def launched(body):
+        return [ast.unparse(c.args[2]) for n in body for c in ast.walk(n)
+                if isinstance(c, ast.Call) and ast.unparse(c.func) == "ct.launch"]
+    for suffix in ("_dq", "_dkdv"):
+        assert "atomic" not in ast.unparse(kernel_function(spec, suffix))
+    if not spec.fused_tiles:
+        assert not {"_pre", "_bwd", "_post"} & set(spec.kernels)
+        assert launched(backward.body) == ["kernel['_dq']", "kernel['_dkdv']"]
+        return
     fused = ast.unparse(kernel_function(spec, "_bwd"))
     tile_rows = "(i, h, 0)" if spec.features.varlen else "(b, h, i, 0)"
     assert "dq = ct.mma(ct.transpose(ds), k, " in fused
@@ -434,16 +451,8 @@ def test_fused_backward_adds_each_visited_tiles_dq_and_deterministic_mode_adds_n
     assert "ct.store(dQacc" in ast.unparse(kernel_function(spec, "_pre")) or \
         "ct.store(dQas" in ast.unparse(kernel_function(spec, "_pre"))
     assert "* scale).astype(dQ.dtype)" in ast.unparse(kernel_function(spec, "_post"))
-    for suffix in ("_dq", "_dkdv"):
-        assert "atomic" not in ast.unparse(kernel_function(spec, suffix))
-    backward = next(n for n in ast.parse(codegen.render(spec)["launcher.py"]).body
-                    if isinstance(n, ast.FunctionDef) and n.name == "backward")
     branch = next(n for n in ast.walk(backward) if isinstance(n, ast.If)
                   and ast.unparse(n.test) == "deterministic")
-
-    def launched(body):
-        return [ast.unparse(c.args[2]) for n in body for c in ast.walk(n)
-                if isinstance(c, ast.Call) and ast.unparse(c.func) == "ct.launch"]
     assert launched(branch.body) == ["kernel['_dq']", "kernel['_dkdv']"]
     assert launched(branch.orelse) == ["kernel['_pre']", "kernel['_bwd']", "kernel['_post']"]
 
