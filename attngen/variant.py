@@ -101,6 +101,20 @@ class Param:
     arg: str
 
 
+# Kernels (by suffix of KernelSpec.kernels) that `attngen build` leaves to first need unless
+# told `--all`, besides every 64-bit twin: see compiled_by_default.
+ON_FIRST_NEED: frozenset[str] = frozenset()
+
+
+def compiled_by_default(suffix: str) -> bool:
+    """Whether `attngen build` compiles the kernel of ``suffix`` (a key of
+    :attr:`KernelSpec.kernels`) ahead of time by default.  The others -- every 64-bit twin
+    (``_i64``, for tensors past 2^31 elements) and those in :data:`ON_FIRST_NEED` -- are
+    compiled by cuTile the first time a call needs them (logged once), or ahead of time by
+    `attngen build --all`.  The one place this rule lives."""
+    return not suffix.endswith("_i64") and suffix not in ON_FIRST_NEED
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """Everything one generated kernel is specialized on."""
