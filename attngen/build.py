@@ -201,31 +201,35 @@ def _compile(kernels, out, staging, archs, report, jobs, all_kernels, progress) 
                               f"in {workers} process(es)")
     failures, built = [], []
     # The cuTile front end is Python: compile in processes, not threads.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_export_one, where, spec.as_dict(), suffix, arch, staging / "cubins"):
-                       (spec, arch, suffix) for spec, arch, suffix, where in todo}
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                progress.tick()
-                for future in finished:
-                    spec, arch, suffix = futures[future]
-                    label = f"{spec.name}{suffix} ({arch})"
-                    try:
-                        seconds = future.result()
-                    except BrokenProcessPool as exc:
-                        raise BuildError(f"a compile worker died: {exc}") from exc
-                    except Exception as exc:     # noqa: BLE001 - reported with the kernel's name
-                        failures.append(f"{label}: {type(exc).__name__}: {exc}")
-                        progress.failed(label, f"{type(exc).__name__}: {exc}")
-                        continue
-                    times = report.compiled.setdefault(spec.name, {})
-                    times[arch] = round(times.get(arch, 0.0) + seconds, 2)
-                    report.cubins += 1
-                    built.append((spec.name, cubin_name(spec.name + suffix, arch)))
-                    progress.done(label, seconds)
+        futures = {pool.submit(_export_one, where, spec.as_dict(), suffix, arch, staging / "cubins"):
+                   (spec, arch, suffix) for spec, arch, suffix, where in todo}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            progress.tick()
+            for future in finished:
+                spec, arch, suffix = futures[future]
+                label = f"{spec.name}{suffix} ({arch})"
+                try:
+                    seconds = future.result()
+                except BrokenProcessPool as exc:
+                    raise BuildError(f"a compile worker died: {exc}") from exc
+                except Exception as exc:     # noqa: BLE001 - reported with the kernel's name
+                    failures.append(f"{label}: {type(exc).__name__}: {exc}")
+                    progress.failed(label, f"{type(exc).__name__}: {exc}")
+                    continue
+                times = report.compiled.setdefault(spec.name, {})
+                times[arch] = round(times.get(arch, 0.0) + seconds, 2)
+                report.cubins += 1
+                built.append((spec.name, cubin_name(spec.name + suffix, arch)))
+                progress.done(label, seconds)
+    except BaseException:                 # Ctrl-C, a dead worker: drop the queued compiles
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
     finally:
+        pool.shutdown()
         progress.close()
     if failures:
         raise BuildError("compilation failed; the previous output is intact:\n  "
