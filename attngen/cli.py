@@ -16,22 +16,25 @@ def _build(args) -> int:
     specs = load_files(args.specs)            # every spec validated before anything is written
     kernels = unique_kernels(specs)
     archs = [] if args.no_compile else args.arch
-    print(f"attngen {__version__}: {len(specs)} spec(s) -> {len(kernels)} kernel(s) in {args.out}",
-          file=sys.stderr)
+    say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    say(f"attngen {__version__}: {len(specs)} spec(s) -> {len(kernels)} variant(s) in {args.out}")
     start = time.perf_counter()
     try:
-        report = build(specs, args.out, archs or (), jobs=args.jobs,
-                       progress=None if args.quiet else lambda msg: print(msg, file=sys.stderr))
+        report = build(specs, args.out, archs or (), jobs=args.jobs, all_kernels=args.all,
+                       progress=None if args.quiet else _Bar())
     except BuildError as exc:
         print(f"attngen: error: {exc}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
+    later = (f"; {report.deferred} kernel(s) left to first need (--all compiles them now)"
+             if report.deferred else "")
     if report.did_nothing:
-        print(f"up to date: nothing to do ({elapsed:.1f}s)", file=sys.stderr)
+        say(f"up to date: nothing to do ({elapsed:.1f}s){later}")
     else:
-        compiled = sum(len(v) for v in report.compiled.values())
-        print(f"done in {elapsed:.1f}s: {len(report.written)} variant(s) written, "
-              f"{compiled} cubin(s) compiled", file=sys.stderr)
+        say(f"done in {elapsed:.1f}s: {len(report.written)} variant(s) written, "
+            f"{report.cubins} kernel(s) compiled{later}")
+    if args.quiet:
+        return 0
     for spec in specs:
         print(f"{spec.name} ({spec.source}):")
         for kernel in spec.kernels:
@@ -39,6 +42,35 @@ def _build(args) -> int:
             times = "  ".join(f"{arch} {s:.1f}s" for arch, s in seconds.items())
             print(f"  {kernel.name}  {times or '(cached)' if archs else '(not compiled)'}")
     return 0
+
+
+class _Bar:
+    """`attngen build`'s live progress: kernels done of all, elapsed, ETA (tqdm, on stderr)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def start(self, total: int, what: str) -> None:
+        from tqdm import tqdm
+
+        print(f"compiling {total} kernel(s): {what}", file=sys.stderr)
+        self.bar = tqdm(total=total, unit="kernel", file=sys.stderr, dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
+
+    def tick(self) -> None:
+        self.bar.refresh()                  # the clock runs between finished kernels too
+
+    def done(self, label: str, seconds: float) -> None:
+        self.bar.set_postfix_str(f"{label} {seconds:.1f}s", refresh=False)
+        self.bar.update()
+
+    def failed(self, label: str, error: str) -> None:
+        self.bar.write(f"FAILED {label}: {error}", file=sys.stderr)
+        self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _list(args) -> int:
@@ -105,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default: {' '.join(DEFAULT_ARCHS)})")
     p.add_argument("--no-compile", action="store_true", help="generate only, compile nothing")
     p.add_argument("-j", "--jobs", type=int, default=None, help="parallel compiles (default: cores)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--all", action="store_true",
+                   help="compile every kernel now, the 64-bit twins too (default: those run on "
+                        "first need)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=_build)
 
     sub.add_parser("bench", help="time attngen against SDPA and FlexAttention; tune tiles; whole "

@@ -203,7 +203,9 @@ def to_yaml(model: ModelAttention, name: str, dtypes: list[str] | None = None,
         lines.append(f"softcap: {model.softcap!r}             # attn_logit_softcapping")
     if model.sinks:
         lines.append("sinks: true             # pass the layer's sink logits as sinks= at call time")
-    lines += ["layers:", f"  count: {len(model.layers)}", f"  pattern: [{pattern}]", ""]
+    lines += ["transformers: true      # also the kernels attn_implementation=\"attngen\" calls: "
+              "padded batches, prefill after cached keys",
+              "layers:", f"  count: {len(model.layers)}", f"  pattern: [{pattern}]", ""]
     text = "\n".join(lines)
     (spec,) = load_text(text, source)           # what we emit must load, and mean the same
     if spec.layers != model.layers:

@@ -141,7 +141,7 @@ def _documents(text: str, source: str) -> list[_Doc]:
 # ---------------------------------------------------------------------------------------
 
 TOP_KEYS = ("name", "description", "causal", "window", "layers", "gqa", "head_dim", "dtype",
-            "scale", "softcap", "sinks", "chunked", "varlen", "tiles")
+            "scale", "softcap", "sinks", "chunked", "varlen", "tiles", "transformers")
 EXPANDING = ("causal", "window", "gqa", "head_dim", "dtype")
 TILE_KEYS = ("block_m", "block_n", "occupancy", "num_ctas", "pack", "worker_warps")
 
@@ -226,6 +226,21 @@ def _features(doc: _Doc) -> Features:
                  data.get("softcap"))
 
 
+def _integration_features(doc: _Doc, features: Features, causal: bool) -> list[Features]:
+    """The features of a model spec's kernels: its own (first: what ``get_layer_kernels``
+    runs), and with ``transformers: true`` also every kind the transformers integration calls
+    -- packed sequences (padded batches) and, for a causal model, queries after cached keys
+    (chunked prefill), alone and together.  Decode steps run in PyTorch: no kernel."""
+    wanted = doc.data.get("transformers", False)
+    if not isinstance(wanted, bool):
+        raise doc.error("transformers", f"transformers must be true or false, got {wanted!r}")
+    if not wanted:
+        return [features]
+    kinds = [{}, {"varlen": True}] + ([{"chunked": True}, {"chunked": True, "varlen": True}]
+                                      if causal else [])
+    return list(dict.fromkeys(replace(features, **kind) for kind in kinds))
+
+
 def _kernel(doc: _Doc, mask: Mask, gqa, head_dim, dtype, paths: dict, tiles: dict,
             features: Features) -> KernelSpec:
     gqa = _rule(doc, paths["gqa"], check_gqa, gqa)
@@ -275,13 +290,16 @@ def _spec(doc: _Doc) -> Spec:
         dtypes = _options(doc, "dtype", None)
         paths = {"gqa": "gqa", "head_dim": "head_dim"}
         kernels = []
-        for mask in dict.fromkeys(layers):
-            for dpath, dtype in dtypes:
-                kernels.append(_kernel(doc, mask, data["gqa"], data["head_dim"], dtype,
-                                       {**paths, "dtype": dpath}, tiles, features))
+        for extra in _integration_features(doc, features, causal):
+            for mask in dict.fromkeys(layers):
+                for dpath, dtype in dtypes:
+                    kernels.append(_kernel(doc, mask, data["gqa"], data["head_dim"], dtype,
+                                           {**paths, "dtype": dpath}, tiles, extra))
         return Spec(name, doc.source, tuple(dict.fromkeys(kernels)), description, layers, scale,
                     kernels[0].gqa, kernels[0].head_dim, tuple(dict.fromkeys(d for _, d in dtypes)))
 
+    if "transformers" in data:
+        raise doc.error("transformers", "transformers: true is for a model spec (with layers)")
     if scale is not None:
         raise doc.error("scale", "scale is the default of a model's layer kernels: add layers, or "
                                  "pass scale= when calling the kernel")

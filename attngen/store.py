@@ -46,12 +46,8 @@ def jit_dir() -> Path:
 
 
 def cubin_name(name: str, arch: str) -> str:
+    """The file of kernel ``name``'s cubin for ``arch`` (``name``: variant name + suffix)."""
     return f"{name}.{arch}.cubin"
-
-
-def cubin_names(spec: KernelSpec, arch: str) -> list[str]:
-    """The cubins of every kernel of a variant (inference, forward with LSE, backward)."""
-    return [cubin_name(spec.name + suffix, arch) for suffix in spec.kernels]
 
 
 @contextlib.contextmanager
@@ -151,11 +147,20 @@ def read_manifest(directory: Path) -> Manifest:
     path = Path(directory) / MANIFEST
     if not path.exists():
         return Manifest()
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
-        raise StoreError(f"{path}: manifest format {data.get('format')} is not {FORMAT}; "
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{path} cannot be read ({exc}); rebuild with `attngen build SPEC... "
+                         f"--out {directory}`") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise StoreError(f"{path}: manifest format {found} is not {FORMAT}; "
                          f"rebuild with `attngen build`")
-    return Manifest.from_dict(data)
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StoreError(f"{path} is not a whole manifest ({type(exc).__name__}: {exc}); rebuild "
+                         f"with `attngen build SPEC... --out {directory}`") from None
 
 
 def manifest_text(manifest: Manifest) -> str:

@@ -18,7 +18,7 @@ from . import reference
 from .cases import TOLERANCE, Case
 from .mask import Mask
 from .support import DTYPES
-from .variant import KernelSpec
+from .variant import KernelSpec, compiled_by_default
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -182,6 +182,8 @@ def check_aot(module, spec_dict: dict, suffix: str, arch: str, directory) -> Non
     built = Path(directory) / cubin_name(spec.name + suffix, arch)
     if built.exists():
         binary = built.read_bytes()
+    elif not compiled_by_default(spec, suffix) and any(Path(directory).glob("*.cubin")):
+        pytest.skip("compiled on first need (`attngen build --all` compiles it ahead of time)")
     else:
         buf = io.BytesIO()
         export(getattr(module, spec.name + suffix), spec, arch, buf, spec.kernels[suffix])

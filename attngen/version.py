@@ -1,6 +1,8 @@
-"""What, besides its spec, decides a generated kernel: attngen's version, cuTile's version
-and the template sources.  :func:`fingerprint` folds them into every canonical name, so a
-kernel built by another version is never mistaken for the current one."""
+"""What, besides its spec, decides a generated kernel: attngen's version, the generator's own
+code (the modules that shape what is generated and compiled), the template sources, and the
+versions of cuTile and of the tile compiler (tileiras).  :func:`fingerprint` folds them into
+every canonical name, so a kernel built by another version -- or by an edited checkout -- is
+never mistaken for the current one."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 TEMPLATES = ("kernel.py.j2", "launcher.py.j2", "test_variant.py.j2")
+# the modules whose code shapes a generated package or its cubins (what the templates are
+# given, the parameters, tiles and masks, the AOT signatures, the generated test cases)
+GENERATOR = ("aot", "cases", "codegen", "mask", "support", "tuning", "variant", "version")
 
 
 def template_dir():
@@ -24,6 +29,24 @@ def template_dir():
 def template_sources() -> dict[str, str]:
     root = template_dir()
     return {name: (root / name).read_text() for name in TEMPLATES}
+
+
+@functools.lru_cache(maxsize=1)
+def generator_sources() -> dict[str, str]:
+    here = Path(__file__).resolve().parent
+    return {f"{name}.py": (here / f"{name}.py").read_text() for name in GENERATOR}
+
+
+@functools.lru_cache(maxsize=1)
+def tileiras_version() -> str:
+    """The version banner of the tileiras cuTile compiles with (as cuTile's own cache keys
+    on it), or "absent"."""
+    try:
+        from cuda.tile._compile import _get_compiler_version_string
+
+        return (_get_compiler_version_string() or "absent").strip()
+    except Exception:                    # noqa: BLE001 - no compiler, or cuTile changed
+        return "absent"
 
 
 def cutile_version() -> str:
@@ -47,7 +70,8 @@ def environment(device="cuda") -> dict:
 
 @functools.lru_cache(maxsize=1)
 def fingerprint() -> str:
-    digest = hashlib.sha256(f"attngen {__version__}\ncuda-tile {cutile_version()}\n".encode())
-    for name, text in sorted(template_sources().items()):
+    digest = hashlib.sha256(f"attngen {__version__}\ncuda-tile {cutile_version()}\n"
+                            f"tileiras {tileiras_version()}\n".encode())
+    for name, text in sorted({**template_sources(), **generator_sources()}.items()):
         digest.update(name.encode() + b"\0" + text.encode() + b"\0")
     return digest.hexdigest()

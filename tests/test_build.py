@@ -6,6 +6,7 @@ from attngen import build as build_module, store
 from attngen.build import BuildError, build
 from attngen.store import Manifest, StoreError, read_manifest
 from attngen.spec import load_text
+from attngen.variant import KernelSpec, compiled_by_default
 
 
 SPEC = """name: small
@@ -78,7 +79,7 @@ def test_failed_compile_leaves_previous_output_intact(tmp_path, monkeypatch):
 
 
 def test_compile_errors_name_the_variant(tmp_path, monkeypatch):
-    def fail(directory, spec_dict, arch, output):
+    def fail(directory, spec_dict, suffix, arch, output):
         raise RuntimeError("no such instruction")
     monkeypatch.setattr(build_module, "_export_one", fail)
     monkeypatch.setattr(build_module, "ProcessPoolExecutor", _InlinePool)
@@ -99,6 +100,9 @@ class _InlinePool:
     def __exit__(self, *exc):
         return False
 
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
     def submit(self, fn, *args):
         from concurrent.futures import Future
         future = Future()
@@ -114,12 +118,43 @@ def test_real_compile_writes_cubins_and_times(tmp_path):
     out = tmp_path / "out"
     report = build(specs, out, archs=("sm_90",), jobs=1)
     (name,) = report.kernels
-    cubin = out / name / f"{name}.sm_90.cubin"
-    assert cubin.read_bytes()[:4] == b"\x7fELF"
+    (spec,) = specs[0].kernels
+    default = [s for s in spec.kernels if compiled_by_default(spec, s)]
+    assert {p.name for p in (out / name).glob("*.cubin")} == {f"{name}{s}.sm_90.cubin" for s in default}
+    assert (out / name / f"{name}.sm_90.cubin").read_bytes()[:4] == b"\x7fELF"
+    assert report.cubins == len(default) and report.deferred == len(spec.kernels) - len(default)
     entry = read_manifest(out).kernels[name]
     assert entry.cubins == ("sm_90",) and entry.compile_seconds["sm_90"] > 0 and not entry.stale
     again = build(load_text(SPEC.replace("[64, null]", "16")), out, archs=("sm_90",))
     assert again.did_nothing
+
+
+def test_all_kernels_compiles_only_what_is_missing(tmp_path, monkeypatch):
+    compiled = []
+
+    def export_one(directory, spec_dict, suffix, arch, output):
+        compiled.append(suffix)
+        (output / store.cubin_name(KernelSpec.from_dict(spec_dict).name + suffix, arch)).write_bytes(b"c")
+        return 0.0
+    monkeypatch.setattr(build_module, "_export_one", export_one)
+    monkeypatch.setattr(build_module, "ProcessPoolExecutor", _InlinePool)
+    out = tmp_path / "out"
+    (spec,) = load_text(SPEC.replace("[64, null]", "16"))[0].kernels
+    build(load_text(SPEC.replace("[64, null]", "16")), out, archs=("sm_90",))
+    assert sorted(compiled) == sorted(s for s in spec.kernels if compiled_by_default(spec, s))
+    compiled.clear()
+    report = build(load_text(SPEC.replace("[64, null]", "16")), out, archs=("sm_90",), all_kernels=True)
+    assert sorted(compiled) == sorted(s for s in spec.kernels if not compiled_by_default(spec, s))
+    assert report.cubins == len(compiled) and report.deferred == 0
+    assert len(list((out / spec.name).glob("*.cubin"))) == len(spec.kernels)
+    assert build(load_text(SPEC.replace("[64, null]", "16")), out, archs=("sm_90",),
+                 all_kernels=True).did_nothing
+
+
+def test_default_rule_keeps_every_64_bit_twin_for_first_need():
+    (spec,) = load_text(SPEC.replace("[64, null]", "16"))[0].kernels
+    assert "" in spec.kernels and compiled_by_default(spec, "")
+    assert all(not compiled_by_default(spec, s) for s in spec.kernels if s.endswith("_i64"))
 
 
 def test_bad_arch_is_rejected_before_writing(tmp_path):
@@ -139,3 +174,94 @@ def test_default_out_follows_environment(tmp_path, monkeypatch):
     assert store.default_out() == tmp_path / "b"
     monkeypatch.delenv("ATTNGEN_BUILD_DIR")
     assert store.default_out() == tmp_path / "cache" / "build"
+
+
+def test_truncated_manifest_is_a_store_error_and_the_next_build_repairs_it(tmp_path):
+    out = tmp_path / "out"
+    build(load_text(SPEC), out, archs=())
+    text = (out / "manifest.json").read_text()
+    for cut in (0, 1, len(text) // 2, len(text) - 3):
+        (out / "manifest.json").write_text(text[:cut])
+        with pytest.raises(StoreError, match="manifest.json"):
+            read_manifest(out)
+    (out / "manifest.json").write_text(json.dumps({"format": 1, "kernels": {}}))   # a key missing
+    with pytest.raises(StoreError, match="not a whole manifest"):
+        read_manifest(out)
+    build(load_text(SPEC), out, archs=())
+    assert sorted(read_manifest(out).kernels) == sorted(k.name for k in load_text(SPEC)[0].kernels)
+
+
+def content(directory):
+    """Every file's bytes; the manifest without compile times (a repaired build has none for
+    the cubins a killed build left)."""
+    files = {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*")
+             if p.is_file() and p.name not in (".lock", "manifest.json")}
+    manifest = read_manifest(directory).to_dict()
+    for entry in manifest["kernels"].values():
+        entry.pop("compile_seconds")
+    return files, manifest
+
+
+@pytest.mark.parametrize("first", [SPEC, SPEC.replace("[64, null]", "[64, 128]")])
+def test_a_build_killed_at_any_rename_is_repaired_by_the_next(tmp_path, monkeypatch, first):
+    """Kill the build at each of its renames (the commit) in turn: the previous manifest stays
+    readable and names only whole packages, and the next build completes the output exactly
+    as an uninterrupted build makes it."""
+    monkeypatch.setattr(build_module, "_export_one", _stub_export)
+    monkeypatch.setattr(build_module, "ProcessPoolExecutor", _InlinePool)
+    target = SPEC.replace("[64, null]", "[64, 32]")
+    clean = tmp_path / "clean"
+    build(load_text(first), clean, archs=("sm_90",))
+    build(load_text(target), clean, archs=("sm_90",))
+    real_replace, n = build_module.os.replace, 0
+    while True:
+        out = tmp_path / f"out{n}"
+        build(load_text(first), out, archs=("sm_90",))
+        calls = []
+
+        def dying(src, dst):
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            calls.append(dst)
+            real_replace(src, dst)
+        monkeypatch.setattr(build_module.os, "replace", dying)
+        try:
+            build(load_text(target), out, archs=("sm_90",))
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        finally:
+            monkeypatch.setattr(build_module.os, "replace", real_replace)
+        for name in read_manifest(out).kernels:         # what a reader would load is whole
+            assert {"__init__.py", "kernel.py", "launcher.py"} <= {p.name for p in (out / name).iterdir()}
+        build(load_text(target), out, archs=("sm_90",))
+        assert content(out) == content(clean), n
+        if finished:
+            break
+        n += 1
+    assert n > 3
+
+
+def test_half_removed_package_and_leftover_staging_are_cleared(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_module, "_export_one", _stub_export)
+    monkeypatch.setattr(build_module, "ProcessPoolExecutor", _InlinePool)
+    out = tmp_path / "out"
+    build(load_text(SPEC), out, archs=("sm_90",))
+    clean = content(out)
+    name = sorted(read_manifest(out).kernels)[0]
+    for f in ("__init__.py", "kernel.py"):          # an rmtree killed half way
+        (out / name / f).unlink()
+    (out / ".staging-killed").mkdir()                # a killed build's staging directory
+    (out / ".staging-killed" / "junk").write_text("x")
+    (out / "causal_w9_g1_d64_fp16_64x64o4c1_0123abcd").mkdir()   # a package nothing lists
+    build(load_text(SPEC), out, archs=("sm_90",))
+    assert content(out) == clean
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in out.iterdir()
+                                                           if p.name in read_manifest(out).kernels
+                                                           or p.name in (".lock", "manifest.json"))
+
+
+def _stub_export(directory, spec_dict, suffix, arch, output):
+    name = KernelSpec.from_dict(spec_dict).name + suffix
+    (output / store.cubin_name(name, arch)).write_bytes(name.encode())
+    return 0.0

@@ -11,7 +11,7 @@ def test_build_then_list(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["build", str(spec), "--out", str(out), "--no-compile"]) == 0
     captured = capsys.readouterr()
-    assert "1 spec(s) -> 1 kernel(s)" in captured.err and "(not compiled)" in captured.out
+    assert "1 spec(s) -> 1 variant(s)" in captured.err and "(not compiled)" in captured.out
     assert main(["build", str(spec), "--out", str(out), "--no-compile"]) == 0
     assert "up to date" in capsys.readouterr().err
     assert main(["list", "--out", str(out)]) == 0
@@ -32,3 +32,47 @@ def test_console_entry_point_runs_as_module():
     result = subprocess.run([sys.executable, "-m", "attngen", "--version"], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.startswith("attngen ")
+
+
+class _FakeCompile:
+    """Stands in for the compile workers: writes a stub cubin at once, in this process."""
+
+    def __init__(self, monkeypatch):
+        from attngen import build as build_module
+
+        from test_build import _InlinePool
+
+        def export_one(directory, spec_dict, suffix, arch, output):
+            from attngen.store import cubin_name
+            from attngen.variant import KernelSpec
+            (output / cubin_name(KernelSpec.from_dict(spec_dict).name + suffix, arch)).write_bytes(b"x")
+            return 0.5
+        monkeypatch.setattr(build_module, "_export_one", export_one)
+        monkeypatch.setattr(build_module, "ProcessPoolExecutor", _InlinePool)
+
+
+def test_build_shows_a_bar_and_right_counts(tmp_path, capsys, monkeypatch):
+    from attngen.spec import load_files
+    from attngen.variant import compiled_by_default
+
+    _FakeCompile(monkeypatch)
+    spec = write(tmp_path, "name: c\nwindow: [32, 64]\ngqa: 1\nhead_dim: 64\ndtype: bf16\n")
+    out = tmp_path / "out"
+    assert main(["build", str(spec), "--out", str(out)]) == 0
+    kernels = load_files([spec])[0].kernels
+    default = sum(compiled_by_default(k, s) for k in kernels for s in k.kernels)
+    later = sum(not compiled_by_default(k, s) for k in kernels for s in k.kernels)
+    err = capsys.readouterr().err
+    assert f"{default}/{default} [" in err                      # the bar's count, then its clock
+    assert f"{default} kernel(s) compiled; {later} kernel(s) left to first need" in err
+    assert main(["build", str(spec), "--out", str(out), "--all"]) == 0
+    err = capsys.readouterr().err
+    assert f"{later}/{later} [" in err and f"{later} kernel(s) compiled" in err
+    assert "left to first need" not in err
+
+
+def test_quiet_build_prints_nothing(tmp_path, capsys, monkeypatch):
+    _FakeCompile(monkeypatch)
+    spec = write(tmp_path, "name: c\nwindow: 32\ngqa: 1\nhead_dim: 64\ndtype: bf16\n")
+    assert main(["build", str(spec), "--out", str(tmp_path / "out"), "-q"]) == 0
+    assert capsys.readouterr() == ("", "")

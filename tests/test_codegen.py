@@ -96,7 +96,8 @@ def test_signature_and_launch_arguments_are_the_declared_params(spec):
              for width, d in zip(table.keys, table.values)}
     narrow = [s for s in spec.kernels if not s.endswith("_i64")]
     assert sorted(launched) == sorted(narrow)
-    assert table == {wide: {s: f"generated.{spec.name}{s}{'_i64' if wide else ''}" for s in narrow}
+    assert table == {wide: {s: (f"prebuilt(generated.{spec.name}{s}{'_i64' if wide else ''}, "
+                                f"'{s}{'_i64' if wide else ''}', SPEC, __file__)") for s in narrow}
                      for wide in (False, True)}
     for suffix, params in spec.kernels.items():
         fn = kernel_function(spec, suffix)
@@ -176,12 +177,26 @@ def test_generated_test_lists_the_variant_cases():
     assert env["CASES"] == cases_for(spec)
 
 
-def test_name_depends_on_templates(monkeypatch):
+@pytest.mark.parametrize("change", ["templates", "generator", "tileiras", "cutile"])
+def test_name_depends_on_templates_generator_code_and_compiler_versions(monkeypatch, change):
     spec = kernel()
     before = spec.name
-    sources = dict(version.template_sources())
-    sources["kernel.py.j2"] += "\n# changed\n"
-    monkeypatch.setattr(version, "template_sources", lambda: sources)
+    if change == "templates":
+        sources = dict(version.template_sources())
+        sources["kernel.py.j2"] += "\n# changed\n"
+        monkeypatch.setattr(version, "template_sources", lambda: sources)
+    elif change == "generator":      # every module that shapes what is generated, one at a time
+        for module in version.GENERATOR:
+            sources = dict(version.generator_sources())
+            sources[f"{module}.py"] += "\n# changed\n"
+            monkeypatch.setattr(version, "generator_sources", lambda s=sources: s)
+            version.fingerprint.cache_clear()
+            assert spec.name != before, module
+    elif change == "tileiras":
+        assert version.tileiras_version() != "absent"      # the test env has the compiler
+        monkeypatch.setattr(version, "tileiras_version", lambda: "tileiras V99.0")
+    else:
+        monkeypatch.setattr(version, "cutile_version", lambda: "99.0")
     version.fingerprint.cache_clear()
     try:
         assert spec.name != before
@@ -189,6 +204,24 @@ def test_name_depends_on_templates(monkeypatch):
         monkeypatch.undo()
         version.fingerprint.cache_clear()
     assert spec.name == before
+
+
+def test_generator_modules_are_the_ones_codegen_reads():
+    """Every attngen module the renderer imports, directly or not, is in the fingerprint."""
+    import ast
+    from pathlib import Path
+
+    here = Path(version.__file__).parent
+    seen, todo = set(), ["codegen", "aot"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((here / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(node.module)
+    assert seen <= set(version.GENERATOR), seen - set(version.GENERATOR)
 
 
 def test_kernel_spec_rejects_bad_values():

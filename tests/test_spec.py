@@ -161,3 +161,22 @@ def test_error_on_a_key_without_a_line_falls_back_to_the_document():
     from attngen.spec import _Doc
     err = _Doc({}, {"": 1}, "f.yaml").error("tiles", "x")
     assert (err.path, err.line) == ("tiles", 1)
+
+
+def test_transformers_word_adds_every_kernel_the_integration_calls():
+    base = "name: m\ngqa: 2\nhead_dim: 64\ndtype: [fp16, bf16]\nlayers: {count: 4, pattern: [64, null]}\n"
+    (plain,) = load_text(base)
+    (full,) = load_text(base + "transformers: true\n")
+    assert full.kernels[:len(plain.kernels)] == plain.kernels        # the model's own first
+    kinds = {(k.features.varlen, k.features.chunked) for k in full.kernels}
+    assert kinds == {(False, False), (True, False), (False, True), (True, True)}
+    assert len(full.kernels) == 4 * len(plain.kernels)
+    assert {(k.mask, k.dtype) for k in full.kernels if k.features.varlen} == \
+        {(k.mask, k.dtype) for k in plain.kernels}
+    (encoder,) = load_text(base.replace("gqa", "causal: false\ngqa").replace("[64, null]", "[{left: 4, right: 4}, null]")
+                           + "transformers: true\n")
+    assert {(k.features.varlen, k.features.chunked) for k in encoder.kernels} == {(False, False), (True, False)}
+    with pytest.raises(SpecError, match="transformers"):
+        load_text("name: x\nwindow: 8\ngqa: 1\nhead_dim: 64\ndtype: fp16\ntransformers: true\n")
+    with pytest.raises(SpecError, match="true or false"):
+        load_text(base + "transformers: yes please\n")

@@ -1,0 +1,115 @@
+"""What `attngen build` writes is what a launcher loads, and a call that fits the built
+signature gets the built cubin without compiling (CPU: the compile hook is called as cuTile's
+dispatcher calls it; tests/test_prebuilt_gpu.py launches for real)."""
+import dataclasses
+import logging
+
+import pytest
+
+pytest.importorskip("cuda.tile")
+
+import cuda.tile as ct  # noqa: E402
+import cuda.tile._compile as cutile_compile  # noqa: E402
+from cuda.tile._cext import default_tile_context  # noqa: E402
+from cuda.tile.compilation import ArrayConstraint, KernelSignature  # noqa: E402
+
+from attngen.build import build  # noqa: E402
+from attngen.prebuilt import Prebuilt  # noqa: E402
+from attngen.registry import Registry  # noqa: E402
+from attngen.spec import load_text  # noqa: E402
+from attngen.variant import compiled_by_default  # noqa: E402
+
+SPEC = "name: tiny\nwindow: 16\ngqa: 2\nhead_dim: 64\ndtype: fp16\n"
+HOPPER = (9, 0)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prebuilt") / "out"
+    specs = load_text(SPEC)
+    build(specs, out, archs=("sm_90",))
+    return out, specs[0].kernels[0]
+
+
+def kernels_of(out, spec) -> dict[str, Prebuilt]:
+    """The kernels the registry's launcher of ``spec`` launches, by suffix."""
+    module = Registry([out], jit_dir=out / "no-jit", jit=False).module(spec)
+    return {k.suffix: k for table in module.KERNELS.values() for k in table.values()}
+
+
+def test_the_launcher_loads_exactly_the_cubins_the_build_wrote(built):
+    out, spec = built
+    kernels = kernels_of(out, spec)
+    assert set(kernels) == set(spec.kernels)
+    assert all(isinstance(k, Prebuilt) for k in kernels.values())
+    written = set((out / spec.name).glob("*.cubin"))
+    found = {suffix: k.cubin("sm_90") for suffix, k in kernels.items() if k.cubin("sm_90").is_file()}
+    assert set(found.values()) == written
+    assert set(found) == {s for s in spec.kernels if compiled_by_default(spec, s)}
+    for suffix, path in found.items():            # the symbol it launches is in that cubin
+        symbol = kernels[suffix].built_signature.symbol
+        assert symbol.startswith(spec.name + suffix)
+        assert b"\0" + symbol.encode() + b"\0" in path.read_bytes()
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tile compiler ran")
+    monkeypatch.setattr(cutile_compile, "compile_tile", refuse)
+
+
+def with_arrays(signature, only=None, **changes) -> KernelSignature:
+    params = [dataclasses.replace(p, **changes) if isinstance(p, ArrayConstraint)
+              and (only is None or i in only) else p for i, p in enumerate(signature.parameters)]
+    return KernelSignature(params, signature.calling_convention)
+
+
+def stronger(signature) -> KernelSignature:
+    """What a call may bring: more alignment and divisibility than the build assumed."""
+    params = []
+    for p in signature.parameters:
+        if isinstance(p, ArrayConstraint):
+            p = dataclasses.replace(p, base_addr_divisible_by=256, shape_divisible_by=16,
+                                    stride_divisible_by=(8,) * (p.ndim - 1) + (1,))
+        params.append(p)
+    return KernelSignature(params, signature.calling_convention)
+
+
+def test_a_call_that_fits_gets_the_built_cubin_and_nothing_compiles(built, no_compiler):
+    out, spec = built
+    for suffix, kernel in kernels_of(out, spec).items():
+        if not compiled_by_default(spec, suffix):
+            continue
+        for call in (kernel.built_signature.with_symbol(None), stronger(kernel.built_signature)):
+            cubin, symbol, _, providers = kernel._compile(call, default_tile_context, HOPPER)
+            assert cubin == kernel.cubin("sm_90").read_bytes()
+            assert symbol == kernel.built_signature.symbol and providers == ()
+
+
+@pytest.mark.parametrize("case", ["another arch", "unaligned base", "self-aliasing", "aliasing",
+                                  "64-bit indices", "negative strides", "not built"])
+def test_a_call_that_does_not_fit_compiles_and_says_so_once(built, no_compiler, case, caplog):
+    out, spec = built
+    kernels = kernels_of(out, spec)
+    kernel = kernels["" if case != "not built" else
+                     next(s for s in spec.kernels if not compiled_by_default(spec, s))]
+    call, arch = kernel.built_signature.with_symbol(None), HOPPER
+    if case == "another arch":
+        arch = (8, 0)
+    elif case == "unaligned base":
+        call = with_arrays(call, base_addr_divisible_by=2)
+    elif case == "self-aliasing":
+        call = with_arrays(call, may_alias_internally=True)
+    elif case == "aliasing":
+        call = with_arrays(call, only=(0, 3), alias_groups=("a",))      # Q and Out
+    elif case == "64-bit indices":
+        call = with_arrays(call, only=(0,), index_dtype=ct.int64)
+    elif case == "negative strides":
+        call = with_arrays(call, only=(0,), stride_lower_bound_incl=(None, -4, 0, None))
+    with caplog.at_level(logging.WARNING, logger="attngen"):
+        for _ in range(2):
+            with pytest.raises(AssertionError, match="the tile compiler ran"):
+                kernel._compile(call, default_tile_context, arch)
+    said = [r.getMessage() for r in caplog.records if kernel.name in r.getMessage()]
+    assert len(said) == 1 and "compiling" in said[0], said
