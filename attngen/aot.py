@@ -41,7 +41,7 @@ def signature(spec, params=None):
              "f32[]": lambda: array(ct.float32, 1), "i32[]": lambda: array(ct.int32, 1),
              "f32": lambda: ScalarConstraint(ct.float32)}
     return KernelSignature([kinds[p.kind]() for p in (spec.params if params is None else params)],
-                           calling_convention=CallingConvention.cutile_python_v1())
+                           calling_convention=CallingConvention.cutile_python_v2())
 
 
 def export(kernel, spec, arch: str, output, params=None) -> None:

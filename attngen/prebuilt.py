@@ -83,9 +83,10 @@ class Prebuilt(ct.kernel):
         return path.read_bytes(), built.symbol
 
     def _compile(self, signature, context, compute_capability=None):
+        from cuda.tile._cext import get_compute_capability
         from cuda.tile._compile import format_sm_arch
 
-        arch = format_sm_arch(*(compute_capability or ct.get_compute_capability()))
+        arch = format_sm_arch(*(compute_capability or get_compute_capability()))
         found = self.lookup(signature, arch)
         if not isinstance(found, str):
             cubin, symbol = found
@@ -123,10 +124,14 @@ def _unmet_param(have, need) -> str:
         return f"{type(have).__name__}, built {type(need).__name__}"
     if not isinstance(need, ArrayConstraint):
         return "" if have == need else f"{have}, built {need}"
-    for attr in ("dtype", "ndim", "index_dtype", "shape_constant"):
+    for attr in ("dtype", "ndim", "index_dtype"):
         if getattr(have, attr) != getattr(need, attr):
             return f"{attr} {getattr(have, attr)}, built {getattr(need, attr)}"
     for dim in range(need.ndim):
+        # a size the call knows (cuTile specializes sizes of 1) fits a cubin built for any size
+        built_size = need.shape_constant[dim]
+        if built_size is not None and have.shape_constant[dim] != built_size:
+            return f"shape {dim} is {have.shape_constant[dim]}, built for {built_size}"
         if have.shape_divisible_by[dim] % need.shape_divisible_by[dim]:
             return f"shape {dim} is not known divisible by {need.shape_divisible_by[dim]}"
         known = have.stride_constant[dim]

@@ -84,13 +84,13 @@ CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    import cuda.tile as ct
+    from cuda.tile._cext import get_compute_capability
 
     from attngen.build import build
     from attngen.spec import load_text
 
     out = tmp_path_factory.mktemp("built") / "out"
-    arch = "sm_{}{}".format(*ct.get_compute_capability())
+    arch = "sm_{}{}".format(*get_compute_capability())
     build(load_text(SPEC), out, archs=(arch,))
     return out
 
