@@ -201,7 +201,7 @@ class _Attention(torch.autograd.Function):
 def _direct(*tensors) -> bool:
     """Whether a call may run the generated launcher itself rather than through its op: in
     eager mode, on plain tensors.  An op's Python dispatch and autograd wrappers cost more host
-    time than the launch (docs/performance.md, "Host time"); torch.compile, fake tensors,
+    time than the launch (docs/performance.md, "Host time of one call"); torch.compile, fake tensors,
     dispatch modes and torch.func transforms need the ops and get them."""
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return (not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()

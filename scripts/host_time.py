@@ -6,7 +6,7 @@ next to PyTorch SDPA (GPU).
 The inputs are small (B=1, H64/8, S=256, D=64, bf16) so the GPU is idle: each reading is the
 median wall time of one call (``time.perf_counter``, then a sync outside the timing), i.e.
 what the Python launcher, the op dispatch and autograd cost on the CPU.  Rounds interleave
-the calls; the median round is printed with all rounds.  docs/performance.md, "Host time".
+the calls; the median round is printed with all rounds.  docs/performance.md, "Host time of one call".
 """
 import argparse
 import time
