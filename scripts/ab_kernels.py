@@ -20,7 +20,6 @@ import argparse
 import pathlib
 
 import torch
-import triton
 
 from attngen.codegen import load_package
 from attngen.support import DTYPES
@@ -41,6 +40,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--backward", action="store_true", help="time the backward kernels instead")
     args = p.parse_args()
+    import triton  # on the GPU machine; --help works without it
 
     dirs = {"before": args.before, **{f"after {d}": d for d in args.after}}
     # each package's own launcher: same-named packages replace each other in sys.modules

@@ -13,9 +13,8 @@ import argparse
 import json
 
 import torch
-import triton
 
-from attngen.testing import cuda_graph
+from attngen.bench import cuda_graph
 
 SHAPES = {   # name: heads, kv heads, head_dim, window, softcap, sinks
     "mistral-7b": (32, 8, 128, 4096, None, False),
@@ -27,6 +26,7 @@ SHAPES = {   # name: heads, kv heads, head_dim, window, softcap, sinks
 
 def measure(name, batch, ctx):
     """One shape, batch and context: the peer's and attngen's graph replay times."""
+    import triton  # on the GPU machine; --help works without it
     from transformers import masking_utils
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
