@@ -5,11 +5,11 @@
     o = attn(q, k, v)          # q: (B, H, S, D), k/v: (B, H // 4, S, D), fp16/bf16 CUDA
 """
 
-from .inputs import InputError
-from .mask import Mask, MaskError
-from .registry import AttentionKernel, KernelNotFound, default_registry, get_kernel, get_layer_kernels
-from .spec import SpecError
-from .version import __version__
+from .core.mask import Mask, MaskError
+from .core.version import __version__
+from .generate.spec import SpecError
+from .runtime.inputs import InputError
+from .runtime.registry import AttentionKernel, KernelNotFound, default_registry, get_kernel, get_layer_kernels
 
 
 def register_transformers(name: str = "attngen") -> None:

@@ -6,12 +6,12 @@ import argparse
 import sys
 import time
 
-from .version import __version__
+from .core.version import __version__
 
 
 def _build(args) -> int:
-    from .build import BuildError, build
-    from .spec import load_files, unique_kernels
+    from .generate.build import BuildError, build
+    from .generate.spec import load_files, unique_kernels
 
     specs = load_files(args.specs)            # every spec validated before anything is written
     kernels = unique_kernels(specs)
@@ -74,7 +74,7 @@ class _Bar:
 
 
 def _list(args) -> int:
-    from .registry import Registry
+    from .runtime.registry import Registry
 
     reg = Registry([args.out] if args.out else None)
     kernels = sorted(reg.kernels(), key=lambda k: k.name)
@@ -94,7 +94,7 @@ def _spec(args) -> int:
     import os
     import tempfile
 
-    from .hfconfig import spec_from_hf_config
+    from .integrations.hfconfig import spec_from_hf_config
 
     text = spec_from_hf_config(args.from_hf_config, args.name, args.dtype)
     if args.output in (None, "-"):
@@ -115,13 +115,13 @@ def _spec(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .build import DEFAULT_ARCHS
-    from .store import default_out
-    from .support import DTYPES
+    from .core.support import DTYPES
+    from .generate.build import DEFAULT_ARCHS
+    from .generate.store import default_out
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:                 # its own parser: run / tune / plot
-        from .bench import main as bench_main
+    if argv[:1] == ["bench"]:                 # its own parser: run / tune / plot / model
+        from .bench.cli import main as bench_main
         return bench_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="attngen", description=__doc__)
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "build":
         args.arch = args.arch or list(DEFAULT_ARCHS)
-    from .spec import SpecError
-    from .store import StoreError
+    from .generate.spec import SpecError
+    from .generate.store import StoreError
     try:
         return args.func(args)
     except SpecError as exc:

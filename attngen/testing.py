@@ -1,6 +1,6 @@
 """What the generated test suites run: the checks on one case of one variant.
 
-:func:`check_case` runs a case (:mod:`attngen.cases`) against the float64 reference with
+:func:`check_case` runs a case (:mod:`attngen.generate.cases`) against the float64 reference with
 fresh random inputs and a poisoned output; :func:`check_aot` compiles without a GPU.
 """
 
@@ -14,11 +14,11 @@ import random
 import pytest
 import torch
 
-from . import reference
-from .cases import TOLERANCE, Case
-from .mask import Mask
-from .support import DTYPES
-from .variant import KernelSpec, compiled_by_default
+from .core import reference
+from .core.mask import Mask
+from .core.support import DTYPES
+from .core.variant import KernelSpec, compiled_by_default
+from .generate.cases import TOLERANCE, Case
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -175,8 +175,8 @@ def check_aot(module, spec_dict: dict, suffix: str, arch: str, directory) -> Non
     --no-compile, compiled now.  Needs the tile compiler, not a GPU."""
     from pathlib import Path
 
-    from .aot import export
-    from .store import cubin_name
+    from .generate.aot import export
+    from .generate.store import cubin_name
 
     spec = KernelSpec.from_dict(spec_dict)
     built = Path(directory) / cubin_name(spec.name + suffix, arch)
@@ -200,7 +200,7 @@ def long_context_errors(seq: int, layout: str, *, backward: bool = True, heads: 
     against the float64 reference of the first and last ``rows`` queries' outputs and, with
     ``backward``, of dq of the last rows and dk, dv of the last ``rows`` keys (only the last
     queries see those, so a band of the reference gives them exactly)."""
-    from .registry import get_kernel
+    from .runtime.registry import get_kernel
 
     packed = layout == "packed"
     attn = get_kernel(window=window, gqa=heads // kv_heads, varlen=packed)

@@ -21,9 +21,9 @@ import pathlib
 
 import torch
 
-from attngen.codegen import load_package
-from attngen.support import DTYPES
-from attngen.variant import KernelSpec
+from attngen.generate.codegen import load_package
+from attngen.core.support import DTYPES
+from attngen.core.variant import KernelSpec
 
 
 def _rel(a, b):

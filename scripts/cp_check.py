@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 import attngen
-from attngen import reference
+from attngen.core import reference
 from attngen import distributed
 
 

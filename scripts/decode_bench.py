@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from attngen.bench import cuda_graph
+from attngen.bench.timing import cuda_graph
 
 SHAPES = {   # name: heads, kv heads, head_dim, window, softcap, sinks
     "mistral-7b": (32, 8, 128, 4096, None, False),
@@ -31,7 +31,7 @@ def measure(name, batch, ctx):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from attngen.integrations.transformers import decode, fallback
-    from attngen.mask import Mask
+    from attngen.core.mask import Mask
 
     h, hkv, d, w, softcap, sinks = SHAPES[name]
     torch.manual_seed(0)

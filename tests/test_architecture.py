@@ -65,6 +65,6 @@ def test_no_import_cycles():
 
 
 def test_value_types_know_nothing_of_files_or_templates():
-    for name in ("attngen.mask", "attngen.support", "attngen.tuning", "attngen.variant"):
-        assert not {"attngen.codegen", "attngen.store", "attngen.build", "attngen.registry",
-                    "attngen.spec"} & set(GRAPH[name]), (name, GRAPH[name])
+    for name in ("attngen.core.mask", "attngen.core.support", "attngen.core.tuning", "attngen.core.variant"):
+        assert not {"attngen.generate.codegen", "attngen.generate.store", "attngen.generate.build", "attngen.runtime.registry",
+                    "attngen.generate.spec"} & set(GRAPH[name]), (name, GRAPH[name])

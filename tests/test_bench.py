@@ -4,26 +4,27 @@ import json
 
 import pytest
 
-from attngen import bench
-from attngen.tuning import Tiles, tiles_for
+from attngen.bench import cli, presets, report, timing
+from attngen.bench.tune import tune
+from attngen.core.tuning import Tiles, tiles_for
 
 
 def test_tiles_round_trip_through_their_tag():
     for tiles in (Tiles(128, 64, 2, 1), Tiles(128, 64, 2, 1, 8), Tiles(64, 128, 1, 2),
                   Tiles(128, 128, 1, 1, worker_warps=8), Tiles(64, 64, 2, 1, 4, 8)):
-        assert bench.parse_tiles(tiles.tag) == tiles
+        assert presets.parse_tiles(tiles.tag) == tiles
     with pytest.raises(argparse.ArgumentTypeError, match="tiles look like"):
-        bench.parse_tiles("128x64")
+        presets.parse_tiles("128x64")
     with pytest.raises(argparse.ArgumentTypeError, match="power of two"):
-        bench.parse_tiles("100x64o2c1")
+        presets.parse_tiles("100x64o2c1")
 
 
 def test_every_preset_is_a_variant_attngen_builds():
     """What `bench run` times for each preset is a kernel the generator accepts and renders."""
-    from attngen.codegen import render
-    from attngen.variant import Features, KernelSpec
+    from attngen.generate.codegen import render
+    from attngen.core.variant import Features, KernelSpec
 
-    for shape in bench.PRESETS.values():
+    for shape in presets.PRESETS.values():
         group = shape.heads // shape.heads_kv
         spec = KernelSpec(shape.mask, group, shape.head_dim, shape.dtype,
                           tiles_for(shape.head_dim, shape.mask, group),
@@ -38,10 +39,10 @@ def test_table_and_plot_from_rows(tmp_path):
              "dtype": "fp16", "gpu": "test", "seq": s, "impl": impl, "us_p50": t, "tflops": 1.0,
              "io_gb_s": 1.0, "extra_mem_bytes": 0, "rel_err": None, "attngen_speedup": 1.0}
             for s in (1024, 2048) for impl, t in (("attngen", 1.0), ("flex", 2.0))]
-    assert "attngen" in bench.table(rows)
+    assert "attngen" in report.table(rows)
     path = tmp_path / "rows.json"
     path.write_text(json.dumps({"rows": rows}))
-    assert bench.main(["plot", str(path), str(tmp_path / "plot.png")]) == 0
+    assert cli.main(["plot", str(path), str(tmp_path / "plot.png")]) == 0
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
@@ -49,23 +50,23 @@ def test_run_without_gpu_says_so(capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
-    assert bench.main(["run", "--preset", "A"]) == 2
+    assert cli.main(["run", "--preset", "A"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_window_override_and_graph_flags(monkeypatch, capsys):
-    assert bench.parse_window("full") == "full" and bench.parse_window("4096") == 4096
+    assert presets.parse_window("full") == "full" and presets.parse_window("4096") == 4096
     for bad in ("0", "-3", "wide"):
         with pytest.raises(argparse.ArgumentTypeError, match="positive integer or 'full'"):
-            bench.parse_window(bad)
+            presets.parse_window(bad)
     with pytest.raises(SystemExit):
-        bench.main(["run", "--graph", "--pass", "bwd"])
+        cli.main(["run", "--graph", "--pass", "bwd"])
     assert "a captured backward needs its forward" in capsys.readouterr().err
     seen = []
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr(bench, "bench", lambda shape, **kw: seen.append((shape, kw)) or [])
-    assert bench.main(["run", "--preset", "A", "--window", "full", "--graph", "--pass", "fwd+bwd"]) == 0
-    assert bench.main(["run", "--preset", "C", "--window", "32768"]) == 0
+    monkeypatch.setattr(cli, "bench", lambda shape, **kw: seen.append((shape, kw)) or [])
+    assert cli.main(["run", "--preset", "A", "--window", "full", "--graph", "--pass", "fwd+bwd"]) == 0
+    assert cli.main(["run", "--preset", "C", "--window", "32768"]) == 0
     (full, kw), (wide, _) = seen
     assert full.window is None and full.mask.left is None and kw["graph"] and kw["which"] == "fwd+bwd"
     assert wide.window == 32768 and wide.mask.left == 32767 and wide.heads == 64
@@ -78,7 +79,7 @@ def test_backward_tune_swaps_only_the_rows_asked_for(monkeypatch, flags):
     with `--deterministic` for dK/dV's and dQ's rows, `--dq` for dQ's alone, `--dkdv` for
     dK/dV's alone (the others keeping the tiles they had, even where they share a row), and
     times attngen-det; the tables are as they were afterwards."""
-    from attngen import tuning
+    from attngen.core import tuning
 
     seen = []
 
@@ -87,12 +88,12 @@ def test_backward_tune_swaps_only_the_rows_asked_for(monkeypatch, flags):
         seen.append((names, (tuning.fused_tiles(hd), tuning.backward_tiles(hd), tuning.dq_tiles(hd))))
         return [{"seq": 1, "us_p50": 1.0, "tflops": 1.0, "rel_err": 0.0}]
 
-    monkeypatch.setattr(bench, "bench", fake_bench)
+    monkeypatch.setattr(timing, "bench", fake_bench)
     candidate = Tiles(32, 32, 1, 1)
     for head_dim in (64, 128):      # 64 has a dQ row of its own, 128 a fused row
-        shape = bench.Shape("t", 2, 1, head_dim, 64, "fp16", (128,))
+        shape = presets.Shape("t", 2, 1, head_dim, 64, "fp16", (128,))
         before = (tuning.fused_tiles(head_dim), tuning.backward_tiles(head_dim), tuning.dq_tiles(head_dim))
-        bench.tune(shape, [candidate], say=lambda _: None, backward=True, **flags)
+        tune(shape, [candidate], say=lambda _: None, backward=True, **flags)
         fused, dkdv, dq = before
         expect = {(): (candidate, dkdv, dq), ("deterministic",): (fused, candidate, candidate),
                   ("deterministic", "dq"): (fused, dkdv, candidate),
@@ -102,6 +103,6 @@ def test_backward_tune_swaps_only_the_rows_asked_for(monkeypatch, flags):
         assert names == (("attngen-det",) if flags else ("attngen",))
         assert (tuning.fused_tiles(head_dim), tuning.backward_tiles(head_dim), tuning.dq_tiles(head_dim)) == before
     with pytest.raises(ValueError, match="at most one"):
-        bench.tune(shape, [candidate], backward=True, deterministic=True, dq=True, dkdv=True)
+        tune(shape, [candidate], backward=True, deterministic=True, dq=True, dkdv=True)
     with pytest.raises(ValueError, match="give deterministic too"):
-        bench.tune(shape, [candidate], backward=True, dq=True)
+        tune(shape, [candidate], backward=True, dq=True)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from attngen import bench, bench_model as bm
+from attngen.bench import cli, models as bm
 
 
 def test_configs_have_the_real_shapes():
@@ -68,27 +68,27 @@ def test_eager_is_skipped_where_its_scores_do_not_fit():
 
 
 def test_arguments():
-    args = bm.parse_args([])
+    args = cli.parse_args(["model"])
     assert args.model == list(bm.MODELS) and args.impl == list(bm.IMPLS)
     assert args.measures == ["prefill", "prefill-padded", "decode"] and args.layers == {}
     assert (args.options.seq, args.options.context, args.options.new_tokens) == (32768, 8192, 32)
-    args = bm.parse_args(["--compiled", "--layers", "2", "gemma-3-4b=6", "--seq", "4096"])
+    args = cli.parse_args(["model", "--compiled", "--layers", "2", "gemma-3-4b=6", "--seq", "4096"])
     assert args.measures[-1] == "decode-compiled" and args.options.seq == 4096
     assert args.layers == {"mistral-7b": 2, "gemma-3-4b": 6, "gpt-oss-20b": 2}
-    assert bm.parse_args(["--compiled-only"]).measures == ["decode-compiled"]
+    assert cli.parse_args(["model", "--compiled-only"]).measures == ["decode-compiled"]
     for bad in (["--layers", "llama=2"], ["--layers", "0"], ["--new-tokens", "1"], ["--impl", "flash"]):
         with pytest.raises(SystemExit):
-            bm.parse_args(bad)
+            cli.parse_args(["model", *bad])
 
 
 def test_bench_model_without_gpu_says_so(capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
-    assert bench.main(["model", "--model", "mistral-7b"]) == 2
+    assert cli.main(["model", "--model", "mistral-7b"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.main(["model", "--help"])
+        cli.main(["model", "--help"])
     assert "attngen bench model" in capsys.readouterr().out
 
 
@@ -103,7 +103,7 @@ def test_rows_from_tiny_models_on_the_cpu(tmp_path):
             "--seq", "48", "--context", "24", "--new-tokens", "3", "--reps", "1", "--json", str(path),
             "--eager-limit-gb", str(3 * 48 * 48 * 2 / 1e9)]
     said = []
-    rows = bm.run(bm.parse_args(argv), argv, device="cpu", overrides=dict(bm.TINY), say=said.append)
+    rows = bm.run(cli.parse_args(["model", *argv]), argv, device="cpu", overrides=dict(bm.TINY), say=said.append)
     got = json.loads(path.read_text())
     assert got["command"].startswith("attngen bench model --model") and got["partial"] is False
     assert got["rows"] == json.loads(json.dumps(rows))

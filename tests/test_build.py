@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from attngen import build as build_module, store
-from attngen.build import BuildError, build
-from attngen.store import Manifest, StoreError, read_manifest
-from attngen.spec import load_text
-from attngen.variant import KernelSpec, compiled_by_default
+from attngen.generate import build as build_module, store
+from attngen.generate.build import BuildError, build
+from attngen.generate.store import Manifest, StoreError, read_manifest
+from attngen.generate.spec import load_text
+from attngen.core.variant import KernelSpec, compiled_by_default
 
 
 SPEC = """name: small

@@ -38,13 +38,13 @@ class _FakeCompile:
     """Stands in for the compile workers: writes a stub cubin at once, in this process."""
 
     def __init__(self, monkeypatch):
-        from attngen import build as build_module
+        from attngen.generate import build as build_module
 
         from test_build import _InlinePool
 
         def export_one(directory, spec_dict, suffix, arch, output):
-            from attngen.store import cubin_name
-            from attngen.variant import KernelSpec
+            from attngen.generate.store import cubin_name
+            from attngen.core.variant import KernelSpec
             (output / cubin_name(KernelSpec.from_dict(spec_dict).name + suffix, arch)).write_bytes(b"x")
             return 0.5
         monkeypatch.setattr(build_module, "_export_one", export_one)
@@ -52,8 +52,8 @@ class _FakeCompile:
 
 
 def test_build_shows_a_bar_and_right_counts(tmp_path, capsys, monkeypatch):
-    from attngen.spec import load_files
-    from attngen.variant import compiled_by_default
+    from attngen.generate.spec import load_files
+    from attngen.core.variant import compiled_by_default
 
     _FakeCompile(monkeypatch)
     spec = write(tmp_path, "name: c\nwindow: [32, 64]\ngqa: 1\nhead_dim: 64\ndtype: bf16\n")

@@ -13,11 +13,12 @@ import math
 import pytest
 import torch
 
-from attngen import codegen, version
-from attngen.cases import cases_for
-from attngen.mask import Mask
-from attngen.tuning import BACKWARD, DEFAULT_ARCH, DQ, FUSED, Tiles, tiles_for
-from attngen.variant import Features, KernelSpec
+from attngen.core import version
+from attngen.generate import codegen
+from attngen.generate.cases import cases_for
+from attngen.core.mask import Mask
+from attngen.core.tuning import BACKWARD, DEFAULT_ARCH, DQ, FUSED, Tiles, tiles_for
+from attngen.core.variant import Features, KernelSpec
 
 
 def kernel(mask=Mask(True, 4095), gqa=4, head_dim=128, dtype="fp16", tiles=None, **features):
@@ -172,7 +173,7 @@ def test_generated_test_lists_the_variant_cases():
     env = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and node.targets[0].id == "CASES":
-            from attngen.cases import Case
+            from attngen.generate.cases import Case
             env["CASES"] = eval(compile(ast.Expression(node.value), "<cases>", "eval"), {"Case": Case})
     assert env["CASES"] == cases_for(spec)
 
@@ -209,18 +210,23 @@ def test_name_depends_on_templates_generator_code_and_compiler_versions(monkeypa
 def test_generator_modules_are_the_ones_codegen_reads():
     """Every attngen module the renderer imports, directly or not, is in the fingerprint."""
     import ast
-    from pathlib import Path
+    from pathlib import PurePosixPath
 
-    here = Path(version.__file__).parent
-    seen, todo = set(), ["codegen", "aot"]
+    package = version.PACKAGE
+    seen, todo = set(), ["generate/codegen", "generate/aot"]
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        for node in ast.walk(ast.parse((here / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-                todo.append(node.module)
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and node.module:
+                base = PurePosixPath(name).parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                target = str(base / node.module.replace(".", "/")).removeprefix("./")
+                if (package / f"{target}.py").is_file():
+                    todo.append(target)
     assert seen <= set(version.GENERATOR), seen - set(version.GENERATOR)
 
 

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from attngen import distributed, reference
-from attngen.mask import Mask
+from attngen.core import reference
+from attngen.integrations import distributed
+from attngen.core.mask import Mask
 
 WORLD = 4
 GROUPS = {"world": (0, 1, 2, 3), "g3": (1, 2, 3), "g2": (0, 3)}

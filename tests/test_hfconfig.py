@@ -4,11 +4,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from attngen import hfconfig  # noqa: E402
+from attngen.integrations import hfconfig  # noqa: E402
 from attngen.cli import main  # noqa: E402
 from attngen.integrations import transformers as ag  # noqa: E402
-from attngen.mask import Mask  # noqa: E402
-from attngen.spec import SpecError, load_files, load_text  # noqa: E402
+from attngen.core.mask import Mask  # noqa: E402
+from attngen.generate.spec import SpecError, load_files, load_text  # noqa: E402
 
 from hf_models import MODELS, tiny_config, tiny_model  # noqa: E402
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from attngen import inputs
-from attngen.inputs import (InputError, grad_output, no_out_with_grad, prepare, scale_arg, softmax_scale,
+from attngen.runtime import inputs
+from attngen.runtime.inputs import (InputError, grad_output, no_out_with_grad, prepare, scale_arg, softmax_scale,
                             wants_grad)
 
 ARGS = dict(layout="bhsd", head_dim=64, dtype=torch.float16, group=4, name="k")
@@ -64,7 +64,7 @@ def test_autograd_helpers():
 
 
 def test_wide_index_only_past_int32():
-    from attngen.inputs import wide_index
+    from attngen.runtime.inputs import wide_index
 
     def meta(*shape):
         return torch.empty(*shape, device="meta", dtype=torch.float16)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attngen.mask import Mask, MaskError
+from attngen.core.mask import Mask, MaskError
 
 
 def visible_set(mask, i, seq):

@@ -7,8 +7,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import attngen
-from attngen.inputs import InputError
-from attngen.support import bhsd
+from attngen.runtime.inputs import InputError
+from attngen.core.support import bhsd
 
 # Fake tensors on the CPU: the fake implementations do not care about the device (a CPU build
 # of torch cannot run autograd on fake CUDA tensors).
@@ -131,7 +131,7 @@ def test_transformers_fallback_compiles_fullgraph_on_cpu():
 def test_only_plain_eager_calls_bypass_the_ops():
     """Eager calls on plain tensors run the launchers without the ops' Python dispatch; fake
     tensors, torch.compile and torch.func transforms must get the ops (they cannot launch)."""
-    from attngen.ops import _direct
+    from attngen.runtime.ops import _direct
 
     x = torch.ones(3)
     assert _direct(x, None)
@@ -152,7 +152,7 @@ def test_only_plain_eager_calls_bypass_the_ops():
 ])
 def test_backward_mode_follows_call_kernel_then_torch_setting(kernel_mode, call_mode, global_mode,
                                                               expected, monkeypatch):
-    import attngen.ops as ops
+    import attngen.runtime.ops as ops
 
     seen = []
     original = ops._backward

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attngen
-from attngen.bench import cuda_graph
+from attngen.bench.timing import cuda_graph
 from attngen.testing import long_context_errors, needs_gpu
 
 pytestmark = [pytest.mark.gpu, needs_gpu]
@@ -175,7 +175,8 @@ def test_more_than_65535_batch_head_pairs(packed, capsys):
     """1100 sequences x 64 heads: more (sequence, head) pairs than a grid's second axis holds.
     The flat grid runs them all; the first, a middle and the last sequence's output and
     gradients against autograd of the float64 reference."""
-    from attngen import Mask, reference
+    from attngen import Mask
+    from attngen.core import reference
 
     batch, heads, seq, window = 1100, 64, 24, 16
     mask = Mask.from_window(window, True)

@@ -13,11 +13,11 @@ import cuda.tile._compile as cutile_compile  # noqa: E402
 from cuda.tile._cext import default_tile_context  # noqa: E402
 from cuda.tile.compilation import ArrayConstraint, KernelSignature  # noqa: E402
 
-from attngen.build import build  # noqa: E402
-from attngen.prebuilt import Prebuilt  # noqa: E402
-from attngen.registry import Registry  # noqa: E402
-from attngen.spec import load_text  # noqa: E402
-from attngen.variant import compiled_by_default  # noqa: E402
+from attngen.generate.build import build  # noqa: E402
+from attngen.runtime.prebuilt import Prebuilt  # noqa: E402
+from attngen.runtime.registry import Registry  # noqa: E402
+from attngen.generate.spec import load_text  # noqa: E402
+from attngen.core.variant import compiled_by_default  # noqa: E402
 
 SPEC = "name: tiny\nwindow: 16\ngqa: 2\nhead_dim: 64\ndtype: fp16\n"
 HOPPER = (9, 0)

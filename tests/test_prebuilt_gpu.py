@@ -86,8 +86,8 @@ CHILD = textwrap.dedent("""
 def built(tmp_path_factory):
     from cuda.tile._cext import get_compute_capability
 
-    from attngen.build import build
-    from attngen.spec import load_text
+    from attngen.generate.build import build
+    from attngen.generate.spec import load_text
 
     out = tmp_path_factory.mktemp("built") / "out"
     arch = "sm_{}{}".format(*get_compute_capability())

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from attngen import reference
-from attngen.mask import Mask
+from attngen.core import reference
+from attngen.core.mask import Mask
 
 MASKS = [Mask(True), Mask(True, 0), Mask(True, 6), Mask(False), Mask(False, 3, 5), Mask(False, 0, 0)]
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import attngen
-from attngen.build import build, read_manifest
-from attngen.inputs import InputError
-from attngen.mask import Mask, MaskError
-from attngen.registry import KernelNotFound, Registry
-from attngen.spec import load_files, load_text
+from attngen.generate.build import build, read_manifest
+from attngen.runtime.inputs import InputError
+from attngen.core.mask import Mask, MaskError
+from attngen.runtime.registry import KernelNotFound, Registry
+from attngen.generate.spec import load_files, load_text
 
 SPECS = """name: lib
 window: [128, 4096]
@@ -129,8 +129,8 @@ def test_callable_checks_inputs_before_launching(built, tmp_path):
 
 def test_ensure_generates_exactly_the_spec_asked_for(tmp_path, caplog):
     """The one way to a launcher (registry, bench, integration): a tile override included."""
-    from attngen.tuning import Tiles
-    from attngen.variant import KernelSpec
+    from attngen.core.tuning import Tiles
+    from attngen.core.variant import KernelSpec
 
     reg = Registry([], jit_dir=tmp_path / "jit", jit=True)
     spec = KernelSpec(Mask(True, 127), 8, 64, "bf16", Tiles(128, 64, 2, 1, 8))
@@ -143,8 +143,8 @@ def test_ensure_generates_exactly_the_spec_asked_for(tmp_path, caplog):
 def test_stale_build_names_the_command_that_rebuilds_it(tmp_path, monkeypatch):
     """A kernel built by other templates (or attngen, cuTile) is never used: with on-demand
     generation off it is an error naming the rebuild; with it on, it is regenerated."""
-    from attngen import version
-    from attngen.variant import Family
+    from attngen.core import version
+    from attngen.core.variant import Family
 
     spec_file = tmp_path / "lib.yaml"
     spec_file.write_text(SPECS.split("---")[0])

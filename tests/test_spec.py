@@ -1,8 +1,8 @@
 import pytest
 
-from attngen.mask import Mask
-from attngen.spec import SpecError, load_files, load_text, unique_kernels
-from attngen.variant import KernelSpec
+from attngen.core.mask import Mask
+from attngen.generate.spec import SpecError, load_files, load_text, unique_kernels
+from attngen.core.variant import KernelSpec
 
 from conftest import SHIPPED, write
 
@@ -158,7 +158,7 @@ def test_model_spec_features_reach_the_layer_map():
 def test_error_on_a_key_without_a_line_falls_back_to_the_document():
     """Found by fuzzing: an error at a top-level key the document does not hold (say "tiles",
     raised by a value type's own check) looped forever looking for a parent key's line."""
-    from attngen.spec import _Doc
+    from attngen.generate.spec import _Doc
     err = _Doc({}, {"": 1}, "f.yaml").error("tiles", "x")
     assert (err.path, err.line) == ("tiles", 1)
 

@@ -1,4 +1,4 @@
-"""Property-based tests of the YAML spec reader (``attngen.spec.load_text``).
+"""Property-based tests of the YAML spec reader (``attngen.generate.spec.load_text``).
 
 * Random valid specs (plain and model specs, one or several per file) are built as Python
   dicts, dumped with ``yaml.safe_dump`` and read back; what the reader returns must mean
@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from attngen.mask import Mask
-from attngen.spec import Spec, SpecError, load_text
+from attngen.core.mask import Mask
+from attngen.generate.spec import Spec, SpecError, load_text
 
 # What docs/spec.md promises (restated here on purpose: the test checks the reader against
 # the reference, not against the constants the reader uses).

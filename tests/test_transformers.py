@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import masking_utils  # noqa: E402
 
 from attngen.integrations import transformers as ag  # noqa: E402
-from attngen.mask import Mask  # noqa: E402
+from attngen.core.mask import Mask  # noqa: E402
 
 from hf_models import MODELS, tiny_model  # noqa: E402
 

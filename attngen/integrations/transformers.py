@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..mask import Mask
-from ..ops import attention
-from ..registry import get_kernel
-from ..support import HEAD_DIMS, dtype_name
+from ..core.mask import Mask
+from ..core.support import HEAD_DIMS, dtype_name
+from ..runtime.ops import attention
+from ..runtime.registry import get_kernel
 
 NAME = "attngen"
 log = logging.getLogger("attngen")

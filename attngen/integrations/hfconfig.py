@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .mask import Mask
-from .spec import NAME_RE, SpecError, load_text
-from .support import check_head_dim, dtype_name
+from ..core.mask import Mask
+from ..core.support import check_head_dim, dtype_name
+from ..generate.spec import NAME_RE, SpecError, load_text
 
 ENCODERS = {"modernbert"}          # bidirectional attention: no causal mask
 SINKS = {"gpt_oss"}                # a learned sink logit per query head

@@ -1,11 +1,11 @@
 """The YAML reader: spec files in, validated :class:`Spec` documents of
-:class:`~attngen.variant.KernelSpec` values out.
+:class:`~attngen.core.variant.KernelSpec` values out.
 
 A spec file holds one spec or several (YAML documents separated by ``---``, or a
 top-level list).  Every list-valued field among ``causal``, ``window``, ``gqa``,
 ``head_dim`` and ``dtype`` expands into the cross product.  ``docs/spec.md`` is the
 reference for users; this module is the only place that reads specs.  What is supported is
-asked of :mod:`attngen.support`, never restated here.
+asked of :mod:`attngen.core.support`, never restated here.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any, Iterable
 
 import yaml
 
-from .mask import Mask, MaskError
-from .support import check_dtype, check_gqa, check_head_dim, check_positive_number
-from .tuning import tiles_for
-from .variant import Features, KernelSpec
+from ..core.mask import Mask, MaskError
+from ..core.support import check_dtype, check_gqa, check_head_dim, check_positive_number
+from ..core.tuning import tiles_for
+from ..core.variant import Features, KernelSpec
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")    # the whole name (fullmatch)
 
@@ -159,7 +159,7 @@ def _keys(doc: _Doc, path: str, value: dict, allowed: tuple[str, ...], what: str
 
 
 def _rule(doc: _Doc, path: str, check, value):
-    """Apply a rule of :mod:`attngen.support` (or a value type's own checks) at ``path``."""
+    """Apply a rule of :mod:`attngen.core.support` (or a value type's own checks) at ``path``."""
     try:
         return check(value)
     except ValueError as exc:

@@ -14,14 +14,16 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 TEMPLATES = ("kernel.py.j2", "launcher.py.j2", "test_variant.py.j2")
+PACKAGE = Path(__file__).resolve().parent.parent     # attngen/
 # the modules whose code shapes a generated package or its cubins (what the templates are
 # given, the parameters, tiles and masks, the AOT signatures, the generated test cases)
-GENERATOR = ("aot", "cases", "codegen", "mask", "support", "tuning", "variant", "version")
+GENERATOR = ("generate/aot", "generate/cases", "generate/codegen", "core/mask", "core/support",
+             "core/tuning", "core/variant", "core/version")
 
 
 def template_dir():
     """``templates/`` of the checkout; in an installed wheel, its copy ``attngen.templates``."""
-    checkout = Path(__file__).resolve().parent.parent / "templates"
+    checkout = PACKAGE.parent / "templates"
     return checkout if checkout.is_dir() else resources.files("attngen.templates")
 
 
@@ -33,8 +35,7 @@ def template_sources() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def generator_sources() -> dict[str, str]:
-    here = Path(__file__).resolve().parent
-    return {f"{name}.py": (here / f"{name}.py").read_text() for name in GENERATOR}
+    return {f"{name}.py": (PACKAGE / f"{name}.py").read_text() for name in GENERATOR}
 
 
 @functools.lru_cache(maxsize=1)

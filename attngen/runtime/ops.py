@@ -23,7 +23,7 @@ sees the backward as one op too.  :func:`attention` picks: when autograd records
 mode on plain tensors it runs the implementations behind the ops directly, which costs a
 fraction of the host time of the ops' Python dispatch; anything that traces gets the ops.
 
-The real implementations validate the inputs and launch (``attngen.inputs``, the generated
+The real implementations validate the inputs and launch (``attngen.runtime.inputs``, the generated
 launcher).  Nothing on the path synchronizes with the host, except reading packed sequences'
 ``cu_seqlens`` when ``max_seqlen_q`` (and, for a chunked variant's backward, ``max_seqlen_k``)
 is not given: pass them to capture packed calls in a CUDA graph.
@@ -37,8 +37,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ..core.support import LOG2E, at_least_fp32, bhsd, dtype_name
 from .inputs import InputError, no_out_with_grad, wants_grad
-from .support import LOG2E, at_least_fp32, bhsd, dtype_name
 
 _targets: dict[str, ModuleType | Callable[[int, str], ModuleType]] = {}
 

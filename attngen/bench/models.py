@@ -38,7 +38,6 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -358,14 +357,14 @@ def bench_model(name: str, impls=IMPLS, measures=MEASURES[:3], opts: Options | N
     """Every measurement of ``name`` for every attention implementation, one row each."""
     import torch
 
-    from .integrations.transformers import register
+    from ..integrations.transformers import register
 
     opts = opts or Options()
     dtype = dtype or torch.bfloat16
     started = time.perf_counter() if started is None else started
     import transformers
 
-    from .version import environment
+    from ..core.version import environment
     env = {**environment(device), "transformers": transformers.__version__}
     register()
     # flex_attention recompiles per shape (prefill, padded batch, prompt, decode steps)
@@ -495,7 +494,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    from .plots import panels, save
+    from .report import panels, save
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = panels(len(models), 6)
@@ -518,9 +517,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 # -- command line ----------------------------------------------------------------------------
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attngen bench model", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `attngen bench model` (its parser lives in :mod:`attngen.bench.cli`)."""
     p.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--measure", nargs="+", choices=MEASURES[:3], default=list(MEASURES[:3]),
@@ -540,12 +538,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, help="skip measurements that would start after this many seconds")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="also draw the rows to this PNG (needs matplotlib)")
-    return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = parser()
-    args = p.parse_args(argv)
+def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Checks what the options cannot (``p.error`` on a bad one) and adds ``measures`` and
+    ``options``."""
     try:
         args.layers = parse_layers(args.layers)
     except argparse.ArgumentTypeError as exc:
@@ -587,19 +584,3 @@ def run(args: argparse.Namespace, argv, device="cuda", overrides: dict | None = 
     if args.plot:
         plot(rows, args.plot)
     return rows
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        print("attngen bench model: needs a CUDA GPU (attngen's kernels run only there)", file=sys.stderr)
-        return 2
-    run(args, argv)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

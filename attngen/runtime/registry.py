@@ -19,16 +19,16 @@ import os
 import threading
 from pathlib import Path
 
-from .build import build
-from .codegen import load_package
+from ..core.mask import Mask
+from ..core.support import HEAD_DIMS, check_deterministic, check_dtype, check_head_dim, dtype_name
+from ..core.tuning import Tiles, tiles_for
+from ..core.variant import Family, Features, KernelSpec
+from ..generate.build import build
+from ..generate.codegen import load_package
+from ..generate.spec import Spec
+from ..generate.store import KernelEntry, SpecEntry, default_out, jit_dir, read_manifest
 from .inputs import InputError
-from .mask import Mask
 from .ops import attention, register_resolver
-from .spec import Spec
-from .store import KernelEntry, SpecEntry, default_out, jit_dir, read_manifest
-from .support import HEAD_DIMS, check_deterministic, check_dtype, check_head_dim, dtype_name
-from .tuning import Tiles, tiles_for
-from .variant import Family, Features, KernelSpec
 
 log = logging.getLogger("attngen")
 
@@ -189,7 +189,7 @@ class Registry:
 
 class AttentionKernel:
     """A callable for one mask and GQA ratio; the kernel for the inputs' head_dim and dtype is
-    picked when it runs.  Calls go through the ``attngen::`` custom ops (:mod:`attngen.ops`):
+    picked when it runs.  Calls go through the ``attngen::`` custom ops (:mod:`attngen.runtime.ops`):
     torch.compile traces them without graph breaks and CUDA graphs capture them."""
 
     def __init__(self, family: Family, registry: Registry, scale: float | None = None,
@@ -251,7 +251,7 @@ def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool 
                dtype: str | None = None, scale: float | None = None,
                deterministic: bool | None = None, registry: Registry | None = None) -> AttentionKernel:
     """The attention callable for a window (see :class:`attngen.Mask`; a ``Mask`` itself is
-    taken as it is), GQA ratio and features (:class:`attngen.variant.Features`: softcap,
+    taken as it is), GQA ratio and features (:class:`attngen.core.variant.Features`: softcap,
     sinks, chunked prefill, packed sequences).  ``causal`` defaults to True for a window.
 
     ``deterministic`` picks the backward: None (default) follows

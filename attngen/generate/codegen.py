@@ -14,11 +14,11 @@ from pathlib import Path
 
 import jinja2
 
+from ..core.support import DTYPES, LOG2E
+from ..core.tuning import PREPROCESS_ROWS
+from ..core.variant import KernelSpec
+from ..core.version import __version__, template_sources
 from .cases import cases_for
-from .support import DTYPES, LOG2E
-from .tuning import PREPROCESS_ROWS
-from .variant import KernelSpec
-from .version import __version__, template_sources
 
 
 @functools.lru_cache(maxsize=1)

@@ -6,7 +6,7 @@ arguments and asks the kernel's ``_compile(signature, context, compute_capabilit
 cubin and the symbol to launch; it then marshals the arguments itself (pointers, shapes,
 strides, scalars, as the signature's calling convention lays them out) and launches on the
 caller's stream.  :class:`Prebuilt` is that kernel with one change: when the signature the
-call needs *implies* the signature the build exported (:func:`attngen.aot.signature`: same
+call needs *implies* the signature the build exported (:func:`attngen.generate.aot.signature`: same
 calling convention, dtypes, ranks and index widths, and every assumption the build made —
 non-negative strides, unit last stride, 16-byte aligned base addresses, no aliasing — holds
 for these arguments) and a cubin of the device's arch was built, it returns that cubin and its
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import cuda.tile as ct
 
-from .aot import signature
-from .store import cubin_name
-from .variant import KernelSpec
+from ..core.variant import KernelSpec
+from ..generate.aot import signature
+from ..generate.store import cubin_name
 
 log = logging.getLogger("attngen")
 

@@ -15,9 +15,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .mask import Mask
-from .variant import Features, KernelSpec
-from .version import __version__
+from ..core.mask import Mask
+from ..core.variant import Features, KernelSpec
+from ..core.version import __version__
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -103,7 +103,7 @@ class SpecEntry:
 
     @classmethod
     def of(cls, spec) -> "SpecEntry":
-        """From a :class:`attngen.spec.Spec`."""
+        """From a :class:`attngen.generate.spec.Spec`."""
         model = spec.layers is not None
         return cls(spec.source, spec.description, tuple(k.name for k in spec.kernels), spec.layers,
                    spec.scale, spec.gqa, spec.head_dim, tuple(spec.dtypes),

@@ -15,7 +15,7 @@ rewritten: a build only adds cubins to it, or repairs what a killed build left. 
 build leaves -- its staging directory, a half-removed package -- the next build clears or
 completes by itself.  Files are written only when their content changes and cubins compiled
 only when missing: a repeated build with unchanged specs does no work.  By default only the
-kernels :func:`attngen.variant.compiled_by_default` names are compiled; the launchers compile
+kernels :func:`attngen.core.variant.compiled_by_default` names are compiled; the launchers compile
 the others when a call first needs them (``all_kernels`` compiles everything).
 """
 
@@ -38,7 +38,7 @@ from .codegen import load_package, render
 from .spec import Spec, unique_kernels
 from .store import (MANIFEST, KernelEntry, Manifest, SpecEntry, StoreError, cubin_name, locked,
                     manifest_text, read_manifest)
-from .variant import KernelSpec, compiled_by_default
+from ..core.variant import KernelSpec, compiled_by_default
 
 DEFAULT_ARCHS = ("sm_90",)
 STAGING = ".staging-"
@@ -89,7 +89,7 @@ def build(specs: Iterable[Spec], out: Path, archs: Iterable[str] = DEFAULT_ARCHS
           progress: Progress | None = None) -> Report:
     """Generate (and, for each arch, compile) every kernel the specs need into ``out``.
 
-    Compiles the kernels :func:`attngen.variant.compiled_by_default` names, or with
+    Compiles the kernels :func:`attngen.core.variant.compiled_by_default` names, or with
     ``all_kernels`` every kernel of every variant; a cubin already built is never compiled
     again.  ``keep_existing`` adds to the manifest instead of replacing it (the on-demand
     cache).

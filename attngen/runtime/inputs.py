@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .support import LOG2E, bhsd, check_layout, check_positive_number
+from ..core.support import LOG2E, bhsd, check_layout, check_positive_number
 
 
 class InputError(ValueError):

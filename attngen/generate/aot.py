@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .support import DTYPES
+from ..core.support import DTYPES
 
 ARCH_RE = re.compile(r"^sm_\d{2,3}[a-z]?$")
 

@@ -1,8 +1,8 @@
 """The value types of a variant: what a kernel computes (:class:`Features`, with the
-:class:`~attngen.mask.Mask` and GQA ratio: a :class:`Family`), what it is specialized on
+:class:`~attngen.core.mask.Mask` and GQA ratio: a :class:`Family`), what it is specialized on
 (:class:`KernelSpec`) and the parameters it takes (:class:`Param`).  Nothing here reads
-files or templates; the YAML reader (:mod:`attngen.spec`) and the renderer
-(:mod:`attngen.codegen`) build on these."""
+files or templates; the YAML reader (:mod:`attngen.generate.spec`) and the renderer
+(:mod:`attngen.generate.codegen`) build on these."""
 
 from __future__ import annotations
 

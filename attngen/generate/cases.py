@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .variant import KernelSpec
+from ..core.variant import KernelSpec
 
 #: relative error ||o - ref|| / ||ref|| allowed per dtype
 TOLERANCE = {"fp16": 2e-3, "bf16": 1.5e-2}
