@@ -1,4 +1,5 @@
-"""`attngen bench` and `attngen tune`: attngen against the kernels a user would otherwise pick.
+"""`attngen bench run` and `attngen bench tune`: attngen against the kernels a user would otherwise
+pick, and the tile sweep behind ``attngen/tuning.py``.
 
 For one shape and a list of sequence lengths, on the current GPU and in one process:
 
@@ -79,6 +80,20 @@ PRESETS = {
 
 
 DEFAULT_PRESETS = ("A", "B", "B'", "C", "C16")
+
+
+def describe_presets() -> str:
+    """The presets' shapes, one line each, for ``attngen bench --help``."""
+    lines = ["presets (--preset; default: " + " ".join(DEFAULT_PRESETS) + "):"]
+    for key, s in PRESETS.items():
+        extra = [f"softcap {s.softcap:g}"] if s.softcap is not None else []
+        extra += ["sinks"] if s.sinks else []
+        extra += [f"after {s.prefix} cached keys"] if s.prefix else []
+        window = "full" if s.window is None else f"W={s.window}"
+        lines.append(f"  {key:<11} {s.label}: {s.heads} heads, {s.heads_kv} KV heads, head_dim "
+                     f"{s.head_dim}, {window}, {s.dtype}" + "".join(f", {e}" for e in extra)
+                     + f"; S = {' '.join(str(n) for n in s.seqs)}")
+    return "\n".join(lines)
 
 
 def parse_window(text: str) -> int | str:
@@ -427,11 +442,14 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="attngen bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="attngen bench", description=__doc__, epilog=describe_presets(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,tune,plot,model}")
+    helps = {"run": "time attngen against SDPA and FlexAttention on the presets' shapes",
+             "tune": "time candidate tile shapes for a preset and print the best"}
     for name in ("run", "tune"):
-        p = sub.add_parser(name)
+        p = sub.add_parser(name, help=helps[name], description=helps[name] + ".", epilog=describe_presets(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--preset", action="append", choices=list(PRESETS),
                        help=f"shape presets (repeatable); default: {' '.join(DEFAULT_PRESETS)}")
         p.add_argument("--seq", type=int, nargs="+", help="override the sequence lengths")

@@ -105,3 +105,21 @@ def test_backward_tune_swaps_only_the_rows_asked_for(monkeypatch, flags):
         bench.tune(shape, [candidate], backward=True, deterministic=True, dq=True, dkdv=True)
     with pytest.raises(ValueError, match="give deterministic too"):
         bench.tune(shape, [candidate], backward=True, dq=True)
+
+
+def test_help_lists_every_subcommand_and_every_preset_shape(capsys):
+    from attngen.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    listed = text.split("positional arguments:")[1].split("options:")[0]
+    for command in ("run", "tune", "plot", "model"):
+        assert f"\n    {command} " in listed, command
+    assert "attngen tune" not in text
+    for key, shape in bench.PRESETS.items():
+        line = next(line for line in text.splitlines() if line.split()[:1] == [key])
+        window = "full" if shape.window is None else f"W={shape.window}"
+        assert (f"{shape.heads} heads, {shape.heads_kv} KV heads, head_dim {shape.head_dim}, "
+                f"{window}, {shape.dtype}") in line, line
