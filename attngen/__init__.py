@@ -9,6 +9,7 @@ from .inputs import InputError
 from .mask import Mask, MaskError
 from .registry import AttentionKernel, KernelNotFound, default_registry, get_kernel, get_layer_kernels
 from .spec import SpecError
+from .support import ArgumentError
 from .version import __version__
 
 
@@ -20,4 +21,4 @@ def register_transformers(name: str = "attngen") -> None:
 
 __all__ = ["__version__", "get_kernel", "get_layer_kernels", "register_transformers",
            "default_registry", "AttentionKernel", "KernelNotFound", "InputError",
-           "Mask", "MaskError", "SpecError"]
+           "ArgumentError", "Mask", "MaskError", "SpecError"]
