@@ -6,6 +6,7 @@
 """
 
 from .core.mask import Mask, MaskError
+from .core.support import ArgumentError
 from .core.version import __version__
 from .generate.spec import SpecError
 from .runtime.inputs import InputError
@@ -20,4 +21,4 @@ def register_transformers(name: str = "attngen") -> None:
 
 __all__ = ["__version__", "get_kernel", "get_layer_kernels", "register_transformers",
            "default_registry", "AttentionKernel", "KernelNotFound", "InputError",
-           "Mask", "MaskError", "SpecError"]
+           "ArgumentError", "Mask", "MaskError", "SpecError"]

@@ -8,11 +8,14 @@
 # profile: Nsight Compute on the shape A, B and C kernels (one launch each; PROFILE_SHAPES);
 # train: forward + backward of A, B, B', C against FlexAttention and SDPA (TRAIN_SEQ; TRAIN_FLAGS=--graph
 #        times CUDA-graph replays).
-# Logs and JSON go to $OUT (the device tool brings them back).
+# Logs and JSON go to $OUT (the device tool brings them back; without it, a fresh private
+# directory that the script names).  The exit status is non-zero when a step's tests fail.
 set -uo pipefail
 source .gpu/env.sh
-export ATTNGEN_PATH=$PWD/build/attngen ATTNGEN_CACHE_DIR=/tmp/attngen-cache
-OUT=${OUT:-/tmp/attngen-out}; mkdir -p "$OUT"
+export ATTNGEN_PATH=$PWD/build/attngen ATTNGEN_CACHE_DIR=${ATTNGEN_CACHE_DIR:-$PWD/build/cache}
+if [ -z "${OUT:-}" ]; then OUT=$(mktemp -d "${TMPDIR:-/tmp}/attngen-out.XXXXXX") || exit 1; echo "logs in $OUT"; fi
+mkdir -p "$OUT"
+status=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 python -m attngen build variants/*.yaml tests/variants/*.yaml --out build/attngen --no-compile -q >/dev/null
 
@@ -22,6 +25,7 @@ for step in "$@"; do
       rm -f "$OUT/errs.jsonl"
       ATTNGEN_TEST_LOG=$OUT/errs.jsonl python -m pytest -m gpu build/attngen -q -n 8 -p no:cacheprovider \
         > "$OUT/pytest.log" 2>&1
+      rc=$?; [ $rc -eq 0 ] || { echo "pytest failed (exit $rc)"; status=1; }
       tail -n 15 "$OUT/pytest.log"
       python - "$OUT/errs.jsonl" <<'PY'
 import json, sys
@@ -44,7 +48,9 @@ for k in sorted(fwd):
 PY
       ;;
     bench) python -m attngen.bench run --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/bench.log" ;;
-    hf) python -m pytest -m gpu tests -q -s -p no:cacheprovider 2>&1 | tee "$OUT/hf.log" | grep -v -i warn | tail -n 30 ;;
+    hf)
+      python -m pytest -m gpu tests -q -s -p no:cacheprovider 2>&1 | tee "$OUT/hf.log" | grep -v -i warn | tail -n 30
+      rc=${PIPESTATUS[0]}; [ $rc -eq 0 ] || { echo "pytest failed (exit $rc)"; status=1; } ;;
     features)
       python -m attngen.bench run --preset A --preset C --preset C-sinks --preset G2 --preset G2-softcap \
         --seq 8192 32768 --impl attngen flex --json "$OUT/features.json" 2>&1 | grep -v -i warn | tee "$OUT/features.log"
@@ -72,3 +78,4 @@ PY
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
+exit $status

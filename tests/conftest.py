@@ -19,3 +19,21 @@ def write(tmp_path, text, name="spec.yaml"):
     path = tmp_path / name
     path.write_text(text)
     return path
+
+
+@pytest.fixture
+def attngen_runs(monkeypatch):
+    """The variants whose generated kernels really ran (one entry per inference, forward or
+    backward call of a launcher, through the ops or directly), to tell attngen from a silent
+    fallback to PyTorch: every real run of the ``attngen::`` ops resolves its launcher here."""
+    from attngen.runtime import ops
+
+    runs = []
+    resolve = ops._resolve
+
+    def counted(variant, *args):
+        runs.append(variant)
+        return resolve(variant, *args)
+
+    monkeypatch.setattr(ops, "_resolve", counted)
+    return runs

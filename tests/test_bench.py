@@ -34,7 +34,7 @@ def test_every_preset_is_a_variant_attngen_builds():
 
 
 def test_table_and_plot_from_rows(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (the test extra installs it: the plots are tested everywhere)
     rows = [{"shape": "A", "batch": 1, "heads": 2, "heads_kv": 1, "head_dim": 64, "window": 8,
              "dtype": "fp16", "gpu": "test", "seq": s, "impl": impl, "us_p50": t, "tflops": 1.0,
              "io_gb_s": 1.0, "extra_mem_bytes": 0, "rel_err": None, "attngen_speedup": 1.0}
@@ -106,3 +106,20 @@ def test_backward_tune_swaps_only_the_rows_asked_for(monkeypatch, flags):
         tune(shape, [candidate], backward=True, deterministic=True, dq=True, dkdv=True)
     with pytest.raises(ValueError, match="give deterministic too"):
         tune(shape, [candidate], backward=True, dq=True)
+
+
+def test_help_lists_every_subcommand_and_every_preset_shape(capsys):
+    from attngen.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    listed = text.split("positional arguments:")[1].split("options:")[0]
+    for command in ("run", "tune", "plot", "model"):
+        assert f"\n    {command} " in listed, command
+    assert "attngen tune" not in text
+    for key, shape in presets.PRESETS.items():
+        line = next(line for line in text.splitlines() if line.split()[:1] == [key])
+        window = " full" if shape.window is None else str(shape.window)
+        assert f"H{shape.heads}/{shape.heads_kv} D{shape.head_dim} W{window} {shape.dtype}" in line, line

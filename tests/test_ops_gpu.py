@@ -118,11 +118,13 @@ def _rel(x, ref):
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt-oss"])
-def test_compiled_model_fullgraph_matches_eager(family, capsys):
+def test_compiled_model_fullgraph_matches_eager(family, capsys, attngen_runs):
     """torch.compile(fullgraph=True) of a whole model on attngen, inference and a training
     step.  Reference: the float32 eager model with the same weights; the compiled bf16 model's
     logits and every parameter's gradient must be as close to it as the eager bf16 attngen
-    model's (rel <= 1.5 x + 2e-3 for logits, 2 x + 5e-3 for gradients)."""
+    model's (rel <= 1.5 x + 2e-3 for logits, 2 x + 5e-3 for gradients), and every layer of
+    the compiled model must have run attngen's kernels (forward, and backward when training),
+    not a PyTorch fallback."""
     import copy
 
     from attngen.integrations import transformers as ag
@@ -138,8 +140,12 @@ def test_compiled_model_fullgraph_matches_eager(family, capsys):
     ids = torch.randint(1, model.config.vocab_size, (2, 100), device="cuda")
     loss = lambda m: m(input_ids=ids, use_cache=False).logits.float().square().mean()  # noqa: E731
     compiled = torch.compile(model, fullgraph=True)
+    layers = model.config.num_hidden_layers
     with torch.no_grad():
-        ref, eager, got = (m(input_ids=ids, use_cache=False).logits for m in (exact, model, compiled))
+        ref, eager = (m(input_ids=ids, use_cache=False).logits for m in (exact, model))
+        attngen_runs.clear()
+        got = compiled(input_ids=ids, use_cache=False).logits
+    assert len(attngen_runs) >= layers, f"{family}: attngen ran {len(attngen_runs)} times for {layers} layers"
     assert _rel(got, ref) <= 1.5 * _rel(eager, ref) + 2e-3, (_rel(got, ref), _rel(eager, ref))
 
     def grads(m, fn):
@@ -148,7 +154,10 @@ def test_compiled_model_fullgraph_matches_eager(family, capsys):
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
     ref_g, eager_g = grads(exact, loss), grads(model, loss)
+    attngen_runs.clear()
     got_g = grads(model, torch.compile(loss, fullgraph=True))
+    assert len(attngen_runs) >= 2 * layers, \
+        f"{family}: attngen ran {len(attngen_runs)} times for the forward and backward of {layers} layers"
     assert set(got_g) == set(ref_g)
     worst = (0.0, 0.0, "")
     for name, r in ref_g.items():

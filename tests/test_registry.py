@@ -127,6 +127,43 @@ def test_callable_checks_inputs_before_launching(built, tmp_path):
         layer(torch.randn(1, 4, 16, 128, dtype=torch.bfloat16), k, k)
 
 
+def test_every_input_error_names_the_kernel(built, tmp_path):
+    """The callable's own checks, the launcher's and the ops' all start with the variant."""
+    reg = registry(built, tmp_path, jit=True)        # nothing is generated: each call fails first
+    attn = attngen.get_kernel(window=128, gqa=4, registry=reg)
+    packed = attngen.get_kernel(window=128, gqa=4, varlen=True, registry=reg)
+    q = torch.randn(1, 8, 16, 64, dtype=torch.float16)
+    k = torch.randn(1, 2, 16, 64, dtype=torch.float16)
+    launcher = reg.variant(attn.family, 64, "fp16")
+    calls = [
+        (attn, (q.float(), k.float(), k.float()), {}, "dtype torch.float32"),
+        (attn, (q[0], k, k), {}, "4-D"),
+        (attn, (torch.randn(1, 8, 16, 72, dtype=torch.float16), k, k), {}, "head_dim 72"),
+        (attn, (q, k, k), {"sinks": torch.zeros(8)}, "sinks=True"),
+        (attn, (q, k, k), {"scale": -1.0}, "positive finite"),
+        (packed, (q[0], k[0], k[0]), {}, "cu_seqlens_q"),
+    ]
+    for kernel, args, kw, problem in calls:
+        with pytest.raises(InputError, match=problem) as info:
+            kernel(*args, **kw)
+        assert str(info.value).startswith(f"{kernel.key}: "), str(info.value)
+    with pytest.raises(InputError, match="runs on CUDA tensors") as info:
+        launcher.launch(q, k, k)
+    assert str(info.value).startswith(f"{launcher.NAME}: "), str(info.value)
+
+
+def test_a_kernel_not_built_is_not_generated_for_cpu_tensors(tmp_path):
+    reg = Registry([], jit_dir=tmp_path / "jit", jit=True)
+    attn = attngen.get_kernel(window=64, gqa=2, registry=reg)
+    q = torch.randn(1, 4, 16, 64, dtype=torch.float16)
+    k = torch.randn(1, 2, 16, 64, dtype=torch.float16)
+    for grad in (False, True):
+        with pytest.raises(InputError, match="runs on CUDA tensors") as info:
+            attn(q.requires_grad_(grad), k, k)
+        assert str(info.value).startswith(f"{attn.key}: q is on cpu")
+    assert not (tmp_path / "jit").exists() or not any((tmp_path / "jit").iterdir())
+
+
 def test_ensure_generates_exactly_the_spec_asked_for(tmp_path, caplog):
     """The one way to a launcher (registry, bench, integration): a tile override included."""
     from attngen.core.tuning import Tiles
@@ -165,3 +202,25 @@ def test_stale_build_names_the_command_that_rebuilds_it(tmp_path, monkeypatch):
         assert launch.__module__.split(".")[0] in read_manifest(tmp_path / "jit").kernels
     finally:
         version.fingerprint.cache_clear()
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    ({"window": -1}, "window must be a positive integer"),
+    ({"window": 8, "causal": "yes"}, "causal must be true or false"),
+    ({"window": Mask(True, 7), "causal": False}, "contradicts the mask"),
+    ({"gqa": 0}, "gqa must be a positive integer"),
+    ({"head_dim": 72}, "head_dim must be one of"),
+    ({"dtype": "fp32"}, "dtype must be one of"),
+    ({"softcap": -5.0}, "softcap must be a positive finite number"),
+    ({"scale": 0.0}, "scale must be a positive finite number"),
+    ({"sinks": 1}, "sinks must be true or false"),
+    ({"deterministic": "yes"}, "deterministic must be True, False or None"),
+])
+def test_every_bad_get_kernel_argument_raises_argument_error(tmp_path, kwargs, problem):
+    reg = Registry([], jit_dir=tmp_path / "jit", jit=True)
+    with pytest.raises(attngen.ArgumentError, match=problem) as info:
+        attngen.get_kernel(**kwargs, registry=reg)
+    assert isinstance(info.value, ValueError)                    # what it raised before
+    if "window" in kwargs:
+        assert isinstance(info.value, MaskError)
+    assert not (tmp_path / "jit").exists()

@@ -119,6 +119,20 @@ def test_missing_keys_duplicates_and_yaml_errors(tmp_path):
         load_files([write(tmp_path, "# nothing\n", "empty.yaml")])
 
 
+def test_a_file_that_is_not_utf8_is_a_spec_error_naming_it(tmp_path, capsys):
+    from attngen.cli import main
+
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(BASE.replace("name: t", "name: t\ndescription: caf\xe9").encode("latin-1"))
+    with pytest.raises(SpecError, match="not a UTF-8 text file") as info:
+        load_files([latin1])
+    assert info.value.source == str(latin1)
+    assert main(["build", str(latin1), "--out", str(tmp_path / "out"), "--no-compile"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"attngen: error: {latin1}: not a UTF-8") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_model_specs_take_one_gqa_and_head_dim():
     with pytest.raises(SpecError, match="one gqa"):
         load_text("name: m\ngqa: [1, 2]\nhead_dim: 64\ndtype: fp16\nlayers: [1]\n")

@@ -25,8 +25,16 @@ pytestmark = [pytest.mark.gpu, needs_gpu]
 SEQ = 100          # longer than every tiny model's window (8, or 16 for ModernBERT)
 
 
+def _ran_on_every_layer(model, runs, calls_per_layer):
+    """attngen's kernels ran for every attention layer (``runs``: the attngen_runs fixture),
+    ``calls_per_layer`` times each: no layer fell back to PyTorch, logged or not."""
+    layers = model.config.num_hidden_layers
+    assert len(runs) >= calls_per_layer * layers, \
+        f"attngen ran {len(runs)} times; {layers} layers need {calls_per_layer * layers}"
+
+
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_logits_and_greedy_generation_match_eager(family, caplog, capsys):
+def test_logits_and_greedy_generation_match_eager(family, caplog, capsys, attngen_runs):
     ag.register()
     ag._said.clear()
     torch.manual_seed(0)
@@ -42,6 +50,7 @@ def test_logits_and_greedy_generation_match_eager(family, caplog, capsys):
             got = model(input_ids=ids).logits.float()
     fell_back = [r.message for r in caplog.records if "falling back" in r.message]
     assert not fell_back, fell_back                         # prefill ran on attngen kernels
+    _ran_on_every_layer(model, attngen_runs, 1)
     with torch.no_grad():
         model.float().set_attn_implementation("eager")
         reference = model(input_ids=ids).logits.float()
@@ -80,7 +89,7 @@ def test_logits_and_greedy_generation_match_eager(family, caplog, capsys):
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_training_step_keeps_attention_gradients(family, deterministic, caplog, capsys):
+def test_training_step_keeps_attention_gradients(family, deterministic, caplog, capsys, attngen_runs):
     """train() mode runs attngen's generated backward (no fallback), the fused one by default
     and the deterministic one under torch.use_deterministic_algorithms.  Rule for every
     parameter: against the float32 eager model with the same weights, the attngen model's
@@ -106,11 +115,13 @@ def test_training_step_keeps_attention_gradients(family, deterministic, caplog, 
     model.set_attn_implementation("attngen")
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    attngen_runs.clear()
     try:
         with caplog.at_level(logging.WARNING, logger="attngen"):
             got = grads(model)
     finally:
         torch.use_deterministic_algorithms(before)
+    _ran_on_every_layer(model, attngen_runs, 2)                 # forward and backward
     assert set(got) == set(eager) == set(exact)
     worst = (0.0, 0.0, "")
     for name, ref in exact.items():
@@ -127,7 +138,7 @@ def test_training_step_keeps_attention_gradients(family, deterministic, caplog, 
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_twenty_optimizer_steps_track_eager(family, capsys):
+def test_twenty_optimizer_steps_track_eager(family, capsys, attngen_runs):
     """20 AdamW steps from the same weights on the same batch: the attngen model's loss curve
     stays as close to the float32 eager model's as the bf16 eager model's does (2 x its largest
     relative deviation + 1e-2, at every step)."""
@@ -152,8 +163,10 @@ def test_twenty_optimizer_steps_track_eager(family, capsys):
             losses.append(loss.item())
         return torch.tensor(losses)
 
-    exact, eager, got = curve(torch.float32, "eager"), curve(torch.bfloat16, "eager"), \
-        curve(torch.bfloat16, "attngen")
+    exact, eager = curve(torch.float32, "eager"), curve(torch.bfloat16, "eager")
+    attngen_runs.clear()
+    got = curve(torch.bfloat16, "attngen")
+    _ran_on_every_layer(start, attngen_runs, 20 * 2)            # 20 forwards and backwards
     deviation = lambda c: ((c - exact).abs() / exact.abs()).max().item()  # noqa: E731
     with capsys.disabled():
         print(f"\n{family}: loss {exact[0]:.3f} -> {exact[-1]:.3f} (fp32 eager); largest relative "
@@ -164,7 +177,7 @@ def test_twenty_optimizer_steps_track_eager(family, capsys):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_padded_batch_runs_on_packed_kernels(family, side, caplog, capsys):
+def test_padded_batch_runs_on_packed_kernels(family, side, caplog, capsys, attngen_runs):
     """A padded batch is packed to its valid tokens and runs on the varlen kernels (no
     fallback); logits at the valid positions follow the logits rule against float32 eager."""
     ag.register()
@@ -182,8 +195,10 @@ def test_padded_batch_runs_on_packed_kernels(family, side, caplog, capsys):
     with torch.no_grad():
         eager = model(input_ids=ids, attention_mask=mask).logits.float()[keep]
         model.set_attn_implementation("attngen")
+        attngen_runs.clear()
         with caplog.at_level(logging.WARNING, logger="attngen"):
             got = model(input_ids=ids, attention_mask=mask).logits.float()[keep]
+        _ran_on_every_layer(model, attngen_runs, 1)
         model.float().set_attn_implementation("eager")
         reference = model(input_ids=ids, attention_mask=mask).logits.float()[keep]
         model.to(torch.bfloat16)

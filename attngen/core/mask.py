@@ -19,8 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .support import ArgumentError
 
-class MaskError(ValueError):
+
+class MaskError(ArgumentError):
     """A window/causality description that attngen cannot accept."""
 
 

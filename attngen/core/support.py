@@ -21,6 +21,12 @@ LAYOUTS = ("bhsd", "bshd")
 LOG2E = 1.4426950408889634                          # the kernels work in exp2 / log2 units
 
 
+class ArgumentError(ValueError):
+    """An argument attngen cannot accept: a window (:class:`~attngen.core.mask.MaskError`, a
+    subclass), gqa, head_dim, dtype, softcap, scale, a feature flag, deterministic or layout.
+    ``get_kernel`` raises it for every bad argument; a ValueError, as before it existed."""
+
+
 def check_positive_number(value, what: str) -> float:
     """A finite number > 0 (softmax scale, softcap), as a float."""
     try:
@@ -29,32 +35,32 @@ def check_positive_number(value, what: str) -> float:
     except OverflowError:                                   # an int beyond float range
         ok = False
     if not ok:
-        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+        raise ArgumentError(f"{what} must be a positive finite number, got {value!r}")
     return float(value)
 
 
 def check_gqa(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"gqa must be a positive integer (query heads per KV head), got {value!r}")
+        raise ArgumentError(f"gqa must be a positive integer (query heads per KV head), got {value!r}")
     return value
 
 
 def check_head_dim(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value not in HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {list(HEAD_DIMS)}, got {value!r}")
+        raise ArgumentError(f"head_dim must be one of {list(HEAD_DIMS)}, got {value!r}")
     return value
 
 
 def check_dtype(value) -> str:
     if not isinstance(value, str) or value not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {value!r}")
+        raise ArgumentError(f"dtype must be one of {list(DTYPES)}, got {value!r}")
     return value
 
 
 def check_deterministic(value) -> bool | None:
     """The backward's mode: None (follow ``torch.use_deterministic_algorithms``), True or False."""
     if value is not None and not isinstance(value, bool):
-        raise ValueError(f"deterministic must be True, False or None, got {value!r}")
+        raise ArgumentError(f"deterministic must be True, False or None, got {value!r}")
     return value
 
 
@@ -72,7 +78,7 @@ def forced_pack(varlen: bool) -> int | None:
 
 def check_layout(layout) -> str:
     if not isinstance(layout, str) or layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise ArgumentError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return layout
 
 

@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, replace
 
 from .mask import Mask
-from .support import check_dtype, check_gqa, check_head_dim, check_positive_number, forced_pack
+from .support import (ArgumentError, check_dtype, check_gqa, check_head_dim, check_positive_number,
+                      forced_pack)
 from .tuning import Tiles, backward_tiles, dq_tiles, fused_tiles
 from .version import fingerprint
 
@@ -38,7 +39,7 @@ class Features:
             object.__setattr__(self, "softcap", check_positive_number(self.softcap, "softcap"))
         for name in self.FLAGS:
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ArgumentError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def tag(self) -> str:

@@ -10,10 +10,6 @@ from dataclasses import dataclass
 
 from ..core.variant import KernelSpec
 
-#: relative error ||o - ref|| / ||ref|| allowed per dtype
-TOLERANCE = {"fp16": 2e-3, "bf16": 1.5e-2}
-
-
 @dataclass(frozen=True)
 class Case:
     id: str

@@ -330,9 +330,12 @@ def load_files(paths: Iterable[str | Path]) -> list[Spec]:
     for path in paths:
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise SpecError(f"cannot read: {exc.strerror}", str(path)) from None
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"not a UTF-8 text file (byte {exc.object[exc.start]:#04x} at offset "
+                            f"{exc.start}); a spec is YAML in UTF-8", str(path)) from None
         loaded = load_text(text, str(path))
         if not loaded:
             raise SpecError("the file holds no spec", str(path))

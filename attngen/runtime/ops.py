@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..core.support import LOG2E, at_least_fp32, bhsd, dtype_name
+from ..core.support import LOG2E, at_least_fp32, bhsd, check_positive_number, dtype_name
 from .inputs import InputError, no_out_with_grad, wants_grad
 
 _targets: dict[str, ModuleType | Callable[[int, str], ModuleType]] = {}
@@ -61,6 +61,9 @@ def _resolve(variant: str, q: Tensor, sinks, cu_q, cu_k, max_q, max_k, scale, la
     if target is None:
         raise InputError(f"no attngen variant {variant!r} in this process: get its callable with "
                          f"attngen.get_kernel (or import its generated launcher) first")
+    if not isinstance(target, ModuleType) and not q.is_cuda:
+        # before the resolver picks (and maybe generates) a kernel that could not run here
+        raise InputError(f"{variant}: q is on {q.device}; this kernel runs on CUDA tensors")
     module = target if isinstance(target, ModuleType) else target(q.shape[-1], dtype_name(q.dtype))
     features = module.SPEC["features"]
     options = {"scale": scale, **({"sinks": sinks} if features["sinks"] else {})}
@@ -218,6 +221,11 @@ def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | 
     backward is deterministic when ``deterministic`` is true, or when it is None and
     ``torch.use_deterministic_algorithms(True)`` is on; ``deterministic=False`` asks for the
     fused kernel whatever the global setting."""
+    if scale is not None:
+        try:
+            check_positive_number(scale, "scale")
+        except ValueError as exc:
+            raise InputError(f"{variant}: {exc}") from None
     args = (variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout)
     direct = _direct(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, out)
     if wants_grad(q, k, v, sinks):

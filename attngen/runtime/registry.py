@@ -19,8 +19,9 @@ import os
 import threading
 from pathlib import Path
 
-from ..core.mask import Mask
-from ..core.support import HEAD_DIMS, check_deterministic, check_dtype, check_head_dim, dtype_name
+from ..core.mask import Mask, MaskError
+from ..core.support import (HEAD_DIMS, check_deterministic, check_dtype, check_head_dim, check_positive_number,
+                            dtype_name)
 from ..core.tuning import Tiles, tiles_for
 from ..core.variant import Family, Features, KernelSpec
 from ..generate.build import build
@@ -215,26 +216,30 @@ class AttentionKernel:
 
         f = self.family.features
         dims = 3 if f.varlen else 4
+
+        def fail(message):
+            raise InputError(f"{self.key}: {message}")
+
         if not isinstance(q, torch.Tensor) or q.dim() != dims:
-            raise InputError(f"q must be a {dims}-D torch.Tensor, got {getattr(q, 'shape', type(q))}")
+            fail(f"q must be a {dims}-D torch.Tensor, got {getattr(q, 'shape', type(q))}")
         head_dim = q.shape[-1]
         if dtype_name(q.dtype) is None:
-            raise InputError(f"q has dtype {q.dtype}; attngen kernels take torch.float16, torch.bfloat16")
+            fail(f"q has dtype {q.dtype}; attngen kernels take torch.float16, torch.bfloat16")
         if self.head_dim is not None and head_dim != self.head_dim:
-            raise InputError(f"this kernel was asked for head_dim {self.head_dim}, q has {head_dim}")
+            fail(f"this kernel was asked for head_dim {self.head_dim}, q has {head_dim}")
         if head_dim not in HEAD_DIMS:
-            raise InputError(f"head_dim {head_dim} is not supported; attngen kernels take {list(HEAD_DIMS)}")
+            fail(f"head_dim {head_dim} is not supported; attngen kernels take {list(HEAD_DIMS)}")
         packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         if f.varlen and cu_seqlens_q is None:
-            raise InputError("this kernel takes packed sequences: pass cu_seqlens_q")
+            fail("this kernel takes packed sequences: pass cu_seqlens_q")
         if not f.varlen and any(x is not None for x in packed):
-            raise InputError("cu_seqlens/max_seqlen are for packed sequences: get_kernel(..., varlen=True)")
+            fail("cu_seqlens/max_seqlen are for packed sequences: get_kernel(..., varlen=True)")
         if f.varlen and layout != "bhsd":
-            raise InputError("packed sequences are (total_tokens, H, D); layout= does not apply")
+            fail("packed sequences are (total_tokens, H, D); layout= does not apply")
         if f.sinks and sinks is None:
-            raise InputError("this kernel has attention sinks: pass sinks=, one logit per query head")
+            fail("this kernel has attention sinks: pass sinks=, one logit per query head")
         if not f.sinks and sinks is not None:
-            raise InputError("sinks= given, but this kernel has none: get_kernel(..., sinks=True)")
+            fail("sinks= given, but this kernel has none: get_kernel(..., sinks=True)")
         return attention(self.key, q, k, v, sinks=sinks, cu_seqlens_q=cu_seqlens_q,
                          cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                          scale=self.scale if scale is None else scale, layout=layout, out=out,
@@ -261,11 +266,14 @@ def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool 
 
     ``head_dim``/``dtype``, when given, must have a kernel now (built, or generated on
     demand); otherwise they are picked from the tensors at call time.
+
+    Every argument attngen cannot accept raises :class:`attngen.ArgumentError` (a
+    ValueError); a bad window or causality its subclass :class:`attngen.MaskError`.
     """
     reg = registry or default_registry
     if isinstance(window, Mask):
         if causal is not None and causal != window.causal:
-            raise ValueError(f"causal={causal} contradicts the mask given ({window.describe()})")
+            raise MaskError(f"causal={causal} contradicts the mask given ({window.describe()})")
         mask = window
     else:
         mask = Mask.from_window(window, True if causal is None else causal)
@@ -274,6 +282,8 @@ def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool 
         check_head_dim(head_dim)
     if dtype is not None:
         check_dtype(dtype)
+    if scale is not None:
+        check_positive_number(scale, "scale")
     if not reg.jit and not reg.has_family(family):
         raise reg.not_found(family, head_dim, dtype)
     if head_dim is not None and dtype is not None:
