@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .mask import Mask
 from .support import DTYPES
-from .tuning import Tiles, tiles_for
+from .tuning import Tiles
 from .variant import Features, KernelSpec
 from .version import environment
 
@@ -56,6 +56,12 @@ class Shape:
     @property
     def mask(self) -> Mask:
         return Mask.from_window(self.window, causal=True)
+
+    def spec(self, tiles: Tiles | None = None) -> KernelSpec:
+        """The attngen kernel for the shape: every tile from the tuned tables, or ``tiles``
+        for the forward's."""
+        return KernelSpec.tuned(self.mask, self.heads // self.heads_kv, self.head_dim, self.dtype,
+                                Features(self.softcap, self.sinks, chunked=self.prefix > 0), tiles)
 
     @property
     def plain(self) -> bool:
@@ -120,7 +126,7 @@ def _inputs(shape: Shape, seq: int):
     return q, make(shape.heads_kv, seq + shape.prefix), make(shape.heads_kv, seq + shape.prefix), sinks
 
 
-def _implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles, names):
+def _implementations(shape: Shape, seq: int, q, k, v, sinks, spec: KernelSpec, names):
     """name -> zero-argument callable returning the output, for the requested peers."""
     import torch
     import torch.nn.functional as F
@@ -131,10 +137,8 @@ def _implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles, names
     if {"attngen", "attngen-det"} & set(names):
         from .registry import default_registry
 
-        features = Features(shape.softcap, shape.sinks, chunked=shape.prefix > 0)
         extra = {"sinks": sinks} if shape.sinks else {}
-        attn = default_registry.ensure(KernelSpec(shape.mask, group, shape.head_dim, shape.dtype,
-                                                  tiles, features))
+        attn = default_registry.ensure(spec)
         if "attngen" in names:
             impls["attngen"] = lambda: attn(q, k, v, deterministic=False, **extra)
         if "attngen-det" in names:
@@ -274,16 +278,17 @@ def _pass(fn, which: str, q, k, v, sinks):
     return (lambda: torch.autograd.grad(fn(), inputs, dout)), out
 
 
-def bench(shape: Shape, names=DEFAULT_PEERS, tiles: Tiles | None = None, say=print,
+def bench(shape: Shape, names=DEFAULT_PEERS, spec: KernelSpec | None = None, say=print,
           which: str = "fwd", graph: bool = False) -> list[dict]:
     """Time every implementation at every sequence length of ``shape`` for one pass (``fwd``,
-    ``bwd`` or ``fwd+bwd``), with ``graph`` as CUDA-graph replays; one dict per row."""
+    ``bwd`` or ``fwd+bwd``), with ``graph`` as CUDA-graph replays; one dict per row.  attngen
+    runs ``spec`` (default: the shape's tuned kernel, ``shape.spec()``)."""
     import torch
 
     rows = []
     env = environment()
     # the tuned kernel for the shape, not whichever built variant happens to match it
-    tiles = tiles or tiles_for(shape.head_dim, shape.mask, shape.heads // shape.heads_kv)
+    spec = spec or shape.spec()
     for seq in shape.seqs:
         q, k, v, sinks = _inputs(shape, seq)
         if which != "fwd":       # before the peers are built: SDPA's repeated K/V must be in the graph
@@ -293,7 +298,7 @@ def bench(shape: Shape, names=DEFAULT_PEERS, tiles: Tiles | None = None, say=pri
         pairs = shape.mask.pairs(seq, seq + shape.prefix)
         flops = 4 * shape.head_dim * pairs * shape.batch * shape.heads * PASS_FLOPS[which]
         io_bytes = (2 * q.numel() + 2 * k.numel()) * q.element_size()
-        impls = _implementations(shape, seq, q, k, v, sinks, tiles, names)
+        impls = _implementations(shape, seq, q, k, v, sinks, spec, names)
         base = None
         for name, forward in impls.items():
             fn, out = _pass(forward, which, q, k, v, sinks)
@@ -314,7 +319,7 @@ def bench(shape: Shape, names=DEFAULT_PEERS, tiles: Tiles | None = None, say=pri
                    "timing": "cuda-graph" if graph else "do_bench", "us_p20": p20, "us_p50": p50,
                    "us_p80": p80, "tflops": flops / (p50 * 1e-6) / 1e12,
                    "io_gb_s": io_bytes / (p50 * 1e-6) / 1e9, "extra_mem_bytes": extra,
-                   "rel_err": err, "tiles": asdict(tiles) if name == "attngen" else None}
+                   "rel_err": err, "tiles": asdict(spec.tiles) if name == "attngen" else None}
             rows.append(row)
         for row in rows[-len(impls):]:
             row["attngen_speedup"] = row["us_p50"] / base if base else None
@@ -345,46 +350,29 @@ def table(rows: list[dict], header: bool = True) -> str:
 def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = False,
          deterministic: bool = False, dq: bool = False, dkdv: bool = False) -> list[dict]:
     """Time each candidate tile config of the attngen kernel for ``shape``: the forward's, or
-    with ``backward`` a backward kernel's (each candidate in place of the table's row for the
-    head dim, timing the backward pass): the fused kernel's, or with ``deterministic`` the
-    deterministic mode's dK/dV and dQ kernels (with ``dq`` dQ's alone, with ``dkdv`` dK/dV's
-    alone; the other keeps the tiles it has now)."""
-    from . import tuning
-
+    with ``backward`` a backward kernel's (the shape's tuned spec with the candidate in that
+    kernel's tiles, timing the backward pass): the fused kernel's, or with ``deterministic``
+    the deterministic mode's dK/dV and dQ kernels (with ``dq`` dQ's alone, with ``dkdv``
+    dK/dV's alone; the other keeps its tuned tiles).  The tuned tables are never changed."""
     if dq and dkdv:
         raise ValueError("dq and dkdv each tune one backward kernel: give at most one")
     if (dq or dkdv) and not deterministic:
         raise ValueError("dq and dkdv tune the deterministic mode's kernels: give deterministic too")
-    hd = shape.head_dim
-    arch = tuning.DEFAULT_ARCH
-    tables = {"fused": tuning.FUSED[arch], "dkdv": tuning.BACKWARD[arch], "dq": tuning.DQ[arch]}
-    saved = {name: table.get(hd) for name, table in tables.items()}
-    # the rows a backward candidate stands in for
-    swapped = ["fused"] if not deterministic else ["dq"] if dq else ["dkdv"] if dkdv else ["dkdv", "dq"]
+    tuned = shape.spec()
+    # the spec fields a candidate stands in for
+    fields = (["tiles"] if not backward else ["fused_tiles"] if not deterministic
+              else ["dq_tiles"] if dq else ["dkdv_tiles"] if dkdv else ["dq_tiles", "dkdv_tiles"])
     rows = []
     for tiles in candidates:
         try:
-            if backward:
-                # the other kernels' tiles as they are, pinned: a head dim without a row of its
-                # own would follow the row a candidate replaces
-                tables["dq"][hd] = tuning.dq_tiles(hd)
-                for name in swapped:
-                    tables[name][hd] = tiles
-                got = bench(shape, names=("attngen-det" if deterministic else "attngen",),
-                            say=lambda _: None, which="bwd")
-                for r in got:
-                    r["tiles"] = asdict(tiles)
-            else:
-                got = bench(shape, names=("attngen",), tiles=tiles, say=lambda _: None)
+            spec = replace(tuned, **{name: tiles for name in fields})
+            got = bench(shape, names=("attngen-det" if deterministic else "attngen",), spec=spec,
+                        say=lambda _: None, which="bwd" if backward else "fwd")
+            for r in got:
+                r["tiles"] = asdict(tiles)
         except Exception as exc:    # noqa: BLE001 - a config the compiler rejects is a result
             say(f"{shape.label}: {tiles.tag}: failed: {type(exc).__name__}: {str(exc)[:200]}")
             continue
-        finally:
-            for name, table in tables.items():
-                if saved[name] is None:
-                    table.pop(hd, None)
-                else:
-                    table[hd] = saved[name]
         rows += got
         times = "  ".join(f"S={r['seq']}: {r['us_p50']:.1f}us {r['tflops']:.0f}TF err {r['rel_err']:.1e}"
                           for r in got)
@@ -392,13 +380,9 @@ def tune(shape: Shape, candidates: list[Tiles], say=print, backward: bool = Fals
     if rows:
         best = min(candidates, key=lambda t: sum(r["us_p50"] for r in rows if r["tiles"] == asdict(t))
                    if any(r["tiles"] == asdict(t) for r in rows) else math.inf)
-        if not backward:
-            default, what = tiles_for(hd, shape.mask, shape.heads // shape.heads_kv), ""
-        elif not deterministic:
-            default, what = tuning.fused_tiles(hd), "fused backward "
-        else:
-            default = (tuning.dq_tiles if dq else tuning.backward_tiles)(hd)
-            what = "dQ " if dq else "dK/dV " if dkdv else "deterministic backward "
+        default = getattr(tuned, fields[-1])
+        what = ("" if not backward else "fused backward " if not deterministic else "dQ " if dq
+                else "dK/dV " if dkdv else "deterministic backward ")
         say(f"{shape.label}: best {what}{best.tag} (table: {default.tag if default else 'none'})")
     return rows
 
@@ -491,7 +475,8 @@ def main(argv=None) -> int:
     rows = []
     for shape in shapes:
         if args.command == "run":
-            rows += bench(shape, names=args.impl, tiles=args.tiles, which=args.which, graph=args.graph)
+            rows += bench(shape, names=args.impl, spec=shape.spec(args.tiles), which=args.which,
+                          graph=args.graph)
         else:
             if (args.dq or args.dkdv or args.deterministic) and not args.backward:
                 parser.error("--deterministic, --dq and --dkdv tune backward kernels: give --backward too")

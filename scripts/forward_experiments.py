@@ -116,13 +116,10 @@ def latency(body, k_hint, v_hint, tma=None):
 
 def _spec(shape_key):
     from attngen.bench import PRESETS as BENCH
-    from attngen.tuning import tiles_for
-    from attngen.variant import Features, KernelSpec
+    from attngen.variant import KernelSpec
 
     shape = BENCH[PRESETS[shape_key]]
-    group = shape.heads // shape.heads_kv
-    return shape, KernelSpec(shape.mask, group, shape.head_dim, shape.dtype,
-                             tiles_for(shape.head_dim, shape.mask, group), Features())
+    return shape, KernelSpec.tuned(shape.mask, shape.heads // shape.heads_kv, shape.head_dim, shape.dtype)
 
 
 def write(out: pathlib.Path):
