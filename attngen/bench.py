@@ -162,6 +162,8 @@ def _implementations(shape: Shape, seq: int, q, k, v, sinks, spec: KernelSpec, n
     if "flex" in names:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        from .reference import softcapped
+
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         flex = torch.compile(flex_attention, dynamic=False)
         mask, prefix, cap = shape.mask, shape.prefix, shape.softcap
@@ -170,7 +172,7 @@ def _implementations(shape: Shape, seq: int, q, k, v, sinks, spec: KernelSpec, n
             return mask.visible(q_idx + prefix, kv_idx)
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return cap * torch.tanh(score / cap)
+            return softcapped(score, cap)
         block_mask = create_block_mask(mask_mod, None, None, seq, seq + prefix, device="cuda")
         mods = {"score_mod": score_mod} if cap is not None else {}
         impls["flex"] = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True, **mods)
