@@ -22,13 +22,13 @@ def test_tiles_round_trip_through_their_tag():
 def test_every_preset_is_a_variant_attngen_builds():
     """What `bench run` times for each preset is a kernel the generator accepts and renders."""
     from attngen.generate.codegen import render
-    from attngen.core.variant import Features, KernelSpec
 
     for shape in presets.PRESETS.values():
+        spec = shape.spec()
         group = shape.heads // shape.heads_kv
-        spec = KernelSpec(shape.mask, group, shape.head_dim, shape.dtype,
-                          tiles_for(shape.head_dim, shape.mask, group),
-                          Features(shape.softcap, shape.sinks, chunked=shape.prefix > 0))
+        assert spec.tiles == tiles_for(shape.head_dim, shape.mask, group) and spec.gqa == group
+        assert (spec.features.softcap, spec.features.sinks, spec.features.chunked) == \
+            (shape.softcap, shape.sinks, shape.prefix > 0)
         assert spec.mask.window == shape.window and "def launch(" in render(spec)["launcher.py"]
         assert shape.mask.pairs(min(shape.seqs)) > 0
 
@@ -74,34 +74,41 @@ def test_window_override_and_graph_flags(monkeypatch, capsys):
 
 @pytest.mark.parametrize("flags", [{}, {"deterministic": True}, {"deterministic": True, "dq": True},
                                    {"deterministic": True, "dkdv": True}])
-def test_backward_tune_swaps_only_the_rows_asked_for(monkeypatch, flags):
-    """`tune --backward` stands each candidate in for the fused kernel's row and times attngen;
-    with `--deterministic` for dK/dV's and dQ's rows, `--dq` for dQ's alone, `--dkdv` for
-    dK/dV's alone (the others keeping the tiles they had, even where they share a row), and
-    times attngen-det; the tables are as they were afterwards."""
+def test_backward_tune_swaps_only_the_tiles_asked_for(monkeypatch, flags):
+    """`tune --backward` times attngen on the shape's tuned spec with each candidate as the
+    fused kernel's tiles; with `--deterministic` as dK/dV's and dQ's, `--dq` dQ's alone,
+    `--dkdv` dK/dV's alone (the others keeping their tuned tiles, even where dQ and dK/dV
+    share a table row), and times attngen-det; the tuned tables are never changed."""
+    import copy
+
     from attngen.core import tuning
 
     seen = []
 
-    def fake_bench(shape, names, say, which, tiles=None):
-        hd = shape.head_dim
-        seen.append((names, (tuning.fused_tiles(hd), tuning.backward_tiles(hd), tuning.dq_tiles(hd))))
+    def fake_bench(shape, names, spec, say, which):
+        seen.append((names, spec, which))
         return [{"seq": 1, "us_p50": 1.0, "tflops": 1.0, "rel_err": 0.0}]
 
     monkeypatch.setattr(timing, "bench", fake_bench)
     candidate = Tiles(32, 32, 1, 1)
-    for head_dim in (64, 128):      # 64 has a dQ row of its own, 128 a fused row
+    tables = (tuning.TUNED, tuning.FUSED, tuning.BACKWARD, tuning.DQ)
+    for head_dim in (64, 256):      # 64: a dQ row of its own, no fused kernel; 256: a fused row
         shape = presets.Shape("t", 2, 1, head_dim, 64, "fp16", (128,))
-        before = (tuning.fused_tiles(head_dim), tuning.backward_tiles(head_dim), tuning.dq_tiles(head_dim))
+        tuned, before = shape.spec(), copy.deepcopy(tables)
         tune(shape, [candidate], say=lambda _: None, backward=True, **flags)
-        fused, dkdv, dq = before
+        fused, dkdv, dq = tuned.fused_tiles, tuned.dkdv_tiles, tuned.dq_tiles
         expect = {(): (candidate, dkdv, dq), ("deterministic",): (fused, candidate, candidate),
                   ("deterministic", "dq"): (fused, dkdv, candidate),
                   ("deterministic", "dkdv"): (fused, candidate, dq)}[tuple(flags)]
-        names, tiles = seen.pop()
-        assert tiles == expect
+        names, spec, which = seen.pop()
+        assert (spec.fused_tiles, spec.dkdv_tiles, spec.dq_tiles) == expect and which == "bwd"
+        assert spec.tiles == tuned.tiles and spec.family == tuned.family
+        assert spec.name != tuned.name          # a candidate is its own kernel, never the tuned one
         assert names == (("attngen-det",) if flags else ("attngen",))
-        assert (tuning.fused_tiles(head_dim), tuning.backward_tiles(head_dim), tuning.dq_tiles(head_dim)) == before
+        assert tables == before
+    tune(shape, [candidate], say=lambda _: None)      # the forward's tiles alone
+    names, spec, which = seen.pop()
+    assert (spec.tiles, spec.dq_tiles, which) == (candidate, shape.spec().dq_tiles, "fwd")
     with pytest.raises(ValueError, match="at most one"):
         tune(shape, [candidate], backward=True, deterministic=True, dq=True, dkdv=True)
     with pytest.raises(ValueError, match="give deterministic too"):

@@ -9,21 +9,21 @@ import functools
 import gc
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from attngen.core import version
+from attngen.core.mask import Mask
+from attngen.core.tuning import DEFAULT_ARCH, DQ, Tiles, tiles_for
+from attngen.core.variant import Features, KernelSpec
 from attngen.generate import codegen
 from attngen.generate.cases import cases_for
-from attngen.core.mask import Mask
-from attngen.core.tuning import BACKWARD, DEFAULT_ARCH, DQ, FUSED, Tiles, tiles_for
-from attngen.core.variant import Features, KernelSpec
 
 
 def kernel(mask=Mask(True, 4095), gqa=4, head_dim=128, dtype="fp16", tiles=None, **features):
-    return KernelSpec(mask, gqa, head_dim, dtype, tiles or tiles_for(head_dim, mask, gqa),
-                      Features(**features))
+    return KernelSpec.tuned(mask, gqa, head_dim, dtype, Features(**features), tiles)
 
 
 @functools.lru_cache(maxsize=4)
@@ -152,7 +152,7 @@ def test_constants_are_the_spec_and_nothing_else(spec):
     else:
         assert c["BLOCK_M"] == t.block_m
     assert c.get("GROUP") == (spec.gqa if spec.gqa > 1 else None)      # the backward's group loop
-    assert (c["BWD_M"], c["BWD_N"]) == (spec.backward_tiles.block_m, spec.backward_tiles.block_n)
+    assert (c["BWD_M"], c["BWD_N"]) == (spec.dkdv_tiles.block_m, spec.dkdv_tiles.block_n)
     assert (c["DQ_M"], c["DQ_N"]) == (spec.dq_tiles.block_m, spec.dq_tiles.block_n)
     fused = spec.fused_tiles
     assert (c.get("FUSED_M"), c.get("FUSED_N")) == ((fused.block_m, fused.block_n) if fused else (None, None))
@@ -232,15 +232,20 @@ def test_generator_modules_are_the_ones_codegen_reads():
 
 def test_kernel_spec_rejects_bad_values():
     with pytest.raises(ValueError, match="gqa"):
-        KernelSpec(Mask(True), 0, 64, "fp16", tiles_for(64, Mask(True)))
+        KernelSpec.tuned(Mask(True), 0, 64, "fp16", tiles=tiles_for(64, Mask(True)))
     with pytest.raises(ValueError, match="head_dim"):
-        KernelSpec(Mask(True), 1, 72, "fp16", tiles_for(64, Mask(True)))
+        KernelSpec.tuned(Mask(True), 1, 72, "fp16", tiles=tiles_for(64, Mask(True)))
     with pytest.raises(ValueError, match="power of two"):
         Tiles(96, 64, 1, 1)
     with pytest.raises(ValueError, match="must divide gqa"):
-        KernelSpec(Mask(True), 2, 64, "fp16", Tiles(128, 64, 2, 1, 4))
+        KernelSpec.tuned(Mask(True), 2, 64, "fp16", tiles=Tiles(128, 64, 2, 1, 4))
     with pytest.raises(ValueError, match="pack 1"):
-        KernelSpec(Mask(True), 8, 64, "fp16", Tiles(128, 64, 2, 1, 8), Features(varlen=True))
+        KernelSpec.tuned(Mask(True), 8, 64, "fp16", Features(varlen=True), Tiles(128, 64, 2, 1, 8))
+    with pytest.raises(ValueError, match="dq_tiles must be Tiles"):
+        replace(kernel(), dq_tiles=None)
+    with pytest.raises(TypeError, match="dkdv_tiles"):      # no hidden default from the tables
+        KernelSpec(Mask(True), 1, 64, "fp16", tiles_for(64, Mask(True)), fused_tiles=None,
+                   dq_tiles=Tiles(64, 64, 1, 1))
 
 
 # -- the KV block and query tile bounds, simulated from the generated source ----------------
@@ -362,13 +367,12 @@ def query_tile_program(spec, suffix="_dkdv"):
     return consts[f"{prefix}_M"], consts[f"{prefix}_N"], run
 
 
-def use_backward_tiles(monkeypatch, tiles):
-    """Give head_dim 64 kernels dK/dV tiles of ``tiles``' shape and dQ tiles of the transposed
-    shape (KernelSpec.backward_tiles and dq_tiles read them from the tuned tables), so that the
-    dQ kernel's bounds are checked with tiles of their own."""
-    monkeypatch.setitem(BACKWARD[DEFAULT_ARCH], 64, Tiles(tiles.block_m, tiles.block_n, 1, 1))
-    monkeypatch.setitem(FUSED[DEFAULT_ARCH], 64, Tiles(tiles.block_m, tiles.block_n, 1, 1))
-    monkeypatch.setitem(DQ[DEFAULT_ARCH], 64, Tiles(tiles.block_n, tiles.block_m, 1, 1))
+def with_backward_tiles(spec, tiles):
+    """``spec`` with dK/dV and fused-backward tiles of ``tiles``' shape and dQ tiles of the
+    transposed shape, so that the dQ kernel's bounds are checked with tiles of their own."""
+    return replace(spec, dkdv_tiles=Tiles(tiles.block_m, tiles.block_n, 1, 1),
+                   fused_tiles=Tiles(tiles.block_m, tiles.block_n, 1, 1),
+                   dq_tiles=Tiles(tiles.block_n, tiles.block_m, 1, 1))
 
 
 def grid(mask, rows, keys):
@@ -392,11 +396,9 @@ TILES = [Tiles(16, 16, 1, 1), Tiles(32, 16, 1, 1), Tiles(16, 32, 1, 1), Tiles(32
 @pytest.mark.parametrize("chunked", [False, True], ids=["prefill", "chunked"])
 @pytest.mark.parametrize("tiles", TILES, ids=lambda t: t.tag)
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.tag)
-def test_visited_blocks_hold_every_visible_key_and_unmasked_blocks_no_hidden_one(mask, tiles, chunked,
-                                                                                 monkeypatch):
+def test_visited_blocks_hold_every_visible_key_and_unmasked_blocks_no_hidden_one(mask, tiles, chunked):
     """In the forward (tiles ``tiles``) and the dQ kernel (DQ_M x DQ_N: the shape transposed)."""
-    use_backward_tiles(monkeypatch, tiles)
-    spec = kernel(mask, gqa=2, head_dim=64, tiles=tiles, chunked=chunked)
+    spec = with_backward_tiles(kernel(mask, gqa=2, head_dim=64, tiles=tiles, chunked=chunked), tiles)
     for suffix in ("", "_dq"):
         bm, bn, run = bound_program(spec, suffix, tile_sizes(spec, suffix))
         for seq_q, seq in lengths(chunked):
@@ -427,13 +429,12 @@ def test_visited_blocks_hold_every_visible_key_and_unmasked_blocks_no_hidden_one
 @pytest.mark.parametrize("tiles", TILES, ids=lambda t: f"{t.block_m}x{t.block_n}")
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.tag)
 def test_key_blocks_visit_every_query_tile_that_sees_their_keys_and_mask_exactly(mask, tiles, chunked,
-                                                                                 suffix, monkeypatch):
+                                                                                 suffix):
     """Per key block (the fused backward, and deterministic mode's dK/dV kernel), the query
     tiles [first, last) hold every row that sees one of its keys; a tile left unmasked hides no
     (row, key) pair, and a masked one is masked exactly.  Rows and keys past the sequence are
     left out: their Q, dO, K, V load as zeros and add nothing."""
-    use_backward_tiles(monkeypatch, tiles)
-    spec = kernel(mask, gqa=2, head_dim=64, tiles=tiles, chunked=chunked)
+    spec = with_backward_tiles(kernel(mask, gqa=2, head_dim=64, tiles=tiles, chunked=chunked), tiles)
     bm, bn, run = query_tile_program(spec, suffix)
     for seq_q, seq in lengths(chunked):
         offset = seq - seq_q
@@ -498,12 +499,12 @@ def test_fused_backward_adds_each_visited_tiles_dq_and_deterministic_mode_adds_n
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["prefill", "chunked"])
 @pytest.mark.parametrize("mask", [Mask(True, 99), Mask(False, 40, 59)], ids=lambda m: m.tag)
-def test_bounds_do_o_s_w_work(mask, chunked, monkeypatch):
+def test_bounds_do_o_s_w_work(mask, chunked):
     """With a window of W keys, a tile of M query positions visits at most cdiv(M + W - 1, N) + 1
     blocks of N keys (forward, dQ), and a dK/dV block of BWD_N keys at most
     cdiv(BWD_N + W - 1, BWD_M) + 1 query tiles, whatever S."""
-    use_backward_tiles(monkeypatch, Tiles(16, 32, 1, 1))
-    spec = kernel(mask, gqa=1, head_dim=64, tiles=Tiles(16, 16, 1, 1), chunked=chunked)
+    spec = with_backward_tiles(kernel(mask, gqa=1, head_dim=64, tiles=Tiles(16, 16, 1, 1), chunked=chunked),
+                               Tiles(16, 32, 1, 1))
     w, seq, seq_q = mask.span, 100_000, 60_000 if chunked else 100_000
     far = list(itertools.islice(itertools.count(0, 7), 40))
     for suffix in ("", "_dq"):
@@ -517,23 +518,55 @@ def test_bounds_do_o_s_w_work(mask, chunked, monkeypatch):
         assert 0 < len(tiles) <= cdiv(bn + w - 1, bm) + 1
 
 
-def test_dq_tiles_are_their_own_row_and_part_of_the_name(monkeypatch):
-    """A DQ row sizes and hints the dQ kernel and its grid alone (dK/dV keep BACKWARD's), and
-    renames the variant; without one the dQ kernel takes BACKWARD's row and the name is as
-    before."""
+def test_dq_tiles_are_their_own_and_part_of_the_name(monkeypatch):
+    """The dQ tiles size and hint the dQ kernel and its grid alone (dK/dV keep theirs) and
+    rename the variant; where they equal dK/dV's they leave the name as it was without them.
+    A head dim without a DQ row takes its BACKWARD row for dQ."""
     monkeypatch.delitem(DQ[DEFAULT_ARCH], 64, raising=False)
-    spec = kernel(head_dim=64)
-    before = spec.name
-    assert spec.dq_tiles == spec.backward_tiles
-    monkeypatch.setitem(DQ[DEFAULT_ARCH], 64, Tiles(128, 32, 1, 1, worker_warps=8))
-    spec = kernel(head_dim=64)
-    assert spec.name != before
+    shared = kernel(head_dim=64)
+    assert shared.dq_tiles == shared.dkdv_tiles
+    spec = replace(shared, dq_tiles=Tiles(128, 32, 1, 1, worker_warps=8))
+    assert spec.name != shared.name
+    assert replace(spec, dq_tiles=spec.dkdv_tiles).name == shared.name
     c = constants(spec)
     assert (c["DQ_M"], c["DQ_N"]) == (128, 32)
-    assert (c["BWD_M"], c["BWD_N"]) == (spec.backward_tiles.block_m, spec.backward_tiles.block_n)
+    assert (c["BWD_M"], c["BWD_N"]) == (spec.dkdv_tiles.block_m, spec.dkdv_tiles.block_n)
     hints = {kw.arg: ast.literal_eval(kw.value)
              for kw in kernel_function(spec, "_dq").decorator_list[0].keywords}
     assert hints == {"occupancy": 1, "num_ctas": 1, "num_worker_warps": 8}
     assert "num_worker_warps" not in ast.unparse(kernel_function(spec, "_dkdv").decorator_list[0])
     launcher = codegen.render(spec)["launcher.py"]
     assert '["_dq"], ' in launcher and "launch_grid((seq + 127) // 128, batch * heads)" in launcher
+
+
+def test_tiles_are_fixed_when_the_spec_is_made(monkeypatch):
+    """A spec's tiles, hash and name are its own: changing the tuned tables afterwards changes
+    neither them nor what is rendered (only specs made after the change take the new rows)."""
+    from attngen.core import tuning
+
+    spec = kernel(head_dim=256)
+    name, source = spec.name, codegen.render(spec)["kernel.py"]
+    for table, tiles in ((tuning.FUSED, None), (tuning.BACKWARD, Tiles(32, 32, 1, 1)),
+                         (tuning.DQ, Tiles(16, 16, 1, 1))):
+        if tiles is None:
+            monkeypatch.delitem(table[DEFAULT_ARCH], 256)
+        else:
+            monkeypatch.setitem(table[DEFAULT_ARCH], 256, tiles)
+    assert spec.fused_tiles is not None and spec.name == name
+    assert codegen.render(spec)["kernel.py"] == source
+    retuned = kernel(head_dim=256)
+    assert (retuned.fused_tiles, retuned.dkdv_tiles, retuned.dq_tiles) == \
+        (None, Tiles(32, 32, 1, 1), Tiles(16, 16, 1, 1))
+    assert retuned.name != name and "_bwd" not in retuned.kernels
+
+
+def test_every_tile_round_trips_and_old_dicts_take_the_tables():
+    """as_dict / from_dict carry every kernel's tiles (a fused kernel's or None); a dict
+    written before the backward's tiles were fields (an older manifest) still reads, with
+    the tuned tables' tiles."""
+    spec = replace(kernel(head_dim=64), fused_tiles=Tiles(32, 32, 1, 1), dq_tiles=Tiles(16, 64, 2, 1))
+    for s in (spec, kernel(head_dim=64), kernel(head_dim=256)):
+        again = KernelSpec.from_dict(s.as_dict())
+        assert again == s and again.name == s.name
+    old = {k: v for k, v in spec.as_dict().items() if k not in KernelSpec.BACKWARD_TILES}
+    assert KernelSpec.from_dict(old) == kernel(head_dim=64)

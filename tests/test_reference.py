@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -108,3 +110,28 @@ def test_varlen_sequences_never_see_each_other():
         s = cu[b].item()
         one = reference.dense(q[None, s:s + n], k[None, s:s + n], v[None, s:s + n], mask, layout="bshd")[0]
         torch.testing.assert_close(out[s:s + n], one)
+
+
+def test_probabilities_cap_before_the_mask_sinks_in_the_denominator_empty_rows_zero():
+    """The shared softmax (reference, transformers decode and fallback, context parallelism):
+    the cap applies to the scores before the mask; a sink takes its share of each row and adds
+    no key; a row with no visible key and no sink is all zeros with the default fill, and
+    spreads evenly with transformers' finite fill."""
+    from attngen.core.reference import probabilities, resolve_scale
+
+    assert resolve_scale(None, 64) == 0.125 and resolve_scale(0.3, 64) == 0.3
+    scores = torch.tensor([[80.0, 0.0, -80.0], [1.0, 2.0, 3.0]], dtype=torch.float64)
+    visible = torch.tensor([[True, True, False], [False, False, False]])
+    capped = probabilities(scores, visible, softcap=10.0)
+    want = torch.softmax(torch.tensor([10 * math.tanh(8.0), 0.0], dtype=torch.float64), -1)
+    assert torch.allclose(capped[0, :2], want) and capped[0, 2] == 0
+    assert torch.equal(capped[1], torch.zeros(3, dtype=torch.float64))
+    uniform = probabilities(scores, visible, fill=torch.finfo(scores.dtype).min)
+    assert torch.allclose(uniform[1], torch.full((3,), 1 / 3, dtype=torch.float64))
+    sink = torch.tensor([[0.5], [0.5]], dtype=torch.float64)
+    with_sink = probabilities(scores, visible, sinks=sink)
+    plain = probabilities(scores, visible)
+    p_sink = 1 - with_sink.sum(-1)
+    assert torch.allclose(p_sink[0], torch.sigmoid(0.5 - torch.logsumexp(scores[0, :2], 0)))
+    assert torch.allclose(with_sink[0], plain[0] * (1 - p_sink[0]))
+    assert p_sink[1] == 1

@@ -170,11 +170,31 @@ def test_ensure_generates_exactly_the_spec_asked_for(tmp_path, caplog):
     from attngen.core.variant import KernelSpec
 
     reg = Registry([], jit_dir=tmp_path / "jit", jit=True)
-    spec = KernelSpec(Mask(True, 127), 8, 64, "bf16", Tiles(128, 64, 2, 1, 8))
+    spec = KernelSpec.tuned(Mask(True, 127), 8, 64, "bf16", tiles=Tiles(128, 64, 2, 1, 8))
     launch = reg.ensure(spec)
     assert launch.__module__ == f"{spec.name}.launcher"
     assert reg.ensure(spec) is launch and sum("generating" in r.message for r in caplog.records) == 1
     assert read_manifest(tmp_path / "jit").kernels[spec.name].spec == spec
+
+
+def test_a_tuners_candidate_never_stands_in_for_the_tuned_kernel(tmp_path):
+    """A kernel built with a candidate's backward tiles (`bench tune`) shares its family,
+    head_dim, dtype and forward tiles with the tuned one; a query still gets the tuned one."""
+    from dataclasses import replace
+
+    from attngen.core.tuning import Tiles
+    from attngen.core.variant import Family, KernelSpec
+
+    tuned = KernelSpec.tuned(Mask(True, 127), 2, 64, "bf16")
+    # a candidate named before the tuned kernel: the one a choice by name alone would take
+    candidates = [replace(tuned, dq_tiles=Tiles(m, n, o, 1)) for m in (16, 32, 64, 128)
+                  for n in (16, 32, 64, 128) for o in (1, 2, 4)]
+    candidate = min(candidates, key=lambda c: c.name)
+    reg = Registry([], jit_dir=tmp_path / "jit", jit=True)
+    for spec in (candidate, tuned):
+        reg.ensure(spec)
+    fresh = Registry([], jit_dir=tmp_path / "jit", jit=False)
+    assert fresh.variant(Family(tuned.mask, 2), 64, "bf16").NAME == tuned.name
 
 
 def test_stale_build_names_the_command_that_rebuilds_it(tmp_path, monkeypatch):

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from attngen.core.mask import Mask
@@ -144,7 +146,7 @@ def test_canonical_name_is_mechanical_and_stable():
     assert kernel.name.startswith("causal_w4096_g4_d128_fp16_128x128o2c2_")
     again = KernelSpec.from_dict(kernel.as_dict())
     assert again == kernel and again.name == kernel.name
-    other = KernelSpec(kernel.mask, kernel.gqa, kernel.head_dim, "bf16", kernel.tiles)
+    other = replace(kernel, dtype="bf16")
     assert other.name != kernel.name and other.hash != kernel.hash
 
 

@@ -125,7 +125,8 @@ def main(argv=None) -> int:
     rows = []
     for shape in shapes:
         if args.command == "run":
-            rows += bench(shape, names=args.impl, tiles=args.tiles, which=args.which, graph=args.graph)
+            rows += bench(shape, names=args.impl, spec=shape.spec(args.tiles), which=args.which,
+                          graph=args.graph)
         else:
             rows += tune(shape, args.candidates, backward=args.backward, deterministic=args.deterministic,
                          dq=args.dq, dkdv=args.dkdv)

@@ -38,6 +38,12 @@ class Shape:
     def mask(self) -> Mask:
         return Mask.from_window(self.window, causal=True)
 
+    def spec(self, tiles: Tiles | None = None) -> KernelSpec:
+        """The attngen kernel for the shape: every tile from the tuned tables, or ``tiles``
+        for the forward's."""
+        return KernelSpec.tuned(self.mask, self.heads // self.heads_kv, self.head_dim, self.dtype,
+                                Features(self.softcap, self.sinks, chunked=self.prefix > 0), tiles)
+
     @property
     def plain(self) -> bool:
         """Computes what full-causal SDPA and FlexAttention compute (up to the window)."""
@@ -101,7 +107,7 @@ def make_inputs(shape: Shape, seq: int):
     return q, make(shape.heads_kv, seq + shape.prefix), make(shape.heads_kv, seq + shape.prefix), sinks
 
 
-def implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles, names):
+def implementations(shape: Shape, seq: int, q, k, v, sinks, spec: KernelSpec, names):
     """name -> zero-argument callable returning the output, for the requested peers."""
     import torch
     import torch.nn.functional as F
@@ -112,10 +118,8 @@ def implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles, names)
     if {"attngen", "attngen-det"} & set(names):
         from ..runtime.registry import default_registry
 
-        features = Features(shape.softcap, shape.sinks, chunked=shape.prefix > 0)
         extra = {"sinks": sinks} if shape.sinks else {}
-        attn = default_registry.ensure(KernelSpec(shape.mask, group, shape.head_dim, shape.dtype,
-                                                  tiles, features))
+        attn = default_registry.ensure(spec)
         if "attngen" in names:
             impls["attngen"] = lambda: attn(q, k, v, deterministic=False, **extra)
         if "attngen-det" in names:
@@ -139,6 +143,8 @@ def implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles, names)
     if "flex" in names:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        from ..core.reference import softcapped
+
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         flex = torch.compile(flex_attention, dynamic=False)
         mask, prefix, cap = shape.mask, shape.prefix, shape.softcap
@@ -147,7 +153,7 @@ def implementations(shape: Shape, seq: int, q, k, v, sinks, tiles: Tiles, names)
             return mask.visible(q_idx + prefix, kv_idx)
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return cap * torch.tanh(score / cap)
+            return softcapped(score, cap)
         block_mask = create_block_mask(mask_mod, None, None, seq, seq + prefix, device="cuda")
         mods = {"score_mod": score_mod} if cap is not None else {}
         impls["flex"] = lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True, **mods)

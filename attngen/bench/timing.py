@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from ..core.tuning import Tiles, tiles_for
+from ..core.variant import KernelSpec
 from ..core.version import environment
 from .presets import DEFAULT_PEERS, Shape, implementations, make_inputs, output_error
 from .report import table
@@ -97,16 +97,17 @@ def _pass(fn, which: str, q, k, v, sinks):
     return (lambda: torch.autograd.grad(fn(), inputs, dout)), out
 
 
-def bench(shape: Shape, names=DEFAULT_PEERS, tiles: Tiles | None = None, say=print,
+def bench(shape: Shape, names=DEFAULT_PEERS, spec: KernelSpec | None = None, say=print,
           which: str = "fwd", graph: bool = False) -> list[dict]:
     """Time every implementation at every sequence length of ``shape`` for one pass (``fwd``,
-    ``bwd`` or ``fwd+bwd``), with ``graph`` as CUDA-graph replays; one dict per row."""
+    ``bwd`` or ``fwd+bwd``), with ``graph`` as CUDA-graph replays; one dict per row.  attngen
+    runs ``spec`` (default: the shape's tuned kernel, ``shape.spec()``)."""
     import torch
 
     rows = []
     env = environment()
     # the tuned kernel for the shape, not whichever built variant happens to match it
-    tiles = tiles or tiles_for(shape.head_dim, shape.mask, shape.heads // shape.heads_kv)
+    spec = spec or shape.spec()
     for seq in shape.seqs:
         q, k, v, sinks = make_inputs(shape, seq)
         if which != "fwd":       # before the peers are built: SDPA's repeated K/V must be in the graph
@@ -116,7 +117,7 @@ def bench(shape: Shape, names=DEFAULT_PEERS, tiles: Tiles | None = None, say=pri
         pairs = shape.mask.pairs(seq, seq + shape.prefix)
         flops = 4 * shape.head_dim * pairs * shape.batch * shape.heads * PASS_FLOPS[which]
         io_bytes = (2 * q.numel() + 2 * k.numel()) * q.element_size()
-        impls = implementations(shape, seq, q, k, v, sinks, tiles, names)
+        impls = implementations(shape, seq, q, k, v, sinks, spec, names)
         base = None
         for name, forward in impls.items():
             fn, out = _pass(forward, which, q, k, v, sinks)
@@ -137,7 +138,7 @@ def bench(shape: Shape, names=DEFAULT_PEERS, tiles: Tiles | None = None, say=pri
                    "timing": "cuda-graph" if graph else "do_bench", "us_p20": p20, "us_p50": p50,
                    "us_p80": p80, "tflops": flops / (p50 * 1e-6) / 1e12,
                    "io_gb_s": io_bytes / (p50 * 1e-6) / 1e9, "extra_mem_bytes": extra,
-                   "rel_err": err, "tiles": asdict(tiles) if name == "attngen" else None}
+                   "rel_err": err, "tiles": asdict(spec.tiles) if name == "attngen" else None}
             rows.append(row)
         for row in rows[-len(impls):]:
             row["attngen_speedup"] = row["us_p50"] / base if base else None

@@ -1,4 +1,10 @@
-"""Reference attention: what every kernel is checked against.
+"""Attention in PyTorch: the reference every kernel is checked against, and the one home of
+the math every PyTorch path of attngen shares (the transformers integration's decode step
+and fallback, context parallelism's reference runner, the bench).
+
+The math, in the order it is applied: the default softmax scale (:func:`resolve_scale`),
+scores -> softcap (:func:`softcapped`) -> mask (:func:`logits`) -> sink column -> softmax
+(:func:`probabilities`) -> output (:func:`attend`).
 
 :func:`attention` is banded: it walks the queries in chunks and multiplies each chunk
 only with the keys its rows can see (``Mask.key_range``), so memory is O(S * W) rather
@@ -16,27 +22,69 @@ from .mask import Mask
 from .support import bhsd
 
 
+def resolve_scale(scale: float | None, head_dim: int) -> float:
+    """The softmax scale: ``scale``, or by default ``head_dim ** -0.5`` (every attngen entry
+    point's default)."""
+    return head_dim ** -0.5 if scale is None else scale
+
+
+def softcapped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's logit cap, ``softcap * tanh(scores / softcap)``; the scores as they are
+    without one.  Its derivative is ``1 - (capped / softcap) ** 2``."""
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
+def logits(scores: torch.Tensor, visible: torch.Tensor | None, softcap: float | None = None,
+           fill: float = float("-inf")) -> torch.Tensor:
+    """Scaled scores capped (``softcap``), then masked: where ``visible`` (a boolean tensor
+    broadcastable to ``scores``; None: every key) is false the logit is ``fill``."""
+    scores = softcapped(scores, softcap)
+    return scores if visible is None else scores.masked_fill(~visible, fill)
+
+
+def with_sink_column(logits: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` with the sink logits as one more column (gpt-oss): ``sinks`` is broadcastable
+    to ``logits[..., :1]`` (one per query head, shaped by the caller's head layout).  The sink
+    joins the softmax's denominator and adds no value."""
+    if sinks is None:
+        return logits
+    return torch.cat([logits, sinks.to(logits.dtype).expand(*logits.shape[:-1], 1)], dim=-1)
+
+
+def probabilities(scores: torch.Tensor, visible: torch.Tensor | None = None, *,
+                  softcap: float | None = None, sinks: torch.Tensor | None = None,
+                  fill: float = float("-inf"), dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The attention probabilities over the keys (last dim) of scaled scores: capped, masked
+    (:func:`logits`), softmaxed with the sinks' column (:func:`with_sink_column`) in ``dtype``
+    (default the scores'), the sink's column dropped.  With the default ``fill`` a row with
+    no visible key and no sink gets probabilities 0 (as PyTorch's SDPA gives); transformers'
+    eager code fills with the dtype's lowest finite value, where such a row attends to every
+    key alike."""
+    probs = torch.softmax(with_sink_column(logits(scores, visible, softcap, fill), sinks), dim=-1, dtype=dtype)
+    if sinks is not None:
+        return probs[..., :-1]
+    if visible is not None and fill == float("-inf"):
+        probs = probs.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+    return probs
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None, *,
+           scale: float | None = None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+           fill: float = float("-inf"), dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` over the last two dims, batch dims broadcast (a GQA group's
+    query heads may share one K/V head by a dim of 1): :func:`probabilities` computed in
+    ``dtype`` (default the scores'), cast to ``v``'s dtype for the product."""
+    scores = (q @ k.transpose(-1, -2)).to(dtype or q.dtype) * resolve_scale(scale, q.shape[-1])
+    probs = probabilities(scores, visible, softcap=softcap, sinks=sinks, fill=fill, dtype=dtype)
+    return probs.to(v.dtype) @ v
+
+
 def _check(q, k, v):
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"expected 4-D q, k, v with k.shape == v.shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} are not a multiple of KV heads {k.shape[1]}")
-
-
-def _softmax_rows(scores: torch.Tensor, visible: torch.Tensor, softcap: float | None = None,
-                  sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """Masked softmax over the last dim; ``sinks`` (broadcastable to scores[..., :1]) join
-    the denominator only (gpt-oss); ``softcap`` caps the scores before the mask (Gemma 2)."""
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    if sinks is None:
-        probs = torch.softmax(scores, dim=-1)
-    else:
-        sink = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    return torch.nan_to_num(probs, nan=0.0)     # rows with no visible key
 
 
 def attention(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = "bhsd",
@@ -53,7 +101,7 @@ def attention(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = 
     batch, heads, seq_q, d = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    scale = d ** -0.5 if scale is None else scale
+    scale = resolve_scale(scale, d)
     out = torch.zeros(batch, heads, seq_q, v.shape[-1], dtype=dtype, device=q.device)
     qg = q.reshape(batch, kv_heads, group, seq_q, d)
     og = out.view(batch, kv_heads, group, seq_q, v.shape[-1])
@@ -65,10 +113,9 @@ def attention(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = 
             continue
         rows = torch.arange(q_offset + i0, q_offset + i1, device=q.device)[:, None]
         cols = torch.arange(lo, hi, device=q.device)[None, :]
-        scores = torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, i0:i1], k[:, :, lo:hi]) * scale
-        probs = _softmax_rows(scores, mask.visible(rows, cols), softcap, sink)
-        og[:, :, :, i0:i1] = torch.einsum("bhgqk,bhkd->bhgqd", probs, v[:, :, lo:hi])
-    return out if layout == "bhsd" else out.transpose(1, 2)
+        og[:, :, :, i0:i1] = attend(qg[:, :, :, i0:i1], k[:, :, None, lo:hi], v[:, :, None, lo:hi],
+                                    mask.visible(rows, cols), scale=scale, softcap=softcap, sinks=sink)
+    return bhsd(out, layout)
 
 
 def dense(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = "bhsd",
@@ -79,13 +126,11 @@ def dense(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = "bhs
     _check(q, k, v)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     rows = q_offset + torch.arange(q.shape[2], device=q.device)[:, None]
     cols = torch.arange(k.shape[2], device=q.device)[None, :]
     sink = None if sinks is None else sinks.to(dtype).reshape(1, -1, 1, 1)
-    probs = _softmax_rows(q @ k.transpose(-1, -2) * scale, mask.visible(rows, cols), softcap, sink)
-    out = probs @ v
-    return out if layout == "bhsd" else out.transpose(1, 2)
+    out = attend(q, k, v, mask.visible(rows, cols), scale=scale, softcap=softcap, sinks=sink)
+    return bhsd(out, layout)
 
 
 def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, mask: Mask, **kwargs) -> torch.Tensor:

@@ -82,6 +82,12 @@ def check_layout(layout) -> str:
     return layout
 
 
+def seq_axis(layout: str) -> int:
+    """The sequence axis of a 4-D tensor in ``layout`` (2 in ``bhsd``, 1 in ``bshd``); the
+    head axis is the other of 1 and 2."""
+    return 2 if check_layout(layout) == "bhsd" else 1
+
+
 def bhsd(t, layout: str):
     """A (B, H, S, D) view of a tensor in ``layout``; no copy."""
     return t if check_layout(layout) == "bhsd" else t.transpose(1, 2)

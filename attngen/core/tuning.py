@@ -1,6 +1,8 @@
 """Tile shapes and compiler hints per head dimension.
 
-``TUNED`` is the table the templates read (through :func:`tiles_for`).  Rows are keyed
+``TUNED`` holds the forward's tiles (read through :func:`tiles_for`), ``FUSED``, ``DQ`` and
+``BACKWARD`` the backward kernels'.  They are read once, when a spec is made
+(``KernelSpec.tuned``): a spec's tiles are its fields from then on.  Rows are keyed
 by GPU architecture and head dimension; a window narrower than ``NARROW_WINDOW`` keys
 picks the row's ``narrow`` entry, because with only a few KV blocks per query tile the
 masked keys of a wide block cost more than the extra loop iterations of a narrow one.

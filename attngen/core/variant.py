@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import KW_ONLY, dataclass, replace
 
 from .mask import Mask
 from .support import (ArgumentError, check_dtype, check_gqa, check_head_dim, check_positive_number,
                       forced_pack)
-from .tuning import Tiles, backward_tiles, dq_tiles, fused_tiles
+from .tuning import Tiles, backward_tiles, dq_tiles, fused_tiles, tiles_for
 from .version import fingerprint
 
 
@@ -121,7 +121,12 @@ def compiled_by_default(spec: "KernelSpec", suffix: str) -> bool:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """Everything one generated kernel is specialized on."""
+    """Everything one generated kernel is specialized on, its tiles included: the forward's
+    (``tiles``), the fused backward's (``fused_tiles``; None where the head dim's backward is
+    the two-kernel one: then no fused kernel is generated), the dQ kernel's (``dq_tiles``)
+    and the dK/dV kernel's (``dkdv_tiles``).  All are fixed when the spec is made;
+    :meth:`tuned` fills them from the tuned tables (:mod:`attngen.core.tuning`), and a tuner
+    tries other tiles with :func:`dataclasses.replace`."""
 
     mask: Mask
     gqa: int
@@ -129,16 +134,43 @@ class KernelSpec:
     dtype: str
     tiles: Tiles
     features: Features = Features()
+    _: KW_ONLY
+    fused_tiles: Tiles | None
+    dq_tiles: Tiles
+    dkdv_tiles: Tiles
+
+    #: the fields that hold a backward kernel's tiles
+    BACKWARD_TILES = ("fused_tiles", "dq_tiles", "dkdv_tiles")
 
     def __post_init__(self):
         check_gqa(self.gqa)
         check_head_dim(self.head_dim)
         check_dtype(self.dtype)
+        for name in self.BACKWARD_TILES:
+            value = getattr(self, name)
+            if not isinstance(value, Tiles) and not (name == "fused_tiles" and value is None):
+                raise ValueError(f"{name} must be Tiles{' or None' if name == 'fused_tiles' else ''}, "
+                                 f"got {value!r}")
         if self.gqa % self.tiles.pack:
             raise ValueError(f"tiles.pack ({self.tiles.pack}) must divide gqa ({self.gqa})")
         forced = forced_pack(self.features.varlen)
         if forced is not None and self.tiles.pack != forced:
             raise ValueError(f"varlen kernels take one query head per tile (tiles.pack {forced})")
+
+    @classmethod
+    def tuned(cls, mask: Mask, gqa: int, head_dim: int, dtype: str, features: Features = Features(),
+              tiles: Tiles | None = None) -> "KernelSpec":
+        """The variant with every kernel's tiles from the tuned tables as they are now
+        (``tiles``, if given, in place of the forward's): what the spec reader, the registry
+        and the bench make.  The one place the tables are read for a spec."""
+        check_head_dim(head_dim)
+        return cls(mask, gqa, head_dim, dtype, tiles or tiles_for(head_dim, mask, gqa, features.varlen),
+                   features, **cls._tuned_backward(head_dim))
+
+    @staticmethod
+    def _tuned_backward(head_dim: int) -> dict:
+        return {"fused_tiles": fused_tiles(head_dim), "dq_tiles": dq_tiles(head_dim),
+                "dkdv_tiles": backward_tiles(head_dim)}
 
     @property
     def family(self) -> Family:
@@ -218,38 +250,39 @@ class KernelSpec:
         return {**narrow, **wide}
 
     def as_dict(self) -> dict:
+        return {**self._forward_dict(), "fused_tiles": self.fused_tiles and self.fused_tiles.as_dict(),
+                "dq_tiles": self.dq_tiles.as_dict(), "dkdv_tiles": self.dkdv_tiles.as_dict()}
+
+    def _forward_dict(self) -> dict:
         return {"mask": self.mask.as_dict(), "gqa": self.gqa, "head_dim": self.head_dim,
                 "dtype": self.dtype, "tiles": self.tiles.as_dict(), "features": self.features.as_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "KernelSpec":
+        """The inverse of :meth:`as_dict`.  A dict written before the backward's tiles were
+        fields of the spec (a manifest or launcher of an older attngen, whose kernels are
+        stale anyway) takes them from the tuned tables, so that it still reads."""
+        if "dkdv_tiles" in data:
+            backward = {name: None if data[name] is None else Tiles(**data[name])
+                        for name in cls.BACKWARD_TILES}
+        else:
+            backward = cls._tuned_backward(data["head_dim"])
         return cls(Mask(**data["mask"]), data["gqa"], data["head_dim"], data["dtype"],
-                   Tiles(**data["tiles"]), Features(**data["features"]))
-
-    @property
-    def fused_tiles(self) -> Tiles | None:
-        """Tiles of the fused backward kernel (from the tuned table; part of the hash), or None
-        where the head dim's faster backward is the two-kernel one (then no fused kernel)."""
-        return fused_tiles(self.head_dim)
-
-    @property
-    def backward_tiles(self) -> Tiles:
-        """Tiles of the deterministic dK/dV kernel (from the tuned table; part of the hash)."""
-        return backward_tiles(self.head_dim)
-
-    @property
-    def dq_tiles(self) -> Tiles:
-        """Tiles of the dQ kernel (from the tuned table; part of the hash)."""
-        return dq_tiles(self.head_dim)
+                   Tiles(**data["tiles"]), Features(**data["features"]), **backward)
 
     @property
     def _dq_tag(self) -> str:
         """The dQ tiles in the hash where they differ from dK/dV's (names stay as they were)."""
-        return "" if self.dq_tiles == self.backward_tiles else "dq" + self.dq_tiles.tag
+        return "" if self.dq_tiles == self.dkdv_tiles else "dq" + self.dq_tiles.tag
 
     @property
     def hash(self) -> str:
-        text = (json.dumps(self.as_dict(), sort_keys=True) + self.backward_tiles.tag + self._dq_tag
+        """Eight hex digits of a hash of every field and the generator's fingerprint.  The
+        backward's tiles enter as tags after the other fields: dK/dV's, then dQ's only where
+        they differ from dK/dV's, then the fused kernel's where there is one; so a spec whose
+        dQ tiles equal its dK/dV tiles is named by the same rule as before dQ had tiles of
+        its own."""
+        text = (json.dumps(self._forward_dict(), sort_keys=True) + self.dkdv_tiles.tag + self._dq_tag
                 + ("fused" + self.fused_tiles.tag if self.fused_tiles else "") + fingerprint())
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 

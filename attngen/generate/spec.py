@@ -20,7 +20,6 @@ import yaml
 
 from ..core.mask import Mask, MaskError
 from ..core.support import check_dtype, check_gqa, check_head_dim, check_positive_number
-from ..core.tuning import tiles_for
 from ..core.variant import Features, KernelSpec
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")    # the whole name (fullmatch)
@@ -248,8 +247,8 @@ def _kernel(doc: _Doc, mask: Mask, gqa, head_dim, dtype, paths: dict, tiles: dic
     dtype = _rule(doc, paths["dtype"], check_dtype, dtype)
 
     def chosen(override):
-        return KernelSpec(mask, gqa, head_dim, dtype,
-                          replace(tiles_for(head_dim, mask, gqa, features.varlen), **override), features)
+        spec = KernelSpec.tuned(mask, gqa, head_dim, dtype, features)
+        return replace(spec, tiles=replace(spec.tiles, **override))
     try:
         return _rule(doc, "tiles", chosen, tiles)
     except TypeError as exc:

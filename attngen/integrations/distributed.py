@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 from ..core.mask import Mask
-from ..core.support import LOG2E, at_least_fp32, bhsd, check_layout
+from ..core.reference import logits, resolve_scale, with_sink_column
+from ..core.support import LOG2E, at_least_fp32, bhsd, check_layout, seq_axis
 from ..runtime.ops import sink_grad
 
 __all__ = ["HaloPlan", "attention", "halo_plan"]
@@ -193,7 +194,7 @@ class _ContextParallel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, job: _Job):
-        plan, s = job.plan, 2 if job.layout == "bhsd" else 1
+        plan, s = job.plan, seq_axis(job.layout)
         pending = _start_halo(k, v, plan, job.group, s)
         out, lse, res = job.run.forward(q, k, v, job.mask, job.sinks)
         parts = _halo_parts(job.mask, plan)
@@ -225,7 +226,7 @@ class _ContextParallel(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, sinks, out, lse, res = ctx.saved_tensors
         job, parts = ctx.job, ctx.parts
-        plan, s = job.plan, 2 if job.layout == "bhsd" else 1
+        plan, s = job.plan, seq_axis(job.layout)
         halo_grads, dq_parts, dsinks_parts = {}, [], []
         for part in parts:          # the halo parts first: their keys' gradients leave early
             rows = part.rows
@@ -319,7 +320,7 @@ def _check_inputs(q, k, v, layout: str, sinks) -> None:
     if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
         raise ValueError("q, k and v must share one dtype and one device, got "
                          f"{[(t.dtype, str(t.device)) for t in (q, k, v)]}")
-    s = 2 if layout == "bhsd" else 1
+    s = seq_axis(layout)
     h = 3 - s
     if (q.shape[0], q.shape[s], q.shape[3]) != (k.shape[0], k.shape[s], k.shape[3]):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} ({layout}) must agree in batch, "
@@ -363,7 +364,8 @@ def attention(q, k, v, *, window, causal: bool = True, group=None, layout: str =
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("attngen.distributed.attention needs torch.distributed initialised "
                            "(torch.distributed.init_process_group)")
-    s, h = (2, 1) if layout == "bhsd" else (1, 2)
+    s = seq_axis(layout)
+    h = 3 - s
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     if lengths is None:
         needs_grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
@@ -433,7 +435,7 @@ class _KernelRunner:
 
     def __init__(self, gqa: int, layout: str, scale, softcap, sinks):
         self.gqa, self.layout, self.scale, self.softcap, self.sinks = gqa, layout, scale, softcap, sinks
-        self.s = 2 if layout == "bhsd" else 1
+        self.s = seq_axis(layout)
 
     def _args(self, mask: Mask, q, k, v, sinks: bool):
         key = _variant_key(mask, self.gqa, self.softcap, sinks, k.shape[self.s] != q.shape[self.s])
@@ -462,34 +464,31 @@ class _ReferenceRunner:
         self.gqa, self.layout, self.scale, self.softcap, self.sinks = gqa, layout, scale, softcap, sinks
 
     def _scores(self, q, k, mask: Mask):
+        """The capped, masked logits (:func:`attngen.core.reference.logits`), and the scale."""
         q4, k4 = bhsd(q, self.layout), bhsd(k, self.layout).repeat_interleave(self.gqa, dim=1)
-        scale = q4.shape[-1] ** -0.5 if self.scale is None else self.scale
-        raw = q4 @ k4.transpose(-1, -2) * scale
-        t = torch.tanh(raw / self.softcap) if self.softcap is not None else None
-        scores = raw if t is None else self.softcap * t
+        scale = resolve_scale(self.scale, q4.shape[-1])
         rows = (k4.shape[2] - q4.shape[2]) + torch.arange(q4.shape[2], device=q4.device)[:, None]
         visible = mask.visible(rows, torch.arange(k4.shape[2], device=q4.device)[None, :])
-        return scores.masked_fill(~visible, float("-inf")) * LOG2E, t, scale
+        return logits(q4 @ k4.transpose(-1, -2) * scale, visible, self.softcap), scale
 
     def forward(self, q, k, v, mask: Mask, sinks: bool):
-        s2, _, _ = self._scores(q, k, mask)
-        if sinks:
-            sink = (self.sinks.to(s2.dtype) * LOG2E).reshape(1, -1, 1, 1).expand(*s2.shape[:3], 1)
-            s2 = torch.cat([s2, sink], -1)
+        z, _ = self._scores(q, k, mask)
+        sink = (self.sinks.to(z.dtype) * LOG2E).reshape(1, -1, 1, 1) if sinks else None
+        s2 = with_sink_column(z * LOG2E, sink)     # log2 units, as the kernels compute
         lse = torch.logsumexp(s2 * math.log(2), -1) * LOG2E
         p = torch.exp2(s2 - lse[..., None])[..., :bhsd(k, self.layout).shape[2]]
         out = p @ bhsd(v, self.layout).repeat_interleave(self.gqa, dim=1)
-        out = out.to(q.dtype)
-        return (out if self.layout == "bhsd" else out.transpose(1, 2)), lse, q.new_empty(0)
+        return bhsd(out.to(q.dtype), self.layout), lse, q.new_empty(0)
 
     def backward(self, q, k, v, out, lse, res, dout, mask: Mask, sinks: bool):
-        s2, t, scale = self._scores(q, k, mask)
+        z, scale = self._scores(q, k, mask)
         q4, k4, v4 = (bhsd(x, self.layout) for x in (q, k, v))
         do4, o4 = bhsd(dout, self.layout), bhsd(out, self.layout)
-        p = torch.exp2(s2 - lse[..., None])
+        p = torch.exp2(z * LOG2E - lse[..., None])
         dp = do4 @ v4.repeat_interleave(self.gqa, dim=1).transpose(-1, -2)
         ds = p * (dp - (do4 * o4).sum(-1, keepdim=True))
-        if t is not None:
+        if self.softcap is not None:    # through the cap: d(cap tanh(x / cap)) = 1 - (capped / cap)^2
+            t = torch.where(z.isfinite(), z / self.softcap, 0.0)
             ds = ds * (1 - t * t)
         dq = ds @ k4.repeat_interleave(self.gqa, dim=1) * scale
 
@@ -497,7 +496,7 @@ class _ReferenceRunner:
             return x.reshape(x.shape[0], x.shape[1] // self.gqa, self.gqa, *x.shape[2:]).sum(2)
         dk = per_kv_head(ds.transpose(-1, -2) @ q4) * scale
         dv = per_kv_head(p.transpose(-1, -2) @ do4)
-        grads = [g.to(q.dtype) if self.layout == "bhsd" else g.to(q.dtype).transpose(1, 2) for g in (dq, dk, dv)]
+        grads = [bhsd(g.to(q.dtype), self.layout) for g in (dq, dk, dv)]
         dsinks = sink_grad(self.sinks, lse, (p * dp).sum(-1), head_axis=1) if sinks else None
         return (*grads, dsinks)
 

@@ -37,6 +37,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..core.mask import Mask
+from ..core.reference import attend, probabilities, resolve_scale
 from ..core.support import HEAD_DIMS, dtype_name
 from ..runtime.ops import attention
 from ..runtime.registry import get_kernel
@@ -220,27 +221,17 @@ def decode(query, key, value, attention_mask, mask: Mask, scaling: float | None,
         key, value = key[:, :, -(mask.left + 1):], value[:, :, -(mask.left + 1):]
     batch, heads, _, head_dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
-    scale = head_dim ** -0.5 if scaling is None else scaling
+    scale = resolve_scale(scaling, head_dim)
     valid = None if attention_mask is None else attention_mask[:, -keys:].to(torch.bool)
+    allowed = None if valid is None else valid[:, None, None, :]
     if softcap is None and sinks is None:
-        allowed = None if valid is None else valid[:, None, None, :]
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=allowed, scale=scale, enable_gqa=kv_heads != heads)
         return out.transpose(1, 2)
     q = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)     # a group's heads share K, V
-    acc = torch.promote_types(query.dtype, torch.float32)                # fp32 for fp16/bf16
-    scores = torch.matmul(q, key.transpose(2, 3)).to(acc) * scale        # (B, HKV, group, keys)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if valid is not None:
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    if sinks is not None:
-        column = sinks.to(acc).reshape(1, kv_heads, heads // kv_heads, 1).expand(batch, -1, -1, 1)
-        scores = torch.cat([scores, column], dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    if sinks is not None:
-        probs = probs[..., :-1]
-    out = torch.matmul(probs.to(value.dtype), value)                   # (B, HKV, group, D)
+    sink = None if sinks is None else sinks.reshape(1, kv_heads, heads // kv_heads, 1)
+    out = attend(q, key, value, allowed, scale=scale, softcap=softcap, sinks=sink,
+                 dtype=torch.promote_types(query.dtype, torch.float32))   # (B, HKV, group, D), fp32 softmax
     return out.reshape(batch, 1, heads, head_dim)
 
 
@@ -265,23 +256,16 @@ def fallback(module, query, key, value, attention_mask, mask: Mask, dropout: flo
     allowed = fallback_mask(mask, q_len, kv_len, attention_mask, query.device)
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scale = resolve_scale(scaling, query.shape[-1])
     p = dropout if module.training else 0.0
     if softcap is None and sinks is None:
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=allowed, dropout_p=p, scale=scale)
     else:
         scores = torch.matmul(query, key.transpose(2, 3)) * scale
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        if sinks is not None:
-            column = sinks.reshape(1, -1, 1, 1).expand(query.shape[0], -1, q_len, 1).to(scores.dtype)
-            scores = torch.cat([scores, column], dim=-1)
-        scores = scores - scores.amax(dim=-1, keepdim=True)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-        if sinks is not None:
-            probs = probs[..., :-1]
+        probs = probabilities(scores, allowed, softcap=softcap,
+                              sinks=None if sinks is None else sinks.reshape(1, -1, 1, 1),
+                              fill=torch.finfo(scores.dtype).min, dtype=torch.float32).to(value.dtype)
         probs = torch.nn.functional.dropout(probs, p=p, training=module.training)
         out = torch.matmul(probs, value)
     return out.transpose(1, 2).contiguous()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.reference import resolve_scale
 from ..core.support import LOG2E, bhsd, check_layout, check_positive_number
 
 
@@ -52,9 +53,10 @@ def launch_grid(tiles: int, pairs: int) -> tuple[int, int, int]:
 
 
 def softmax_scale(scale: float | None, head_dim: int) -> float:
-    """The softmax scale itself (default ``head_dim ** -0.5``), for the backward kernels."""
+    """The softmax scale itself (default ``head_dim ** -0.5``: :func:`attngen.core.reference.resolve_scale`),
+    checked, for the backward kernels."""
     try:
-        return check_positive_number(head_dim ** -0.5 if scale is None else scale, "scale")
+        return check_positive_number(resolve_scale(scale, head_dim), "scale")
     except ValueError as exc:
         raise InputError(str(exc)) from None
 

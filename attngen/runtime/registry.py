@@ -22,7 +22,6 @@ from pathlib import Path
 from ..core.mask import Mask, MaskError
 from ..core.support import (HEAD_DIMS, check_deterministic, check_dtype, check_head_dim, check_positive_number,
                             dtype_name)
-from ..core.tuning import Tiles, tiles_for
 from ..core.variant import Family, Features, KernelSpec
 from ..generate.build import build
 from ..generate.codegen import load_package
@@ -104,11 +103,14 @@ class Registry:
         self._index()
         return dict(self._specs)
 
-    def _match(self, family: Family, head_dim: int, dtype: str, tuned: Tiles) -> KernelSpec | None:
-        """The built kernel for the query: the one with the ``tuned`` tiles where several are."""
-        found = sorted((k for k in self.kernels() if k.family == family and k.head_dim == head_dim
-                        and k.dtype == dtype), key=lambda k: k.name)
-        return next((k for k in found if k.tiles == tuned), found[0] if found else None)
+    def _match(self, tuned: KernelSpec) -> KernelSpec | None:
+        """The built kernel for ``tuned``'s query (family, head_dim, dtype): ``tuned`` itself
+        where it is built, else one with its forward tiles, else any (first by name); never a
+        tuner's candidate when the tuned kernel is there."""
+        found = sorted((k for k in self.kernels() if k.family == tuned.family and k.head_dim == tuned.head_dim
+                        and k.dtype == tuned.dtype), key=lambda k: k.name)
+        return next((k for k in found if k == tuned),
+                    next((k for k in found if k.tiles == tuned.tiles), found[0] if found else None))
 
     def has_family(self, family: Family) -> bool:
         return any(k.family == family for k in self.kernels())
@@ -174,12 +176,12 @@ class Registry:
         if chosen is not None:
             return chosen
         with self._lock:
-            tuned = tiles_for(head_dim, family.mask, family.gqa, family.features.varlen)
-            spec = self._match(family, head_dim, dtype, tuned)
+            tuned = KernelSpec.tuned(family.mask, family.gqa, head_dim, dtype, family.features)
+            spec = self._match(tuned)
             if spec is None:
                 if not self.jit:
                     raise self.not_found(family, head_dim, dtype)
-                spec = KernelSpec(family.mask, family.gqa, head_dim, dtype, tuned, family.features)
+                spec = tuned
             chosen = self._chosen[(family, head_dim, dtype)] = self.module(spec)
             return chosen
 
