@@ -91,7 +91,7 @@ def test_backward_tune_swaps_only_the_tiles_asked_for(monkeypatch, flags):
 
     monkeypatch.setattr(timing, "bench", fake_bench)
     candidate = Tiles(32, 32, 1, 1)
-    tables = (tuning.TUNED, tuning.FUSED, tuning.BACKWARD, tuning.DQ)
+    tables = (tuning.TUNED, tuning.FUSED, tuning.DKDV, tuning.DQ)
     for head_dim in (64, 256):      # 64: a dQ row of its own, no fused kernel; 256: a fused row
         shape = presets.Shape("t", 2, 1, head_dim, 64, "fp16", (128,))
         tuned, before = shape.spec(), copy.deepcopy(tables)

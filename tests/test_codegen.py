@@ -521,7 +521,7 @@ def test_bounds_do_o_s_w_work(mask, chunked):
 def test_dq_tiles_are_their_own_and_part_of_the_name(monkeypatch):
     """The dQ tiles size and hint the dQ kernel and its grid alone (dK/dV keep theirs) and
     rename the variant; where they equal dK/dV's they leave the name as it was without them.
-    A head dim without a DQ row takes its BACKWARD row for dQ."""
+    A head dim without a DQ row takes its DKDV row for dQ."""
     monkeypatch.delitem(DQ[DEFAULT_ARCH], 64, raising=False)
     shared = kernel(head_dim=64)
     assert shared.dq_tiles == shared.dkdv_tiles
@@ -546,7 +546,7 @@ def test_tiles_are_fixed_when_the_spec_is_made(monkeypatch):
 
     spec = kernel(head_dim=256)
     name, source = spec.name, codegen.render(spec)["kernel.py"]
-    for table, tiles in ((tuning.FUSED, None), (tuning.BACKWARD, Tiles(32, 32, 1, 1)),
+    for table, tiles in ((tuning.FUSED, None), (tuning.DKDV, Tiles(32, 32, 1, 1)),
                          (tuning.DQ, Tiles(16, 16, 1, 1))):
         if tiles is None:
             monkeypatch.delitem(table[DEFAULT_ARCH], 256)

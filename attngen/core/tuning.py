@@ -1,7 +1,7 @@
 """Tile shapes and compiler hints per head dimension.
 
 ``TUNED`` holds the forward's tiles (read through :func:`tiles_for`), ``FUSED``, ``DQ`` and
-``BACKWARD`` the backward kernels'.  They are read once, when a spec is made
+``DKDV`` the backward kernels'.  They are read once, when a spec is made
 (``KernelSpec.tuned``): a spec's tiles are its fields from then on.  Rows are keyed
 by GPU architecture and head dimension; a window narrower than ``NARROW_WINDOW`` keys
 picks the row's ``narrow`` entry, because with only a few KV blocks per query tile the
@@ -87,13 +87,13 @@ TUNED: dict[str, dict[int, dict[str, Tiles]]] = {
 
 NARROW_WINDOW = 512
 
-# arch -> head_dim -> tiles of the backward kernels (dK/dV: BLOCK_N keys a program, BLOCK_M
+# arch -> head_dim -> tiles of the deterministic backward kernels (dK/dV: BLOCK_N keys a program, BLOCK_M
 # query rows a step; dQ: BLOCK_M rows a program, BLOCK_N keys a step).  64 x 64 at occupancy 2
 # was the fastest shared choice for both kernels at D = 64 and 128 in the H200 sweep recorded in
 # docs/performance.md (occupancy 2 alone took dK/dV from 2.18 to 1.50 ms at shape A, S = 8k);
 # it also beat every 8-worker-warp candidate at D = 128 (shape B', H100).  D = 256 takes 64 x 64
 # with 8 worker warps: 1.62-1.67x faster than 64 x 32 (the old row) at shape B (H100).
-BACKWARD: dict[str, dict[int, Tiles]] = {
+DKDV: dict[str, dict[int, Tiles]] = {
     "sm_90": {64: Tiles(64, 64, 2, 1), 80: Tiles(64, 64, 2, 1), 96: Tiles(64, 64, 2, 1),
               128: Tiles(64, 64, 2, 1), 256: Tiles(64, 64, 1, 1, worker_warps=8)},
 }
@@ -115,7 +115,7 @@ FUSED: dict[str, dict[int, Tiles]] = {
 
 # arch -> head_dim -> tiles of the dQ kernel (DQ_M query rows a program, DQ_N keys a step),
 # tuned apart from dK/dV's (`attngen bench tune --backward --dq`); a head dim without a row
-# takes its BACKWARD row.  H100 sweep (docs/performance.md): D = 256 takes 128-row programs
+# takes its DKDV row.  H100 sweep (docs/performance.md): D = 256 takes 128-row programs
 # over 32-key steps (backward pass 9.5-11.6 % faster at shape B), D = 64 narrower steps at
 # occupancy 4 (6 % at shape C); at D = 128 nothing beat the shared 64 x 64 at both lengths.
 DQ: dict[str, dict[int, Tiles]] = {
@@ -129,9 +129,9 @@ DQ: dict[str, dict[int, Tiles]] = {
 PREPROCESS_ROWS = 64
 
 
-def backward_tiles(head_dim: int) -> Tiles:
+def dkdv_tiles(head_dim: int) -> Tiles:
     try:
-        return BACKWARD[DEFAULT_ARCH][head_dim]
+        return DKDV[DEFAULT_ARCH][head_dim]
     except KeyError:
         raise ValueError(f"no backward tile table entry for head_dim {head_dim}") from None
 
@@ -142,7 +142,7 @@ def fused_tiles(head_dim: int) -> Tiles | None:
 
 
 def dq_tiles(head_dim: int) -> Tiles:
-    return DQ[DEFAULT_ARCH].get(head_dim) or backward_tiles(head_dim)
+    return DQ[DEFAULT_ARCH].get(head_dim) or dkdv_tiles(head_dim)
 
 
 def tiles_for(head_dim: int, mask: Mask, gqa: int = 1, varlen: bool = False) -> Tiles:

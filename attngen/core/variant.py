@@ -13,7 +13,7 @@ from dataclasses import KW_ONLY, dataclass, replace
 from .mask import Mask
 from .support import (ArgumentError, check_dtype, check_gqa, check_head_dim, check_positive_number,
                       forced_pack)
-from .tuning import Tiles, backward_tiles, dq_tiles, fused_tiles, tiles_for
+from .tuning import Tiles, dkdv_tiles, dq_tiles, fused_tiles, tiles_for
 from .version import fingerprint
 
 
@@ -170,7 +170,7 @@ class KernelSpec:
     @staticmethod
     def _tuned_backward(head_dim: int) -> dict:
         return {"fused_tiles": fused_tiles(head_dim), "dq_tiles": dq_tiles(head_dim),
-                "dkdv_tiles": backward_tiles(head_dim)}
+                "dkdv_tiles": dkdv_tiles(head_dim)}
 
     @property
     def family(self) -> Family:
