@@ -28,7 +28,24 @@ def _environment() -> jinja2.Environment:
                              lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["repr"] = repr
     env.filters["rstrip"] = str.rstrip     # a block macro's text without its last newline
+    env.filters["call"] = wrapped_call
     return env
+
+
+def wrapped_call(items, head: str, tail: str = ")", width: int = 100) -> str:
+    """``head(item, item, ...)tail`` as code, its items wrapped at ``width`` columns and
+    continued under the first item (``head`` may start with indentation: "def launch",
+    "    return attention")."""
+    indent = " " * (len(head) + 1)
+    lines, line = [], head + "("
+    for i, item in enumerate(items):
+        text = item + (", " if i < len(items) - 1 else tail)
+        if len(line) + len(text.rstrip()) > width and line.strip() and not line.endswith("("):
+            lines.append(line.rstrip())
+            line = indent
+        line += text
+    lines.append(line)
+    return "\n".join(lines)
 
 
 def render(spec: KernelSpec, archs: tuple[str, ...] = ("sm_90",)) -> dict[str, str]:
