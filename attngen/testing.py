@@ -149,8 +149,8 @@ def check_case(launch, spec_dict: dict, case: Case) -> float:
 
 def check_grad_case(launch, spec_dict: dict, case: Case) -> dict:
     """Gradients of one case on the GPU (dq, dk, dv and, with sinks, dsinks) against autograd
-    of the float64 reference, in both backward modes: the default (fused, dQ added
-    atomically) and ``deterministic=True``.  Rule (FlashAttention's): each gradient's error is
+    of the float64 reference, in both backward modes: the default (where the head dim has
+    one, the fused kernel that adds dQ atomically) and ``deterministic=True``.  Rule (FlashAttention's): each gradient's error is
     at most 2 x the error of the same computation by PyTorch eager math in the kernel's dtype,
     plus ``FLOOR``.  Errors are ||x - ref|| / max(||ref||, 1e-2 ||dv_ref||): relative,
     except for a gradient that is exactly zero (a window of one key), measured against dv's

@@ -213,7 +213,7 @@ class AttentionKernel:
         ``cu_seqlens_q`` (and ``cu_seqlens_k``, ``max_seqlen_q``, ``max_seqlen_k``), the others
         ``layout=``; ``sinks=`` where the kernel has sinks; ``out=`` to write into a tensor.
         ``deterministic`` (default: the kernel's, see :func:`get_kernel`) picks the backward:
-        True, identical gradient bits every run; False, the faster fused kernel."""
+        True, identical gradient bits every run; False, the head dim's default backward."""
         import torch
 
         f = self.family.features
@@ -263,8 +263,9 @@ def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool 
 
     ``deterministic`` picks the backward: None (default) follows
     ``torch.use_deterministic_algorithms``; True always gives identical gradient bits run to
-    run (two kernels, no atomics); False always takes the faster fused kernel, which adds dQ
-    atomically (its last bits may differ run to run).
+    run (two kernels, no atomics); False always takes the head dim's default backward: the
+    faster one, measured — at head_dim 256 a fused kernel that adds dQ atomically (its last
+    bits may differ run to run), elsewhere the same two kernels.
 
     ``head_dim``/``dtype``, when given, must have a kernel now (built, or generated on
     demand); otherwise they are picked from the tensors at call time.
