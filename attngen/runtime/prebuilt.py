@@ -17,9 +17,11 @@ cuTile's.
 
 A cubin is valid for every call whose signature implies the one it was compiled for: the
 kernel's parameter layout depends only on the dtypes, ranks, index widths and calling
-convention (all required equal), and every other constraint is an assumption the compiler
-may use, so a call that satisfies more assumptions than the build made is still served
-correctly by it.
+convention (all required equal), and every other constraint — a size known as a constant
+(cuTile specializes sizes of 1), divisibility, stride bounds, alignment, aliasing — is an
+assumption the compiler may use, so a call that satisfies more assumptions than the build
+made is still served correctly by it (tests/test_prebuilt_gpu.py runs a batch of one, whose
+size cuTile knows, on a cubin built for any size).
 """
 
 from __future__ import annotations
