@@ -145,3 +145,48 @@ def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, mask: Mask, **kwargs) -> torch.T
             out[q0:q1] = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], mask,
                                    layout="bshd", q_offset=(k1 - k0) - (q1 - q0), **kwargs)[0]
     return out
+
+
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor,
+                 seqused_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys (or values) of each sequence of a paged cache, packed as ``varlen`` takes them.
+
+    ``cache`` is (num_blocks, block_size, HKV, D): page ``p`` holds ``block_size`` consecutive
+    positions.  Row ``b`` of ``block_table`` (B, max_blocks) lists sequence ``b``'s pages in
+    order (page ``block_table[b, j]`` holds its positions ``j * block_size ..``); pages may be
+    in any order and shared by several sequences.  Sequence ``b`` has ``seqused_k[b]`` keys,
+    so only its first ``cdiv(seqused_k[b], block_size)`` entries are read and the last page
+    may be partly filled.  Returns (packed (sum(seqused_k), HKV, D), cu_seqlens_k (B + 1,
+    int32)).  Raises ``ValueError`` for a table, length or page index that does not fit."""
+    if cache.dim() != 4:
+        raise ValueError(f"a paged cache is (num_blocks, block_size, HKV, D), got {tuple(cache.shape)}")
+    if block_table.dim() != 2 or block_table.dtype != torch.int32:
+        raise ValueError(f"block_table must be (B, max_blocks) int32, got {tuple(block_table.shape)} "
+                         f"{block_table.dtype}")
+    num_blocks, block_size = cache.shape[:2]
+    lengths = seqused_k.tolist()
+    if seqused_k.shape != (block_table.shape[0],):
+        raise ValueError(f"seqused_k must be ({block_table.shape[0]},), one length per row of "
+                         f"block_table, got {tuple(seqused_k.shape)}")
+    parts = []
+    for b, length in enumerate(lengths):
+        pages = -(-length // block_size)
+        if length < 0 or pages > block_table.shape[1]:
+            raise ValueError(f"sequence {b}: {length} keys need {pages} pages of {block_size}, "
+                             f"block_table has {block_table.shape[1]} a row")
+        used = block_table[b, :pages].long()
+        if pages and (used.min() < 0 or used.max() >= num_blocks):
+            raise ValueError(f"sequence {b}: block_table names a page outside 0..{num_blocks - 1}")
+        parts.append(cache[used].reshape(pages * block_size, *cache.shape[2:])[:length])
+    cu = torch.tensor([0] + lengths, device=cache.device).cumsum(0).to(torch.int32)
+    return torch.cat(parts) if parts else cache.new_empty(0, *cache.shape[2:]), cu
+
+
+def paged(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, mask: Mask, **kwargs) -> torch.Tensor:
+    """Attention over a paged K/V cache (:func:`gather_pages`): packed queries q (total_q, H, D),
+    sequence ``b``'s queries the last ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` of its
+    ``seqused_k[b]`` keys (a decode step is one query).  Keyword arguments as for
+    :func:`attention`."""
+    k, cu_k = gather_pages(k_cache, block_table, seqused_k)
+    v, _ = gather_pages(v_cache, block_table, seqused_k)
+    return varlen(q, k, v, cu_seqlens_q, cu_k, mask, **kwargs)
