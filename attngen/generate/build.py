@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..core.variant import KernelSpec, compiled_by_default
 from .aot import check_arch, export
 from .codegen import load_package, render
 from .spec import Spec, unique_kernels
 from .store import (MANIFEST, KernelEntry, Manifest, SpecEntry, StoreError, cubin_name, locked,
                     manifest_text, read_manifest)
-from ..core.variant import KernelSpec, compiled_by_default
 
 DEFAULT_ARCHS = ("sm_90",)
 STAGING = ".staging-"
