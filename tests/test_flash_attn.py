@@ -1,0 +1,204 @@
+"""attngen.flash_attn on the CPU: FlashAttention's arguments map onto the right attngen kernel
+and semantics.  The kernels run only on CUDA, so here each AttentionKernel call is answered by
+attngen's float64 reference for that kernel's mask and features; the results are checked
+against FlashAttention's own definition of the window, written out below (bottom-right
+aligned queries, rows that see no key give 0)."""
+import pytest
+import torch
+
+import attngen
+from attngen.core import reference
+from attngen.flash_attn import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                                flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                                flash_attn_varlen_qkvpacked_func)
+from attngen.integrations.flash_attn import mask_of
+from attngen.runtime.registry import AttentionKernel
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Every AttentionKernel call answered by the reference; the families asked for, recorded."""
+    asked = []
+
+    def call(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, *, max_seqlen_k=None,
+             scale=None, sinks=None, out=None, layout="bhsd", deterministic=None):
+        f = self.family.features
+        asked.append(self.family)
+        if f.varlen:
+            cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+            return reference.varlen(q, k, v, cu_seqlens_q, cu_k, self.family.mask, scale=scale,
+                                    softcap=f.softcap, sinks=sinks)
+        assert layout == "bshd"
+        return reference.attention(q, k, v, self.family.mask, layout=layout, q_offset=k.shape[1] - q.shape[1],
+                                   scale=scale, softcap=f.softcap, sinks=sinks)
+    monkeypatch.setattr(AttentionKernel, "__call__", call)
+    return asked
+
+
+def flash_definition(q, k, v, causal, window_size, scale=None, softcap=0.0, sinks=None):
+    """FlashAttention's semantics, written out: (B, S_q, H, D) queries aligned to the end of the
+    keys; query i sees key j iff i + S_k - S_q - left <= j <= i + S_k - S_q + right (-1:
+    unbounded) and, when causal, j <= i + S_k - S_q; a row that sees no key gives 0."""
+    seq_q, seq_k, heads = q.shape[1], k.shape[1], q.shape[2]
+    group = heads // k.shape[2]
+    k, v = (t.double().repeat_interleave(group, dim=2) for t in (k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(seq_q)[:, None] + seq_k - seq_q
+    j = torch.arange(seq_k)[None, :]
+    left, right = window_size
+    seen = torch.ones(seq_q, seq_k, dtype=torch.bool)
+    if left >= 0:
+        seen &= j >= i - left
+    if right >= 0:
+        seen &= j <= i + right
+    if causal:
+        seen &= j <= i
+    s = s.masked_fill(~seen, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().reshape(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)[..., :seq_k]
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def qkv(batch, seq_q, seq_k, heads=4, kv_heads=2, dim=8):
+    g = torch.Generator().manual_seed(seq_q * 1000 + seq_k)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    return make(batch, seq_q, heads, dim), make(batch, seq_k, kv_heads, dim), make(batch, seq_k, kv_heads, dim)
+
+
+CASES = [(False, (-1, -1)), (True, (-1, -1)), (True, (6, 0)), (True, (6, -1)), (False, (6, 0)),
+         (False, (5, 3)), (False, (0, 0))]
+
+
+@pytest.mark.parametrize("causal, window_size", CASES)
+@pytest.mark.parametrize("seq_q, seq_k", [(20, 20), (7, 30), (1, 30)])
+def test_dense_calls_compute_flash_attention(kernels, causal, window_size, seq_q, seq_k):
+    q, k, v = qkv(2, seq_q, seq_k)
+    got = flash_attn_func(q, k, v, causal=causal, window_size=window_size, softmax_scale=0.3, softcap=5.0)
+    want = flash_definition(q, k, v, causal, window_size, scale=0.3, softcap=5.0)
+    assert torch.allclose(got, want, atol=1e-12)
+    assert kernels[-1].features.chunked == (seq_q < seq_k) and kernels[-1].gqa == 2
+
+
+def test_more_queries_than_keys_give_zero_rows_where_no_key_is_seen(kernels):
+    q, k, v = qkv(1, 30, 12)
+    for window in [(-1, -1), (4, 0)]:
+        got = flash_attn_func(q, k, v, causal=True, window_size=window)
+        assert torch.equal(got[:, :18], torch.zeros_like(got[:, :18]))
+        assert torch.allclose(got, flash_definition(q, k, v, True, window), atol=1e-12)
+
+
+def test_sinks_and_packed_forms(kernels):
+    q, k, v = qkv(2, 16, 16)
+    sinks = torch.randn(4, dtype=torch.float64)
+    want = flash_definition(q, k, v, True, (3, 0), sinks=sinks)
+    assert torch.allclose(flash_attn_func(q, k, v, causal=True, window_size=(3, 0), sinks=sinks), want, atol=1e-12)
+    kv = torch.stack([k, v], dim=2)
+    assert torch.allclose(flash_attn_kvpacked_func(q, kv, causal=True, window_size=(3, 0), sinks=sinks), want,
+                          atol=1e-12)
+    q4, k4, v4 = qkv(2, 16, 16, heads=4, kv_heads=4)
+    qkv_ = torch.stack([q4, k4, v4], dim=2)
+    assert torch.allclose(flash_attn_qkvpacked_func(qkv_, causal=True),
+                          flash_definition(q4, k4, v4, True, (-1, -1)), atol=1e-12)
+
+
+@pytest.mark.parametrize("causal, window_size", CASES)
+def test_varlen_calls_compute_flash_attention_per_sequence(kernels, causal, window_size):
+    lengths_q, lengths_k = [5, 1, 0, 12], [9, 20, 3, 12]
+    q = torch.randn(sum(lengths_q), 4, 8, dtype=torch.float64)
+    k = torch.randn(sum(lengths_k), 2, 8, dtype=torch.float64)
+    v = torch.randn(sum(lengths_k), 2, 8, dtype=torch.float64)
+    cu_q = torch.tensor([0] + lengths_q).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lengths_k).cumsum(0).to(torch.int32)
+    got = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal,
+                                 window_size=window_size)
+    assert kernels[-1].features.varlen and kernels[-1].features.chunked
+    for b in range(4):
+        (q0, q1), (k0, k1) = cu_q[b:b + 2].tolist(), cu_k[b:b + 2].tolist()
+        want = flash_definition(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal, window_size)[0]
+        assert torch.allclose(got[q0:q1], want, atol=1e-12), b
+    kv = torch.stack([k, v], dim=1)
+    assert torch.equal(flash_attn_varlen_kvpacked_func(q, kv, cu_q, cu_k, max(lengths_q), max(lengths_k),
+                                                       causal=causal, window_size=window_size), got)
+
+
+def test_one_set_of_offsets_takes_the_aligned_kernel(kernels):
+    lengths = [4, 9]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    qkv_ = torch.randn(sum(lengths), 3, 2, 8, dtype=torch.float64)
+    got = flash_attn_varlen_qkvpacked_func(qkv_, cu, max(lengths), causal=True)
+    assert not kernels[-1].features.chunked
+    for b in range(2):
+        s = slice(*cu[b:b + 2].tolist())
+        want = flash_definition(*(qkv_[None, s, i] for i in range(3)), True, (-1, -1))[0]
+        assert torch.allclose(got[s], want, atol=1e-12)
+
+
+def test_window_size_maps_onto_masks():
+    assert mask_of(True) == attngen.Mask(True)
+    assert mask_of(True, (4095, 0)) == attngen.Mask.from_window(4096)
+    assert mask_of(False, (7, 0)) == attngen.Mask(True, 7)        # right 0: the causal band
+    assert mask_of(False, (64, 64)) == attngen.Mask(False, 64, 64)
+    assert mask_of(False) == attngen.Mask(False)
+    for bad in [(5, -1), (-1, 5)]:
+        with pytest.raises(attngen.ArgumentError, match="one side only"):
+            mask_of(False, bad)
+    for bad in [(5,), (-2, 0), (1.5, 0), "full"]:
+        with pytest.raises(attngen.ArgumentError, match="window_size must be"):
+            mask_of(True, bad)
+
+
+def test_what_attngen_does_not_compute_is_refused_by_name():
+    q, k, v = qkv(1, 4, 4)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    for kwargs, name in [({"dropout_p": 0.1}, "dropout_p"), ({"alibi_slopes": torch.ones(4)}, "alibi_slopes"),
+                         ({"return_attn_probs": True}, "return_attn_probs")]:
+        with pytest.raises(attngen.ArgumentError, match=name):
+            flash_attn_func(q, k, v, **kwargs)
+    with pytest.raises(attngen.ArgumentError, match="block_table"):
+        flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, block_table=torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(attngen.ArgumentError, match="without causal=True"):
+        flash_attn_func(*qkv(1, 9, 4), causal=False)
+    with pytest.raises(attngen.ArgumentError, match="multiple of the key/value heads"):
+        flash_attn_func(*qkv(1, 4, 4, heads=3, kv_heads=2))
+
+
+def test_dynamo_traces_flash_attn_calls_into_attngen_ops():
+    """torch.export(strict=True) runs torch.compile's tracer: the FlashAttention-signature calls
+    become attngen's ops, no graph break (fake tensors: no kernel runs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v, qp, kp, vp, cu_q, cu_k):
+            a = flash_attn_func(q, k, v, causal=True, window_size=(31, 0))
+            b = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 30, 40, causal=True, window_size=(31, 0))
+            return a.float().sum() + b.float().sum()
+
+    with FakeTensorMode():
+        q = torch.randn(2, 96, 4, 64, dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 96, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+        qp = torch.randn(50, 4, 64, dtype=torch.bfloat16)
+        kp, vp = (torch.randn(70, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+        cu_q = torch.tensor([0, 20, 50], dtype=torch.int32)
+        cu_k = torch.tensor([0, 30, 70], dtype=torch.int32)
+        exported = torch.export.export(Layer(), (q, k, v, qp, kp, vp, cu_q, cu_k), strict=True)
+    ops = [str(n.target) for n in exported.graph_module.graph.nodes if n.op == "call_function"]
+    assert ops.count("attngen.attention.default") == 2, ops
+
+
+def test_deterministic_follows_flash_attention(kernels, monkeypatch):
+    """deterministic=True asks for the deterministic backward; False leaves it to
+    torch.use_deterministic_algorithms, as attngen's default does."""
+    seen = []
+    answer = AttentionKernel.__call__
+
+    def spy(self, *args, deterministic=None, **kwargs):
+        seen.append(deterministic)
+        return answer(self, *args, **kwargs)
+    monkeypatch.setattr(AttentionKernel, "__call__", spy)
+    q, k, v = qkv(1, 8, 8)
+    flash_attn_func(q, k, v, causal=True, deterministic=True)
+    flash_attn_func(q, k, v, causal=True)
+    assert seen == [True, None]
