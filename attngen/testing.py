@@ -73,7 +73,18 @@ def _inputs(spec: KernelSpec, case: Case, gen):
     def options(sinks):
         return {"scale": case.scale, **({"sinks": sinks} if f.sinks else {})}
 
-    if f.varlen:
+    if f.paged:
+        cu_q = torch.tensor([0] + [q for q, _ in case.lengths], device="cuda").cumsum(0).to(torch.int32)
+        q = _tensor((int(cu_q[-1]), heads, d), dtype, gen, q_gain)
+        k, v, seqused_k, table = paged_cache(case, d, dtype, gen)
+
+        def call(launch, q, k, v, sinks, **kw):
+            return launch(q, k, v, cu_q, seqused_k, table, splits=case.splits, **options(sinks), **kw)
+
+        def ref(q, k, v, sinks, dtype=torch.float64):
+            return reference.paged(q, k, v, cu_q, seqused_k, table, mask, scale=case.scale,
+                                   softcap=f.softcap, sinks=sinks, dtype=dtype)
+    elif f.varlen:
         cu_q = torch.tensor([0] + [q for q, _ in case.lengths], device="cuda").cumsum(0).to(torch.int32)
         cu_k = torch.tensor([0] + [k for _, k in case.lengths], device="cuda").cumsum(0).to(torch.int32)
         q = _tensor((int(cu_q[-1]), heads, d), dtype, gen, q_gain)
@@ -102,6 +113,38 @@ def _inputs(spec: KernelSpec, case: Case, gen):
             return reference.attention(q, k, v, mask, layout=case.layout, q_offset=seq_k - case.seq,
                                        scale=case.scale, softcap=f.softcap, sinks=sinks, dtype=dtype)
     return {"q": q, "k": k, "v": v, **({"sinks": sinks} if f.sinks else {})}, call, ref
+
+
+def paged_cache(case: Case, head_dim: int, dtype, gen, spare_pages: int = 3):
+    """A paged K/V cache for ``case.lengths`` (queries, keys) with ``case.page`` keys a page:
+    (k_cache, v_cache, seqused_k, block_table).  Each sequence's pages are drawn in a random
+    order from a shuffled pool with ``spare_pages`` unused ones; with ``case.shared`` the second
+    sequence's first pages are the first's (a shared prefix).  Every cache slot no sequence
+    uses holds NaN, and block-table entries past a sequence's pages are -1: a kernel that
+    reads either gives NaN or fails."""
+    page, lengths = case.page, [k for _, k in case.lengths]
+    counts = [-(-n // page) for n in lengths]
+    shared = min(counts[:2]) - 1 if case.shared else 0     # whole pages the first two share
+    total = sum(counts) - max(shared, 0) + spare_pages
+    order = torch.randperm(total, device="cuda", generator=gen).to(torch.int32)
+    table = torch.full((len(lengths), max(counts) + 1), -1, dtype=torch.int32, device="cuda")
+    taken = 0
+    for b, count in enumerate(counts):
+        reuse = max(shared, 0) if b == 1 else 0
+        if reuse:
+            table[1, :reuse] = table[0, :reuse]
+        table[b, reuse:count] = order[taken:taken + count - reuse]
+        taken += count - reuse
+    caches = []
+    for _ in range(2):
+        cache = torch.full((total, page, case.heads_kv, head_dim), float("nan"), dtype=dtype, device="cuda")
+        for b, n in enumerate(lengths):
+            for j in range(counts[b]):
+                filled = min(page, n - j * page)
+                cache[table[b, j], :filled] = _tensor((filled, case.heads_kv, head_dim), dtype, gen)
+        caches.append(cache)
+    seqused_k = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    return caches[0], caches[1], seqused_k, table
 
 
 def _log(record: dict) -> None:

@@ -10,9 +10,9 @@ import attngen
 from attngen.core import reference
 from attngen.flash_attn import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                                 flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
-                                flash_attn_varlen_qkvpacked_func)
+                                flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
 from attngen.integrations.flash_attn import mask_of
-from attngen.runtime.registry import AttentionKernel
+from attngen.runtime.registry import AttentionKernel, PagedAttentionKernel
 
 
 @pytest.fixture
@@ -31,7 +31,15 @@ def kernels(monkeypatch):
         assert layout == "bshd"
         return reference.attention(q, k, v, self.family.mask, layout=layout, q_offset=k.shape[1] - q.shape[1],
                                    scale=scale, softcap=f.softcap, sinks=sinks)
+    def paged(self, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max_seqlen_q=None, *,
+              scale=None, sinks=None, out=None, splits=None, check=None):
+        f = self.family.features
+        assert f.paged
+        asked.append(self.family)
+        return reference.paged(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, self.family.mask,
+                               scale=scale, softcap=f.softcap, sinks=sinks)
     monkeypatch.setattr(AttentionKernel, "__call__", call)
+    monkeypatch.setattr(PagedAttentionKernel, "__call__", paged)
     return asked
 
 
@@ -157,8 +165,10 @@ def test_what_attngen_does_not_compute_is_refused_by_name():
                          ({"return_attn_probs": True}, "return_attn_probs")]:
         with pytest.raises(attngen.ArgumentError, match=name):
             flash_attn_func(q, k, v, **kwargs)
-    with pytest.raises(attngen.ArgumentError, match="block_table"):
+    with pytest.raises(attngen.ArgumentError, match="paged cache"):
         flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, block_table=torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(attngen.ArgumentError, match="seqused_k without block_table"):
+        flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, seqused_k=torch.tensor([4], dtype=torch.int32))
     with pytest.raises(attngen.ArgumentError, match="without causal=True"):
         flash_attn_func(*qkv(1, 9, 4), causal=False)
     with pytest.raises(attngen.ArgumentError, match="multiple of the key/value heads"):
@@ -202,3 +212,52 @@ def test_deterministic_follows_flash_attention(kernels, monkeypatch):
     flash_attn_func(q, k, v, causal=True, deterministic=True)
     flash_attn_func(q, k, v, causal=True)
     assert seen == [True, None]
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous-cache", "paged-cache"])
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (True, (5, 0)), (False, (6, 2))])
+def test_with_kvcache_appends_then_attends_as_flash_attention(kernels, paged, causal, window):
+    """New keys land after each sequence's cached ones, and the call equals FlashAttention's
+    definition over the cache's first cache_seqlens + S_new keys (more queries than keys: 0)."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, d, seq_cache, new = 3, 4, 2, 16, 24, 3
+    cached = [10, 0, 21]
+    q = torch.randn(batch, new + 2, heads, d)         # two more queries than the new keys
+    k_new, v_new = torch.randn(batch, new, kv_heads, d), torch.randn(batch, new, kv_heads, d)
+    k_flat, v_flat = torch.randn(batch, seq_cache, kv_heads, d), torch.randn(batch, seq_cache, kv_heads, d)
+    if paged:      # pages of 8 keys, the sequences' pages shuffled through the cache
+        order = torch.randperm(batch * seq_cache // 8).to(torch.int32)
+        table = order.view(batch, seq_cache // 8)
+        k_cache, v_cache = torch.empty(len(order), 8, kv_heads, d), torch.empty(len(order), 8, kv_heads, d)
+        k_cache[table.long()] = k_flat.view(batch, -1, 8, kv_heads, d)
+        v_cache[table.long()] = v_flat.view(batch, -1, 8, kv_heads, d)
+    else:
+        table, k_cache, v_cache = None, k_flat.clone(), v_flat.clone()
+    seqlens = torch.tensor(cached, dtype=torch.int32)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
+                                  block_table=table, causal=causal, window_size=window)
+    assert all(f.features.paged for f in kernels)
+    for b, n in enumerate(cached):
+        keys = torch.cat([k_flat[b, :n], k_new[b]])[None]
+        values = torch.cat([v_flat[b, :n], v_new[b]])[None]
+        if paged:
+            got = k_cache[table[b].long()].reshape(seq_cache, kv_heads, d)
+        else:
+            got = k_cache[b]
+        assert torch.equal(got[:n + new], keys[0])
+        if not causal and q.shape[1] > keys.shape[1]:
+            continue      # FlashAttention's bidirectional rows past the keys: not checked here
+        expected = flash_definition(q[b:b + 1], keys, values, causal, window)
+        torch.testing.assert_close(out[b:b + 1].double(), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_with_kvcache_refuses_what_attngen_does_not_take_by_name(kernels):
+    q, k_cache = torch.randn(1, 1, 4, 16), torch.randn(1, 8, 4, 16)
+    for kwargs, name in [({"rotary_cos": torch.ones(1)}, "rotary_cos"), ({"cache_leftpad": torch.ones(1)}, "cache_leftpad"),
+                         ({"cache_batch_idx": torch.zeros(1)}, "cache_batch_idx"),
+                         ({"return_softmax_lse": True}, "return_softmax_lse"), ({"num_splits": -1}, "num_splits"),
+                         ({"k": torch.randn(1, 1, 4, 16)}, "pass both")]:
+        with pytest.raises(attngen.ArgumentError, match=name):
+            flash_attn_with_kvcache(q, k_cache, k_cache.clone(), **kwargs)
+    with pytest.raises(attngen.ArgumentError, match="one row per sequence"):
+        flash_attn_with_kvcache(torch.randn(2, 1, 4, 16), k_cache, k_cache.clone())

@@ -12,6 +12,8 @@ current GPU, in one process.
          (attngen/core/tuning.py); the best is printed.
   plot   draw a JSON file written by run (needs matplotlib).
   model  whole transformers models, the attention implementation switched on the same model.
+  paged  a paged K/V cache: paged against contiguous prefill, decode (with its bandwidth),
+         a batch mixing prefill chunks and decode steps.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import sys
 from dataclasses import replace
 
-from . import models
+from . import models, paged
 from .presets import DEFAULT_PEERS, DEFAULT_PRESETS, PEERS, PRESETS, parse_tiles, parse_window
 from .report import plot
 from .timing import PASSES, bench
@@ -41,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
     """The one parser of `attngen bench` and its subcommands."""
     top = argparse.ArgumentParser(prog="attngen bench", description=__doc__, epilog=_presets(),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = top.add_subparsers(dest="command", required=True, metavar="{run,tune,plot,model}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{run,tune,plot,model,paged}")
     for name, what in (("run", "time attngen against SDPA and FlexAttention"),
                        ("tune", "sweep tile shapes for a preset")):
         p = sub.add_parser(name, help=what, description=what, epilog=_presets(),
@@ -83,6 +85,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model", help=what, description=models.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     models.add_arguments(p)
+    what = "a paged K/V cache: prefill, decode, mixed batches"
+    p = sub.add_parser("paged", help=what, description=paged.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    paged.add_arguments(p)
     return top
 
 
@@ -116,6 +122,12 @@ def main(argv=None) -> int:
         return 2
     if args.command == "model":
         models.run(args, argv[1:])
+        return 0
+    if args.command == "paged":
+        rows = paged.run(args)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"command": " ".join(["attngen bench", *argv]), "rows": rows}, fh, indent=1)
         return 0
     shapes = [PRESETS[p] for p in (args.preset or DEFAULT_PRESETS)]
     if args.seq:

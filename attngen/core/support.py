@@ -6,8 +6,9 @@ head_dim       64, 80, 96, 128, 256 (80 and 96 run in tiles padded to 128)
 dtype          fp16, bf16 (the spec names; :data:`DTYPES` maps them to torch / cuTile)
 gqa            a positive integer: query heads per KV head (1 = MHA; H = MQA)
 layout         ``bhsd`` (B, H, S, D) or ``bshd`` (B, S, H, D); packed sequences are (T, H, D)
-features       softcap, sinks, chunked, varlen, in any combination
-tiles          ``pack`` (query heads per tile) must divide gqa; varlen forces pack 1
+features       softcap, sinks, chunked, varlen, paged, in any combination (paged implies
+               chunked and varlen, and has no backward)
+tiles          ``pack`` (query heads per tile) must divide gqa; varlen forces pack 1 (not paged)
 =============  ==========================================================================
 """
 
@@ -71,9 +72,10 @@ def dtype_name(torch_dtype) -> str | None:
     return next((short for short, full in DTYPES.items() if full == name), None)
 
 
-def forced_pack(varlen: bool) -> int | None:
-    """The ``tiles.pack`` a feature combination forces: packed sequences take one head a tile."""
-    return 1 if varlen else None
+def forced_pack(varlen: bool, paged: bool = False) -> int | None:
+    """The ``tiles.pack`` a feature combination forces: packed sequences take one head a tile
+    (a paged variant's kernels pack heads: they address query rows head by head)."""
+    return 1 if varlen and not paged else None
 
 
 def check_layout(layout) -> str:

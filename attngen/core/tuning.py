@@ -87,6 +87,16 @@ TUNED: dict[str, dict[int, dict[str, Tiles]]] = {
 
 NARROW_WINDOW = 512
 
+# arch -> head_dim -> tiles of a paged variant's kernels.  They pack up to 8 query heads of a
+# KV group into a tile (8 positions each): a decode step has one query position per
+# sequence, so a tile of 64 one-head rows would hold a single useful row, and every packed
+# head reads the same keys once.
+PAGED: dict[str, dict[int, Tiles]] = {
+    "sm_90": {64: Tiles(64, 64, 4, 1, pack=8), 80: Tiles(64, 64, 2, 1, pack=8),
+              96: Tiles(64, 64, 2, 1, pack=8), 128: Tiles(64, 64, 2, 1, pack=8),
+              256: Tiles(64, 64, 1, 1, pack=8, worker_warps=8)},
+}
+
 # arch -> head_dim -> tiles of the deterministic backward kernels (dK/dV: BLOCK_N keys a program, BLOCK_M
 # query rows a step; dQ: BLOCK_M rows a program, BLOCK_N keys a step).  64 x 64 at occupancy 2
 # was the fastest shared choice for both kernels at D = 64 and 128 in the H200 sweep recorded in
@@ -128,6 +138,10 @@ DQ: dict[str, dict[int, Tiles]] = {
 #: rows' loads wide will do
 PREPROCESS_ROWS = 64
 
+#: query rows per program of a paged call's merge of its key slices (``_combine``): a decode
+#: step has one query row per sequence, so a small tile wastes little
+COMBINE_ROWS = 16
+
 
 def dkdv_tiles(head_dim: int) -> Tiles:
     try:
@@ -145,16 +159,16 @@ def dq_tiles(head_dim: int) -> Tiles:
     return DQ[DEFAULT_ARCH].get(head_dim) or dkdv_tiles(head_dim)
 
 
-def tiles_for(head_dim: int, mask: Mask, gqa: int = 1, varlen: bool = False) -> Tiles:
-    """The tuned tiles of a variant on ``DEFAULT_ARCH``, with ``pack`` lowered to what the
-    GQA ratio and the features allow."""
+def tiles_for(head_dim: int, mask: Mask, gqa: int = 1, varlen: bool = False, paged: bool = False) -> Tiles:
+    """The tuned tiles of a variant on ``DEFAULT_ARCH`` (a paged variant's from ``PAGED``),
+    with ``pack`` lowered to what the GQA ratio and the features allow."""
     try:
-        row = TUNED[DEFAULT_ARCH][head_dim]
+        row = (PAGED if paged else TUNED)[DEFAULT_ARCH][head_dim]
     except KeyError:
         raise ValueError(f"no tile table entry for head_dim {head_dim}") from None
     narrow = mask.span is not None and mask.span < NARROW_WINDOW
-    tiles = row["narrow" if narrow else "wide"]
-    pack = forced_pack(varlen) or tiles.pack
+    tiles = row if paged else row["narrow" if narrow else "wide"]
+    pack = forced_pack(varlen, paged) or tiles.pack
     while gqa % pack:
         pack //= 2
     return tiles if pack == tiles.pack else replace(tiles, pack=pack)

@@ -25,14 +25,18 @@ class Features:
     sinks    one learned logit per query head joins the softmax denominator (gpt-oss)
     chunked  queries are the last S_q of S_k >= S_q keys (prefill after a cached prefix)
     varlen   packed (total_tokens, H, D) sequences described by cu_seqlens
+    paged    keys and values read from a paged cache through a block table, each sequence's
+             queries the last of its cached keys (serving: prefill chunks and decode steps in
+             one batch); implies varlen and chunked, and has no backward
     """
 
     softcap: float | None = None
     sinks: bool = False
     chunked: bool = False
     varlen: bool = False
+    paged: bool = False
 
-    FLAGS = ("sinks", "chunked", "varlen")
+    FLAGS = ("sinks", "chunked", "varlen", "paged")
 
     def __post_init__(self):
         if self.softcap is not None:
@@ -40,26 +44,32 @@ class Features:
         for name in self.FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise ArgumentError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.paged:      # packed queries, aligned to the end of each sequence's keys
+            object.__setattr__(self, "varlen", True)
+            object.__setattr__(self, "chunked", True)
 
     @property
     def tag(self) -> str:
         parts = [f"sc{self.softcap:g}".replace(".", "p")] if self.softcap is not None else []
-        parts += [name for name in self.FLAGS if getattr(self, name)]
+        parts += ["paged"] if self.paged else [name for name in self.FLAGS if getattr(self, name)]
         return "".join(f"_{p}" for p in parts)
 
     def describe(self) -> str:
         parts = [f"softcap {self.softcap:g}"] if self.softcap is not None else []
         if self.sinks:
             parts.append("attention sinks")
-        if self.chunked:
+        if self.paged:
+            parts.append("keys from a paged cache through a block table, queries the last of "
+                         "each sequence's keys")
+        elif self.chunked:
             parts.append("queries after a cached prefix (S_q <= S_k)")
-        if self.varlen:
+        if self.varlen and not self.paged:
             parts.append("packed variable-length sequences")
         return "; ".join(parts)
 
     def as_dict(self) -> dict:
         return {"softcap": self.softcap, "sinks": self.sinks, "chunked": self.chunked,
-                "varlen": self.varlen}
+                "varlen": self.varlen, "paged": self.paged}
 
 
 @dataclass(frozen=True)
@@ -93,9 +103,11 @@ class Param:
 
     kinds: ``io`` (an fp16/bf16 array: (B, H, S, D), or (total, H, D) packed), ``acc`` (an
     fp32 array of the same shape: the dQ accumulator), ``rows`` (one fp32 value per query
-    row: (B, H, S), or (total, H) packed), ``f32[]`` and ``i32[]`` (1-D arrays), ``f32`` (a
-    scalar); ``io64``, ``acc64`` and ``rows64`` are ``io``, ``acc`` and ``rows`` indexed with
-    64-bit shapes and strides.
+    row: (B, H, S), or (total, H) packed), ``part`` and ``partrows`` (a paged variant's
+    partial outputs and their log-sum-exp, fp32 (splits, total, H, D) and (splits, total, H)),
+    ``f32[]`` and ``i32[]`` (1-D arrays), ``i32[,]`` (a 2-D int32 array: the block table),
+    ``f32`` and ``i32`` (scalars); a kind + ``64`` is that kind indexed with 64-bit shapes and
+    strides (:data:`WIDE_KINDS`).
     """
 
     name: str
@@ -117,6 +129,17 @@ def compiled_by_default(spec: "KernelSpec", suffix: str) -> bool:
     cuTile the first time a call needs them (logged once), or ahead of time by
     `attngen build --all`.  The one place this rule lives."""
     return not suffix.endswith("_i64") and not (spec.fused_tiles and suffix in DETERMINISTIC_ONLY)
+
+
+#: the parameter kinds that are large arrays: their ``_i64`` twins index them with 64 bits
+WIDE_KINDS = ("io", "rows", "acc", "part", "partrows")
+
+
+def _wide_twins(kernels: dict[str, tuple[Param, ...]]) -> dict[str, tuple[Param, ...]]:
+    """Each kernel's ``_i64`` twin: the same parameters, its large arrays with 64-bit shapes
+    and strides."""
+    return {suffix + "_i64": tuple(replace(p, kind=p.kind + "64") if p.kind in WIDE_KINDS else p
+                                   for p in params) for suffix, params in kernels.items()}
 
 
 @dataclass(frozen=True)
@@ -153,7 +176,7 @@ class KernelSpec:
                                  f"got {value!r}")
         if self.gqa % self.tiles.pack:
             raise ValueError(f"tiles.pack ({self.tiles.pack}) must divide gqa ({self.gqa})")
-        forced = forced_pack(self.features.varlen)
+        forced = forced_pack(self.features.varlen, self.features.paged)
         if forced is not None and self.tiles.pack != forced:
             raise ValueError(f"varlen kernels take one query head per tile (tiles.pack {forced})")
 
@@ -164,8 +187,8 @@ class KernelSpec:
         (``tiles``, if given, in place of the forward's): what the spec reader, the registry
         and the bench make.  The one place the tables are read for a spec."""
         check_head_dim(head_dim)
-        return cls(mask, gqa, head_dim, dtype, tiles or tiles_for(head_dim, mask, gqa, features.varlen),
-                   features, **cls._tuned_backward(head_dim))
+        tiles = tiles or tiles_for(head_dim, mask, gqa, features.varlen, features.paged)
+        return cls(mask, gqa, head_dim, dtype, tiles, features, **cls._tuned_backward(head_dim))
 
     @staticmethod
     def _tuned_backward(head_dim: int) -> dict:
@@ -210,6 +233,12 @@ class KernelSpec:
         f = self.features
         out = "out" if f.varlen else "o"
         sinks = [Param("Sinks", "f32[]", "prepare_sinks(sinks, heads, q.device, NAME)")] if f.sinks else []
+        if f.softcap is not None:
+            qk_scale = Param("qk_scale_over_cap", "f32", "scale_arg(scale, HEAD_DIM, SOFTCAP)")
+        else:
+            qk_scale = Param("qk_scale_log2", "f32", "scale_arg(scale, HEAD_DIM)")
+        if f.paged:
+            return self._paged_kernels(sinks, qk_scale)
         # with sinks, delta = rowsum(dO * O) needs O as the forward had it in fp32, not rounded
         # to the output dtype: the forward also keeps what the rounding lost (see the template)
         residual = [Param("Res", "io", "res")] if f.sinks else []
@@ -220,10 +249,6 @@ class KernelSpec:
         else:
             offsets = []
         q_offsets = offsets[:1]     # kernels over query rows alone
-        if f.softcap is not None:
-            qk_scale = Param("qk_scale_over_cap", "f32", "scale_arg(scale, HEAD_DIM, SOFTCAP)")
-        else:
-            qk_scale = Param("qk_scale_log2", "f32", "scale_arg(scale, HEAD_DIM)")
         qkv = [Param("Q", "io", "q"), Param("K", "io", "k"), Param("V", "io", "v")]
         grads_in = [Param("dO", "io", "dout"), Param("Lse", "rows", "lse"), Param("Delta", "rows", "delta")]
         softmax_scale = Param("scale", "f32", "softmax_scale(scale, HEAD_DIM)")
@@ -245,9 +270,27 @@ class KernelSpec:
             "_dkdv": (*qkv, *grads_in, Param("dK", "io", "dk"), Param("dV", "io", "dv"), *offsets,
                       qk_scale, softmax_scale),
         }
-        wide = {suffix + "_i64": tuple(replace(p, kind=p.kind + "64") if p.kind in ("io", "rows", "acc") else p
-                                       for p in params) for suffix, params in narrow.items()}
-        return {**narrow, **wide}
+        return {**narrow, **_wide_twins(narrow)}
+
+    @staticmethod
+    def _paged_kernels(sinks: list[Param], qk_scale: Param) -> dict[str, tuple[Param, ...]]:
+        """A paged variant's kernels: inference only.  ``""`` reads keys and values from the
+        cache (``K``, ``V``: the caches' pages flattened, (pages * page, H_kv, D), ``page``
+        keys a page) through the block table ``Pages`` (B, max pages), sequence b's keys being
+        its first ``SeqK[b]`` cache positions; ``"_split"`` does the same over one of
+        ``splits`` slices of each query tile's key range, writing an fp32 partial output and
+        its log-sum-exp (for few, long sequences: decode); ``"_combine"`` merges the slices
+        (and the sinks) into the output.  Each has its ``_i64`` twin."""
+        cache = (Param("Q", "io", "q"), Param("K", "io", "k_rows"), Param("V", "io", "v_rows"))
+        where = (Param("CuQ", "i32[]", "cu_q"), Param("SeqK", "i32[]", "seqused_k"),
+                 Param("Pages", "i32[,]", "block_table"), Param("page", "i32", "page"))
+        partial = (Param("Part", "part", "part"), Param("PartLse", "partrows", "part_lse"))
+        narrow = {
+            "": (*cache, Param("Out", "io", "out"), *sinks, *where, qk_scale),
+            "_split": (*cache, *partial, *where, qk_scale),
+            "_combine": (*partial, Param("Out", "io", "out"), *sinks, Param("CuQ", "i32[]", "cu_q")),
+        }
+        return {**narrow, **_wide_twins(narrow)}
 
     def as_dict(self) -> dict:
         return {**self._forward_dict(), "fused_tiles": self.fused_tiles and self.fused_tiles.as_dict(),

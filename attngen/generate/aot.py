@@ -19,17 +19,17 @@ def signature(spec, params=None):
     """A kernel's signature as the generated launcher launches it, from its parameters
     (default: the inference kernel's, ``spec.params``): fp16/bf16 arrays, fp32 accumulators
     and fp32 row statistics with a unit last stride (64-bit shapes and strides for the
-    ``*64`` kinds),
-    1-D fp32 / int32 arrays, fp32 scalars."""
+    ``*64`` kinds), a paged variant's fp32 partials, 1-D fp32 / int32 arrays, the 2-D int32
+    block table (4-byte aligned: any row slice of a table), fp32 and int32 scalars."""
     import cuda.tile as ct
     from cuda.tile.compilation import (ArrayConstraint, CallingConvention, KernelSignature,
                                        ScalarConstraint)
 
-    def array(dtype, ndim, index_dtype=ct.int32):
+    def array(dtype, ndim, index_dtype=ct.int32, aligned=16):
         return ArrayConstraint(dtype, ndim, index_dtype=index_dtype, stride_lower_bound_incl=0,
                                alias_groups=(), may_alias_internally=False,
                                stride_constant=(None,) * (ndim - 1) + (1,),
-                               base_addr_divisible_by=16 if ndim > 1 else 4)
+                               base_addr_divisible_by=aligned if ndim > 1 else 4)
 
     packed = spec.features.varlen
     kinds = {"io": lambda: array(getattr(ct, DTYPES[spec.dtype]), 3 if packed else 4),
@@ -38,8 +38,11 @@ def signature(spec, params=None):
              "io64": lambda: array(getattr(ct, DTYPES[spec.dtype]), 3 if packed else 4, ct.int64),
              "acc64": lambda: array(ct.float32, 3 if packed else 4, ct.int64),
              "rows64": lambda: array(ct.float32, 2 if packed else 3, ct.int64),
+             "part": lambda: array(ct.float32, 4), "part64": lambda: array(ct.float32, 4, ct.int64),
+             "partrows": lambda: array(ct.float32, 3), "partrows64": lambda: array(ct.float32, 3, ct.int64),
              "f32[]": lambda: array(ct.float32, 1), "i32[]": lambda: array(ct.int32, 1),
-             "f32": lambda: ScalarConstraint(ct.float32)}
+             "i32[,]": lambda: array(ct.int32, 2, aligned=4),
+             "f32": lambda: ScalarConstraint(ct.float32), "i32": lambda: ScalarConstraint(ct.int32)}
     return KernelSignature([kinds[p.kind]() for p in (spec.params if params is None else params)],
                            calling_convention=CallingConvention.cutile_python_v2())
 

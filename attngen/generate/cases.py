@@ -21,11 +21,15 @@ class Case:
     layout: str = "bhsd"
     versus_full: bool = False     # compare with the window-less mask (window covers the sequence)
     scale: float | None = None    # None: the kernel's default, head_dim ** -0.5
+    page: int | None = None       # paged kernels: keys per page of the cache
+    shared: bool = False          # paged kernels: the second sequence's first pages are the first's
+    splits: int | None = None     # paged kernels: key slices per query tile (None: the launcher's choice)
 
     def __repr__(self):
         fields = [f"{k}={getattr(self, k)!r}" for k in ("id", "batch", "heads_kv", "seq")]
         for k, default in (("seq_k", None), ("lengths", None), ("layout", "bhsd"),
-                           ("versus_full", False), ("scale", None)):
+                           ("versus_full", False), ("scale", None), ("page", None),
+                           ("shared", False), ("splits", None)):
             if getattr(self, k) != default:
                 fields.append(f"{k}={getattr(self, k)!r}")
         return f"Case({', '.join(fields)})"
@@ -47,10 +51,28 @@ def cases_for(spec: KernelSpec) -> list[Case]:
     def pack(what, heads_kv, lengths, **kw):
         lengths = tuple((q, k) if f.chunked else (q, q) for q, k in lengths)
         total = sum(q for q, _ in lengths)
-        ident = f"{what}-pack{len(lengths)}-h{heads_kv * g}kv{heads_kv}-t{total}-{tag}"
+        ident = (f"{what}-pack{len(lengths)}-h{heads_kv * g}kv{heads_kv}-t{total}-{tag}"
+                 + (f"-page{kw['page']}" if kw.get("page") else ""))
         return Case(ident, len(lengths), heads_kv, max(q for q, _ in lengths), lengths=lengths, **kw)
 
     long = 8 * bn + 5 if span is None else (3 if span <= 1024 else 2) * span + 17
+    if f.paged:
+        # (queries, keys) per sequence: prefill chunks, decode steps, empty sequences; pages of
+        # every size, shuffled, some shared; windows narrower and wider than a page
+        rows = spec.tiles.positions
+        cases = [
+            pack("mixed-batch", 2, [(1, 300), (rows + 5, rows + 5), (2 * rows + 1, 2 * rows + 101), (0, 40),
+                                    (1, 1)], page=16),
+            pack("decode", 2, [(1, long), (1, 77), (1, 1)], page=32),
+            pack("decode-split", 1, [(1, long), (rows + 3, long), (1, 5)], page=64, splits=3),
+            pack("prefill-chunk", 1, [(2 * rows + 3, long)], page=128),
+            pack("long-pages", 2, [(1, long), (rows - 1, long // 2)], page=256),
+            pack("shared-pages", 2, [(3, 200), (5, 230)], page=16, shared=True),
+            pack("explicit-scale", 1, [(rows + 1, rows + 60), (2, 9)], page=32, scale=0.3),
+        ]
+        if mask.causal:      # FlashAttention's rule: rows before the first key see none, give 0
+            cases.append(pack("more-queries-than-keys", 1, [(5, 2), (3, 3)], page=16))
+        return cases
     if f.varlen:
         cases = [
             pack("one-sequence", 3, [(4 * bm, 4 * bm)]),

@@ -140,7 +140,7 @@ def _documents(text: str, source: str) -> list[_Doc]:
 # ---------------------------------------------------------------------------------------
 
 TOP_KEYS = ("name", "description", "causal", "window", "layers", "gqa", "head_dim", "dtype",
-            "scale", "softcap", "sinks", "chunked", "varlen", "tiles", "transformers")
+            "scale", "softcap", "sinks", "chunked", "varlen", "paged", "tiles", "transformers")
 EXPANDING = ("causal", "window", "gqa", "head_dim", "dtype")
 TILE_KEYS = ("block_m", "block_n", "occupancy", "num_ctas", "pack", "worker_warps")
 

@@ -16,10 +16,15 @@ The functions take FlashAttention's arguments and give its results:
   backward; False: as ``torch.use_deterministic_algorithms`` says), and, as an attngen
   extension, ``sinks`` (one logit per query head, gpt-oss).
 
+* A paged KV cache: ``flash_attn_varlen_func(..., block_table=, seqused_k=)`` and
+  ``flash_attn_with_kvcache`` (contiguous or paged cache, new keys appended in place), the
+  calls serving engines make; inference only.
+
 What attngen does not compute raises :class:`attngen.ArgumentError` naming it: dropout,
-ALiBi, ``return_attn_probs``, a paged cache (``block_table``), and one-sided windows without
-causality (``(left, -1)`` or ``(-1, right)`` with ``causal=False``).  Calls differentiate and
-trace like every attngen call (``torch.compile``, CUDA graphs).
+ALiBi, ``return_attn_probs``, rotary embedding inside the call, and one-sided windows
+without causality (``(left, -1)`` or ``(-1, right)`` with ``causal=False``).  Calls
+differentiate (except over a paged cache) and trace like every attngen call
+(``torch.compile``, CUDA graphs).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from ..runtime.registry import AttentionKernel, get_kernel
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func",
            "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
-           "flash_attn_varlen_qkvpacked_func", "mask_of"]
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache", "mask_of"]
 
 
 def mask_of(causal: bool, window_size=(-1, -1)) -> Mask:
@@ -51,27 +56,25 @@ def mask_of(causal: bool, window_size=(-1, -1)) -> Mask:
     return Mask(False, left, right)
 
 
-def _refuse(dropout_p, alibi_slopes, return_attn_probs, block_table=None) -> None:
+def _refuse(dropout_p, alibi_slopes, return_attn_probs) -> None:
     if dropout_p:
         raise ArgumentError(f"dropout_p={dropout_p}: attngen computes attention without dropout")
     if alibi_slopes is not None:
         raise ArgumentError("alibi_slopes: attngen has no ALiBi bias")
     if return_attn_probs:
         raise ArgumentError("return_attn_probs: attngen does not return the attention probabilities")
-    if block_table is not None:
-        raise ArgumentError("block_table: attngen's kernels do not read a paged KV cache yet")
 
 
 _kernels: dict[tuple, AttentionKernel] = {}
 
 
-def _kernel(mask: Mask, gqa: int, softcap: float | None, sinks: bool, chunked: bool,
-            varlen: bool) -> AttentionKernel:
+def _kernel(mask: Mask, gqa: int, softcap: float | None, sinks: bool, chunked: bool = False,
+            varlen: bool = False, paged: bool = False) -> AttentionKernel:
     """The callable for these semantics, made once per process."""
-    key = (mask, gqa, softcap, sinks, chunked, varlen)
+    key = (mask, gqa, softcap, sinks, chunked, varlen, paged)
     if key not in _kernels:
         _kernels[key] = get_kernel(mask, gqa=gqa, softcap=softcap, sinks=sinks, chunked=chunked,
-                                   varlen=varlen)
+                                   varlen=varlen, paged=paged)
     return _kernels[key]
 
 
@@ -126,13 +129,31 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                            alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                           block_table=None, *, sinks=None):
+                           block_table=None, *, seqused_k=None, sinks=None):
     """FlashAttention's ``flash_attn_varlen_func``: packed sequences, sequence ``b`` the rows
     ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32), its queries the last of its keys; each sequence
     needs at least as many keys as queries.  ``max_seqlen_q`` and ``max_seqlen_k`` are trusted
-    (no host synchronization)."""
-    _refuse(dropout_p, alibi_slopes, return_attn_probs, block_table)
+    (no host synchronization).
+
+    With ``block_table`` (B, max_pages) int32, ``k`` and ``v`` are a paged cache (pages,
+    page_size, H_kv, D) and sequence ``b``'s keys are its first ``seqused_k[b]`` positions
+    (FlashAttention 3's argument; without it, ``cu_seqlens_k``'s differences, as
+    FlashAttention 2 reads them), position ``p`` in page ``block_table[b, p // page_size]``.
+    Inference only; more queries than keys give zero rows (causal)."""
+    _refuse(dropout_p, alibi_slopes, return_attn_probs)
     mask = mask_of(causal, window_size)
+    if block_table is not None:
+        if q.dim() != 3 or k.dim() != 4:
+            raise ArgumentError(f"with block_table, q must be (total, H, D) and k a paged cache "
+                                f"(pages, page_size, H_kv, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+        if seqused_k is None:
+            seqused_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
+        kernel = _kernel(mask, _gqa(q, k), softcap or None, sinks is not None, paged=True)
+        return kernel(q, k, v, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, scale=softmax_scale,
+                      sinks=sinks)
+    if seqused_k is not None:
+        raise ArgumentError("seqused_k without block_table: attngen reads key lengths from "
+                            "cu_seqlens_k for contiguous keys; pass block_table for a paged cache")
     if q.dim() != 3 or k.dim() != 3:
         raise ArgumentError(f"q and k must be (total, H, D), got {tuple(q.shape)} and {tuple(k.shape)}")
     same = cu_seqlens_q is cu_seqlens_k    # else the queries are the last of each sequence's keys
@@ -159,3 +180,64 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen,
                                   max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
                                   alibi_slopes, deterministic, return_attn_probs, sinks=sinks)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                            return_softmax_lse=False, *, sinks=None):
+    """FlashAttention's ``flash_attn_with_kvcache``: q (B, S_q, H, D) over a KV cache, either
+    contiguous (B, S_cache, H_kv, D) or paged (pages, page_size, H_kv, D) with ``block_table``
+    (B, max_pages) int32.  Sequence ``b`` has ``cache_seqlens[b]`` cached keys (an int for all,
+    or a (B,) int32 tensor; None: the whole cache).  ``k``, ``v`` (B, S_new, H_kv, D), when
+    given, are written into the cache in place after them, and attended to.  The queries are
+    the last of the keys (decode: S_q = 1).  ``num_splits`` 0 picks how many programs share
+    a sequence's keys; n forces n.  Nothing synchronizes with the host: a CUDA graph can
+    capture the call (lengths stay on the device; they are trusted, not checked).
+
+    Refused (:class:`attngen.ArgumentError`): rotary embedding (apply it before the call),
+    ``cache_batch_idx``, ``cache_leftpad``, ALiBi, ``return_softmax_lse``."""
+    for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
+                        ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
+                        ("alibi_slopes", alibi_slopes)):
+        if value is not None:
+            raise ArgumentError(f"{name}: attngen's flash_attn_with_kvcache does not take it"
+                                + (" (apply the rotary embedding to q and k first)" if "rotary" in name else ""))
+    if return_softmax_lse:
+        raise ArgumentError("return_softmax_lse: attngen does not return the log-sum-exp here")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ArgumentError(f"num_splits must be 0 (automatic) or a positive int, got {num_splits!r}")
+    mask = mask_of(causal, window_size)
+    if q.dim() != 4 or k_cache.dim() != 4 or tuple(k_cache.shape) != tuple(v_cache.shape):
+        raise ArgumentError(f"q must be (B, S_q, H, D) and k_cache, v_cache one 4-D shape, got "
+                            f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    batch, seq_q = q.shape[:2]
+    device = q.device
+    if block_table is None:          # a contiguous cache: sequence b's one page is row b
+        if k_cache.shape[0] != batch:
+            raise ArgumentError(f"a contiguous cache holds one row per sequence: q has {batch}, "
+                                f"k_cache {k_cache.shape[0]}")
+        block_table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+    page = k_cache.shape[1]
+    if cache_seqlens is None:
+        cache_seqlens = block_table.shape[1] * page - (0 if k is None else k.shape[1])
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    if (k is None) != (v is None):
+        raise ArgumentError("k and v are written into the cache together: pass both or neither")
+    seqused_k = cache_seqlens.to(torch.int32)
+    if k is not None:
+        if k.dim() != 4 or k.shape[0] != batch or tuple(k.shape) != tuple(v.shape):
+            raise ArgumentError(f"k and v must be (B, S_new, H_kv, D) with B = {batch}, got "
+                                f"{tuple(k.shape)} and {tuple(v.shape)}")
+        positions = seqused_k[:, None].long() + torch.arange(k.shape[1], device=device)
+        pages = block_table.long().gather(1, positions // page)
+        k_cache[pages, positions % page] = k
+        v_cache[pages, positions % page] = v
+        seqused_k = seqused_k + k.shape[1]
+    cu_q = torch.arange(0, (batch + 1) * seq_q, seq_q, dtype=torch.int32, device=device)
+    kernel = _kernel(mask, _gqa(q, k_cache), softcap or None, sinks is not None, paged=True)
+    out = kernel(q.reshape(batch * seq_q, *q.shape[2:]), k_cache, v_cache, cu_q, seqused_k, block_table,
+                 seq_q, scale=softmax_scale, sinks=sinks, splits=num_splits or None, check=False)
+    return out.view(q.shape[0], seq_q, *out.shape[1:])

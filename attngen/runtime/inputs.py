@@ -234,3 +234,116 @@ def _read_offsets(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_se
     if max_seqlen_q is not None and max_seqlen_q < max(len_q):
         fail(f"max_seqlen_q is {max_seqlen_q} but a sequence has {max(len_q)} queries")
     return (max(len_q) if max_seqlen_q is None else max_seqlen_q), max(len_k)
+
+
+def prepare_paged(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, out, *,
+                  head_dim: int, dtype: torch.dtype, group: int, name: str, check: bool | None = None):
+    """Validate packed ``q (total_q, H, D)``, a paged cache ``k_cache, v_cache (pages, page,
+    HKV, D)``, ``cu_seqlens_q`` (B + 1 offsets), ``seqused_k`` (B: sequence b's keys are its
+    first ``seqused_k[b]`` cache positions) and ``block_table`` (B, max pages: position p of
+    sequence b is slot ``p % page`` of page ``block_table[b, p // page]``).
+
+    Returns int32 ``cu_q``, the longest sequence's queries, the caches as rows
+    (pages * page, HKV, D) views, the page size, int32 ``seqused_k`` and ``block_table``, and
+    ``out``.  Shapes, dtypes, devices and layouts are always checked (nothing synchronizes).
+    The values -- offsets, lengths past the block table, pages outside the cache -- are read
+    on the host (one synchronization) when ``check`` is true; None checks them unless a CUDA
+    graph is being captured or torch.compile traces, where a host read cannot run: such
+    callers vouch for them, and a page outside the cache is undefined behaviour.
+    ``max_seqlen_q``, when given, is trusted; without it the offsets are read on the host.
+    """
+    def fail(message):
+        raise InputError(f"{name}: {message}")
+
+    _check_tensors({"q": q}, 3, "total_tokens, H, D", dtype, fail)
+    _check_tensors({"k_cache": k_cache, "v_cache": v_cache}, 4, "pages, page_size, H_kv, D", dtype, fail)
+    if tuple(k_cache.shape) != tuple(v_cache.shape):
+        fail(f"k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    pages, page, kv_heads, kd = k_cache.shape
+    if q.shape[-1] != head_dim or kd != head_dim:
+        fail(f"head_dim must be {head_dim}, got q {q.shape[-1]} and the cache {kd}")
+    if page == 0 or pages == 0:
+        fail(f"the cache holds no key: shape {tuple(k_cache.shape)}")
+    _check_heads(q.shape[1], kv_heads, group, fail)
+    _check_devices({"q": q, "k_cache": k_cache, "v_cache": v_cache}, fail)
+    rows = []
+    for label, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.stride(0) != page * cache.stride(1):
+            fail(f"{label}'s pages must follow each other in memory (stride(0) == page_size * "
+                 f"stride(1), the layout (pages, page_size, H_kv, D)), got strides {cache.stride()}")
+        rows.append(cache.as_strided((pages * page, kv_heads, kd), cache.stride()[1:]))
+    tables = {"cu_seqlens_q": (cu_seqlens_q, 1), "seqused_k": (seqused_k, 1), "block_table": (block_table, 2)}
+    for label, (t, ndim) in tables.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != ndim or t.dtype != torch.int32:
+            fail(f"{label} must be a {ndim}-D int32 tensor, got "
+                 f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+        if t.device != q.device:
+            fail(f"{label} is on {t.device}, q on {q.device}")
+    batch = cu_seqlens_q.numel() - 1
+    if batch < 1 or seqused_k.numel() != batch or block_table.shape[0] != batch:
+        fail(f"cu_seqlens_q ({cu_seqlens_q.numel()} offsets), seqused_k ({seqused_k.numel()}) and "
+             f"block_table ({block_table.shape[0]} rows) must describe the same B >= 1 sequences")
+    if block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    if max_seqlen_q is not None and (isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int)
+                                     or max_seqlen_q < 0):
+        fail(f"max_seqlen_q must be a non-negative int, got {max_seqlen_q!r}")
+    if check is None:
+        check = not (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling())
+    if check or max_seqlen_q is None:
+        longest = _read_paged(cu_seqlens_q, seqused_k, block_table, q.shape[0], pages, page,
+                              max_seqlen_q, check, fail)
+    else:
+        longest = max_seqlen_q
+    out = _output(out, q, dtype, fail)
+    return (cu_seqlens_q.contiguous(), longest, rows[0], rows[1], page, seqused_k.contiguous(),
+            block_table, out)
+
+
+def _read_paged(cu_seqlens_q, seqused_k, block_table, total_q: int, pages: int, page: int,
+                max_seqlen_q, check: bool, fail) -> int:
+    """The longest sequence's queries, from the offsets read on the host; with ``check``, the
+    lengths and the pages they use checked too (one synchronization)."""
+    host = cu_seqlens_q.tolist()
+    if host[0] != 0 or host[-1] != total_q or any(b < a for a, b in zip(host, host[1:])):
+        fail(f"cu_seqlens_q must rise from 0 to {total_q} (the packed length), got {host}")
+    longest = max(b - a for a, b in zip(host, host[1:]))
+    if max_seqlen_q is not None and max_seqlen_q < longest:
+        fail(f"max_seqlen_q is {max_seqlen_q} but a sequence has {longest} queries")
+    if check:
+        used = seqused_k.tolist()
+        capacity = block_table.shape[1] * page
+        bad = [(b, n) for b, n in enumerate(used) if not 0 <= n <= capacity]
+        if bad:
+            fail(f"seqused_k must lie in 0..{capacity} (block_table's {block_table.shape[1]} pages "
+                 f"of {page}); sequence {bad[0][0]} has {bad[0][1]}")
+        need = torch.arange(block_table.shape[1], device=block_table.device) * page \
+            < seqused_k.to(torch.int64)[:, None]
+        outside = need & ((block_table < 0) | (block_table >= pages))
+        if bool(outside.any()):
+            b, i = (int(x) for x in outside.nonzero()[0])
+            fail(f"block_table[{b}, {i}] is {int(block_table[b, i])}, a page the cache ({pages} pages) "
+                 f"does not have, and sequence {b} uses it")
+    return longest if max_seqlen_q is None else max_seqlen_q
+
+
+def key_splits(programs: int, key_blocks: int, device: torch.device, min_blocks: int = 4,
+               most: int = 32) -> int:
+    """How many programs share each query tile's key range in a paged call (the ``_split``
+    kernel, merged by ``_combine``): enough that ``programs`` (query tiles x head groups)
+    times the splits fill the GPU twice over, with at least ``min_blocks`` of the tile's
+    ``key_blocks`` KV blocks each.  1 means the one-pass kernel.  Host-side arithmetic on
+    shapes only, so a captured graph replays the same choice."""
+    target = 2 * _multiprocessors(device)
+    if programs >= target or key_blocks < 2 * min_blocks:
+        return 1
+    return max(1, min(-(-target // programs), key_blocks // min_blocks, most))
+
+
+_sms: dict = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device not in _sms:
+        _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sms[device]

@@ -1,6 +1,6 @@
 """attngen's kernels as PyTorch operators, so torch.compile and CUDA graphs can take them.
 
-Four ``torch.library`` custom ops run every generated variant; each takes the variant as its
+``torch.library`` custom ops run every generated variant; each takes the variant as its
 first argument, a string (a generated launcher's ``NAME``, or the key of an
 :class:`attngen.AttentionKernel`, which picks the kernel for the tensors' head_dim and dtype
 when the op runs):
@@ -9,7 +9,9 @@ when the op runs):
 * ``attngen::attention_out``   the same into a caller's ``out`` (which it mutates);
 * ``attngen::attention_fwd``   the output, each query row's log-sum-exp and (variants with
   sinks; else empty) the output's rounding residual, with a registered autograd formula that
-  runs ``attngen::attention_bwd`` (dq, dk, dv, dsinks).
+  runs ``attngen::attention_bwd`` (dq, dk, dv, dsinks);
+* ``attngen::paged_attention`` and ``attngen::paged_attention_out``: a paged variant over a
+  paged K/V cache (inference only), the shape of call a serving engine makes per layer.
 
 The backward is the head dim's faster one, measured: at head_dim 256 a fused kernel that adds
 dQ atomically (the last bits of dQ may differ run to run), elsewhere two kernels that write
@@ -237,6 +239,70 @@ def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | 
     if out is None:
         return (_infer if direct else torch.ops.attngen.attention)(*args)
     (_infer_out if direct else torch.ops.attngen.attention_out)(*args, out)
+    return out
+
+
+# -- a paged K/V cache (serving) ------------------------------------------------------------
+def _paged_infer(variant: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor,
+                 seqused_k: Tensor, block_table: Tensor, sinks: Optional[Tensor],
+                 max_seqlen_q: Optional[int], scale: Optional[float], splits: Optional[int],
+                 check: Optional[bool], out: Optional[Tensor] = None) -> Tensor:
+    module, _, options = _resolve(variant, q, sinks, None, None, None, None, scale, "bhsd")
+    return module.infer(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max_seqlen_q=max_seqlen_q,
+                        scale=options["scale"], **({"sinks": sinks} if "sinks" in options else {}),
+                        out=out, splits=splits, check=check)
+
+
+@torch.library.custom_op("attngen::paged_attention", mutates_args=())
+def _paged(variant: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor,
+           seqused_k: Tensor, block_table: Tensor, sinks: Optional[Tensor], max_seqlen_q: Optional[int],
+           scale: Optional[float], splits: Optional[int], check: Optional[bool]) -> Tensor:
+    return _paged_infer(variant, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks,
+                        max_seqlen_q, scale, splits, check)
+
+
+@_paged.register_fake
+def _(variant, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks, max_seqlen_q, scale,
+      splits, check):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("attngen::paged_attention_out", mutates_args=("out",))
+def _paged_out(variant: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor,
+               seqused_k: Tensor, block_table: Tensor, sinks: Optional[Tensor], max_seqlen_q: Optional[int],
+               scale: Optional[float], splits: Optional[int], check: Optional[bool], out: Tensor) -> None:
+    _paged_infer(variant, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks, max_seqlen_q,
+                 scale, splits, check, out)
+
+
+@_paged_out.register_fake
+def _(variant, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks, max_seqlen_q, scale,
+      splits, check, out):
+    return None
+
+
+def paged_attention(variant: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor,
+                    seqused_k: Tensor, block_table: Tensor, *, max_seqlen_q: int | None = None,
+                    sinks: Tensor | None = None, scale: float | None = None, out: Tensor | None = None,
+                    splits: int | None = None, check: bool | None = None) -> Tensor:
+    """Run the paged ``variant`` (see its launcher's ``launch``) through ``attngen::paged_attention``
+    (or ``attngen::paged_attention_out`` into ``out``); in eager mode on plain tensors without
+    the ops' dispatch.  Inference only: an input that requires grad is refused."""
+    if wants_grad(q, k_cache, v_cache, sinks):
+        raise InputError(f"{variant}: a paged cache has no backward; call under torch.no_grad() "
+                         f"(or detach the inputs)")
+    if scale is not None:
+        try:
+            check_positive_number(scale, "scale")
+        except ValueError as exc:
+            raise InputError(f"{variant}: {exc}") from None
+    args = (variant, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks, max_seqlen_q, scale,
+            splits, check)
+    if _direct(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks, out):
+        return _paged_infer(*args, out)
+    if out is None:
+        return torch.ops.attngen.paged_attention(*args)
+    torch.ops.attngen.paged_attention_out(*args, out)
     return out
 
 

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 from ..core.mask import Mask, MaskError
-from ..core.support import (HEAD_DIMS, check_deterministic, check_dtype, check_head_dim, check_positive_number,
+from ..core.support import (HEAD_DIMS, ArgumentError, check_deterministic, check_dtype, check_head_dim, check_positive_number,
                             dtype_name)
 from ..core.variant import Family, Features, KernelSpec
 from ..generate.build import build
@@ -28,7 +28,7 @@ from ..generate.codegen import load_package
 from ..generate.spec import Spec
 from ..generate.store import KernelEntry, SpecEntry, default_out, jit_dir, read_manifest
 from .inputs import InputError
-from .ops import attention, register_resolver
+from .ops import attention, paged_attention, register_resolver
 
 log = logging.getLogger("attngen")
 
@@ -203,8 +203,24 @@ class AttentionKernel:
         register_resolver(self.key, functools.partial(registry.variant, family))
 
     def __repr__(self):
-        return (f"AttentionKernel({_describe(self.family, self.head_dim)}, scale={self.scale}"
+        return (f"{type(self).__name__}({_describe(self.family, self.head_dim)}, scale={self.scale}"
                 + (f", deterministic={self.deterministic}" if self.deterministic is not None else "") + ")")
+
+    def _check_head(self, q, fail) -> None:
+        """q's dtype and head_dim are ones this callable can run."""
+        head_dim = q.shape[-1]
+        if dtype_name(q.dtype) is None:
+            fail(f"q has dtype {q.dtype}; attngen kernels take torch.float16, torch.bfloat16")
+        if self.head_dim is not None and head_dim != self.head_dim:
+            fail(f"this kernel was asked for head_dim {self.head_dim}, q has {head_dim}")
+        if head_dim not in HEAD_DIMS:
+            fail(f"head_dim {head_dim} is not supported; attngen kernels take {list(HEAD_DIMS)}")
+
+    def _check_sinks(self, sinks, fail) -> None:
+        if self.family.features.sinks and sinks is None:
+            fail("this kernel has attention sinks: pass sinks=, one logit per query head")
+        if not self.family.features.sinks and sinks is not None:
+            fail("sinks= given, but this kernel has none: get_kernel(..., sinks=True)")
 
     def __call__(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, *,
                  max_seqlen_k=None, scale: float | None = None, sinks=None, out=None, layout="bhsd",
@@ -224,13 +240,7 @@ class AttentionKernel:
 
         if not isinstance(q, torch.Tensor) or q.dim() != dims:
             fail(f"q must be a {dims}-D torch.Tensor, got {getattr(q, 'shape', type(q))}")
-        head_dim = q.shape[-1]
-        if dtype_name(q.dtype) is None:
-            fail(f"q has dtype {q.dtype}; attngen kernels take torch.float16, torch.bfloat16")
-        if self.head_dim is not None and head_dim != self.head_dim:
-            fail(f"this kernel was asked for head_dim {self.head_dim}, q has {head_dim}")
-        if head_dim not in HEAD_DIMS:
-            fail(f"head_dim {head_dim} is not supported; attngen kernels take {list(HEAD_DIMS)}")
+        self._check_head(q, fail)
         packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         if f.varlen and cu_seqlens_q is None:
             fail("this kernel takes packed sequences: pass cu_seqlens_q")
@@ -238,10 +248,7 @@ class AttentionKernel:
             fail("cu_seqlens/max_seqlen are for packed sequences: get_kernel(..., varlen=True)")
         if f.varlen and layout != "bhsd":
             fail("packed sequences are (total_tokens, H, D); layout= does not apply")
-        if f.sinks and sinks is None:
-            fail("this kernel has attention sinks: pass sinks=, one logit per query head")
-        if not f.sinks and sinks is not None:
-            fail("sinks= given, but this kernel has none: get_kernel(..., sinks=True)")
+        self._check_sinks(sinks, fail)
         return attention(self.key, q, k, v, sinks=sinks, cu_seqlens_q=cu_seqlens_q,
                          cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                          scale=self.scale if scale is None else scale, layout=layout, out=out,
@@ -249,17 +256,46 @@ class AttentionKernel:
                          else check_deterministic(deterministic))
 
 
+class PagedAttentionKernel(AttentionKernel):
+    """A callable for one mask and GQA ratio over a paged K/V cache (``get_kernel(...,
+    paged=True)``): the call a serving engine makes per layer.  Inference only; calls go
+    through ``attngen::paged_attention``."""
+
+    def __call__(self, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max_seqlen_q=None, *,
+                 scale: float | None = None, sinks=None, out=None, splits: int | None = None,
+                 check: bool | None = None):
+        """Packed queries ``q`` (total_q, H, D), sequence b's rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``,
+        over the first ``seqused_k[b]`` positions of its pages ``block_table[b]`` in ``k_cache,
+        v_cache`` (pages, page_size, H_kv, D); its queries are the last of them.  See a paged
+        launcher's ``launch`` for ``check`` (host checks, skipped while a CUDA graph is
+        captured) and ``splits``."""
+        import torch
+
+        def fail(message):
+            raise InputError(f"{self.key}: {message}")
+
+        if not isinstance(q, torch.Tensor) or q.dim() != 3:
+            fail(f"q must be a 3-D torch.Tensor (total_q, H, D), got {getattr(q, 'shape', type(q))}")
+        self._check_head(q, fail)
+        self._check_sinks(sinks, fail)
+        return paged_attention(self.key, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table,
+                               max_seqlen_q=max_seqlen_q, sinks=sinks, scale=self.scale if scale is None else scale,
+                               out=out, splits=splits, check=check)
+
+
 default_registry = Registry()
 
 
 def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool | None = None,
                gqa: int = 1, softcap: float | None = None, sinks: bool = False,
-               chunked: bool = False, varlen: bool = False, head_dim: int | None = None,
+               chunked: bool = False, varlen: bool = False, paged: bool = False, head_dim: int | None = None,
                dtype: str | None = None, scale: float | None = None,
                deterministic: bool | None = None, registry: Registry | None = None) -> AttentionKernel:
     """The attention callable for a window (see :class:`attngen.Mask`; a ``Mask`` itself is
     taken as it is), GQA ratio and features (:class:`attngen.core.variant.Features`: softcap,
-    sinks, chunked prefill, packed sequences).  ``causal`` defaults to True for a window.
+    sinks, chunked prefill, packed sequences, a paged K/V cache).  ``causal`` defaults to True
+    for a window.  ``paged=True`` returns a :class:`PagedAttentionKernel` (inference over a
+    paged cache, queries packed and aligned to the end of each sequence's keys).
 
     ``deterministic`` picks the backward: None (default) follows
     ``torch.use_deterministic_algorithms``; True always gives identical gradient bits run to
@@ -280,7 +316,7 @@ def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool 
         mask = window
     else:
         mask = Mask.from_window(window, True if causal is None else causal)
-    family = Family(mask, gqa, Features(softcap, sinks, chunked, varlen))
+    family = Family(mask, gqa, Features(softcap, sinks, chunked, varlen, paged))
     if head_dim is not None:
         check_head_dim(head_dim)
     if dtype is not None:
@@ -291,6 +327,10 @@ def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool 
         raise reg.not_found(family, head_dim, dtype)
     if head_dim is not None and dtype is not None:
         reg.launcher(family, head_dim, dtype)
+    if family.features.paged:
+        if deterministic is not None:
+            raise ArgumentError("deterministic= picks a backward; a paged kernel has none")
+        return PagedAttentionKernel(family, reg, scale, head_dim)
     return AttentionKernel(family, reg, scale, head_dim, deterministic)
 
 

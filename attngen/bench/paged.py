@@ -1,0 +1,171 @@
+"""`attngen bench paged`: attngen over a paged K/V cache, as a serving engine calls it.
+
+  prefill  packed prefill of B sequences, keys read through a shuffled block table of pages
+           of P keys, against the same packed prefill on contiguous keys (the same family of
+           kernel, varlen): what paging costs.
+  decode   one query per sequence over a paged cache, for each batch size, context and
+           window: attngen, and SDPA and FlexAttention over the same keys copied contiguous
+           (the copy not timed: their best case).  Also attngen's achieved bandwidth: the
+           bytes it must read (each sequence's keys and values in its window, the queries and
+           the output) over its time, as a fraction of the card's peak.
+  mixed    one call over a batch mixing prefill chunks and decode steps.
+
+Shape: Mistral-7B's attention (32 query heads, 8 KV heads, head_dim 128, bf16).  Times are
+medians of ``triton.testing.do_bench`` (L2 flushed before each call), in microseconds.
+"""
+
+from __future__ import annotations
+
+from ..runtime.registry import get_kernel
+
+HEADS, HEADS_KV, HEAD_DIM = 32, 8, 128
+#: HBM bandwidth by device name, bytes/s (datasheet peaks)
+PEAK = {"H200": 4.8e12, "H100": 3.35e12}
+
+
+def _peak(name: str) -> float | None:
+    return next((v for k, v in PEAK.items() if k in name), None)
+
+
+def paged_inputs(lengths, q_lens, page: int, dtype, seed: int = 0):
+    """q (packed), a shuffled paged cache holding ``lengths`` keys per sequence, cu_seqlens_q,
+    seqused_k, block_table, and the same keys packed contiguous (k, v, cu_seqlens_k)."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    counts = [-(-n // page) for n in lengths]
+    order = torch.randperm(sum(counts), device="cuda", generator=gen).to(torch.int32)
+    table = torch.zeros((len(lengths), max(counts)), dtype=torch.int32, device="cuda")
+    k = torch.randn(sum(lengths), HEADS_KV, HEAD_DIM, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(sum(lengths), HEADS_KV, HEAD_DIM, device="cuda", generator=gen).to(dtype)
+    k_cache = torch.zeros(sum(counts), page, HEADS_KV, HEAD_DIM, dtype=dtype, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    taken, start = 0, 0
+    for b, n in enumerate(lengths):
+        table[b, :counts[b]] = order[taken:taken + counts[b]]
+        pos = torch.arange(n, device="cuda")
+        pages, rows = table[b].long()[pos // page], pos % page
+        k_cache[pages, rows], v_cache[pages, rows] = k[start:start + n], v[start:start + n]
+        taken, start = taken + counts[b], start + n
+    cu_q = torch.tensor([0, *q_lens], device="cuda").cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0, *lengths], device="cuda").cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu_q[-1]), HEADS, HEAD_DIM, device="cuda", generator=gen).to(dtype)
+    used = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    return q, k_cache, v_cache, cu_q, used, table, k, v, cu_k
+
+
+def _median(fn) -> float:
+    """Median of ``triton.testing.do_bench`` in microseconds."""
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def prefill(seqs=(8192,), batch: int = 4, pages=(16, 64, 256), window: int = 4096, say=print) -> list[dict]:
+    import torch
+
+
+    rows = []
+    contiguous = get_kernel(window, gqa=HEADS // HEADS_KV, varlen=True)
+    paged = get_kernel(window, gqa=HEADS // HEADS_KV, paged=True)
+    for seq in seqs:
+        for page in pages:
+            q, kc, vc, cu_q, used, table, k, v, cu_k = paged_inputs([seq] * batch, [seq] * batch, page,
+                                                                    torch.bfloat16)
+            ref = contiguous(q, k, v, cu_q, max_seqlen_q=seq)
+            got = paged(q, kc, vc, cu_q, used, table, seq, check=False)
+            err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+            t_contiguous = _median(lambda: contiguous(q, k, v, cu_q, max_seqlen_q=seq))
+            t_paged = _median(lambda: paged(q, kc, vc, cu_q, used, table, seq, check=False))
+            row = {"bench": "prefill", "seq": seq, "batch": batch, "page": page, "window": window,
+                   "contiguous_us": t_contiguous, "paged_us": t_paged, "ratio": t_paged / t_contiguous,
+                   "diff_vs_contiguous": err}
+            say(f"prefill B{batch} S{seq} W{window} page {page:>3}: contiguous {t_contiguous:8.1f} us, "
+                f"paged {t_paged:8.1f} us ({row['ratio']:.3f}x), outputs differ by {err:.1e}")
+            rows.append(row)
+    return rows
+
+
+def decode(batches=(1, 16, 64, 256), contexts=(8192, 32768), windows=(4096, None), page: int = 16,
+           peers=("sdpa", "flex"), say=print) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+
+    name = torch.cuda.get_device_name()
+    peak = _peak(name)
+    rows = []
+    for window in windows:
+        kernel = get_kernel(window, gqa=HEADS // HEADS_KV, paged=True)
+        flex_fn = None
+        if "flex" in peers:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex_fn = torch.compile(flex_attention, dynamic=False)
+        for context in contexts:
+            for batch in batches:
+                if batch * context * HEADS_KV * HEAD_DIM * 2 * 2 * 2 > 40e9:   # caches + copies
+                    continue
+                q, kc, vc, cu_q, used, table, k, v, _ = paged_inputs([context] * batch, [1] * batch, page,
+                                                                     torch.bfloat16)
+                seen = context if window is None else min(window, context)
+                t = _median(lambda: kernel(q, kc, vc, cu_q, used, table, 1, check=False))
+                moved = batch * seen * HEADS_KV * HEAD_DIM * 2 * 2 + 2 * q.numel() * 2
+                row = {"bench": "decode", "batch": batch, "context": context, "window": window, "page": page,
+                       "attngen_us": t, "GB/s": moved / t * 1e-3,
+                       "of_peak": None if peak is None else moved / (t * 1e-6) / peak}
+                # peers over the same keys, contiguous (B, H_kv, keys, D): the window's last keys
+                kk = k.view(batch, context, HEADS_KV, HEAD_DIM)[:, context - seen:].transpose(1, 2).contiguous()
+                vv = v.view(batch, context, HEADS_KV, HEAD_DIM)[:, context - seen:].transpose(1, 2).contiguous()
+                qq = q.view(batch, 1, HEADS, HEAD_DIM).transpose(1, 2)
+                ours = kernel(q, kc, vc, cu_q, used, table, 1, check=False)
+                if "sdpa" in peers:
+                    sdpa = F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)
+                    row["diff_vs_sdpa"] = ((ours.float() - sdpa.transpose(1, 2).reshape(ours.shape).float()).norm()
+                                           / sdpa.float().norm()).item()
+                    row["sdpa_us"] = _median(lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True))
+                if flex_fn is not None:
+                    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 0, None, None, 1, seen,
+                                                   device="cuda")
+                    row["flex_us"] = _median(lambda: flex_fn(qq, kk, vv, block_mask=block_mask, enable_gqa=True))
+                say(f"decode B{batch:>3} ctx {context:>5} W{window or 'full'}: attngen {t:8.1f} us "
+                    f"({row['GB/s']:.0f} GB/s" + (f", {row['of_peak']:.0%} of {name}'s peak" if peak else "")
+                    + ")" + "".join(f", {p} {row[p + '_us']:.1f} us" for p in peers if p + "_us" in row))
+                rows.append(row)
+    return rows
+
+
+def mixed(context: int = 8192, prefills: int = 4, chunk: int = 512, decodes: int = 60, page: int = 16,
+          window: int = 4096, say=print) -> list[dict]:
+    import torch
+
+
+    kernel = get_kernel(window, gqa=HEADS // HEADS_KV, paged=True)
+    lengths = [context] * (prefills + decodes)
+    q_lens = [chunk] * prefills + [1] * decodes
+    q, kc, vc, cu_q, used, table, *_ = paged_inputs(lengths, q_lens, page, torch.bfloat16)
+    t = _median(lambda: kernel(q, kc, vc, cu_q, used, table, chunk, check=False))
+    say(f"mixed: {prefills} prefill chunks of {chunk} + {decodes} decode steps at context {context}, "
+        f"W{window}, page {page}: {t:.1f} us")
+    return [{"bench": "mixed", "context": context, "prefills": prefills, "chunk": chunk, "decodes": decodes,
+             "page": page, "window": window, "attngen_us": t}]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--only", nargs="+", choices=["prefill", "decode", "mixed"],
+                   help="what to time (default: all three)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256], help="decode batch sizes")
+    p.add_argument("--context", type=int, nargs="+", default=[8192, 32768], help="decode contexts")
+    p.add_argument("--page", type=int, nargs="+", default=[16, 64, 256], help="prefill page sizes")
+    p.add_argument("--json", help="write the rows here")
+
+
+def run(args, say=print) -> list[dict]:
+    which = args.only or ["prefill", "decode", "mixed"]
+    rows = []
+    if "prefill" in which:
+        rows += prefill(pages=tuple(args.page), say=say)
+    if "decode" in which:
+        rows += decode(batches=tuple(args.batch), contexts=tuple(args.context), say=say)
+    if "mixed" in which:
+        rows += mixed(say=say)
+    return rows
