@@ -220,17 +220,17 @@ def test_with_kvcache_appends_then_attends_as_flash_attention(kernels, paged, ca
     """New keys land after each sequence's cached ones, and the call equals FlashAttention's
     definition over the cache's first cache_seqlens + S_new keys (more queries than keys: 0)."""
     torch.manual_seed(0)
-    batch, heads, kv_heads, d, seq_cache, new = 3, 4, 2, 16, 24, 3
-    cached = [10, 0, 21]
+    batch, heads, kv_heads, d, seq_cache, new = 3, 4, 2, 16, 48, 3
+    cached = [10, 0, 45]
     q = torch.randn(batch, new + 2, heads, d)         # two more queries than the new keys
     k_new, v_new = torch.randn(batch, new, kv_heads, d), torch.randn(batch, new, kv_heads, d)
     k_flat, v_flat = torch.randn(batch, seq_cache, kv_heads, d), torch.randn(batch, seq_cache, kv_heads, d)
-    if paged:      # pages of 8 keys, the sequences' pages shuffled through the cache
-        order = torch.randperm(batch * seq_cache // 8).to(torch.int32)
-        table = order.view(batch, seq_cache // 8)
-        k_cache, v_cache = torch.empty(len(order), 8, kv_heads, d), torch.empty(len(order), 8, kv_heads, d)
-        k_cache[table.long()] = k_flat.view(batch, -1, 8, kv_heads, d)
-        v_cache[table.long()] = v_flat.view(batch, -1, 8, kv_heads, d)
+    if paged:      # pages of 16 keys, the sequences' pages shuffled through the cache
+        order = torch.randperm(batch * seq_cache // 16).to(torch.int32)
+        table = order.view(batch, seq_cache // 16)
+        k_cache, v_cache = torch.empty(len(order), 16, kv_heads, d), torch.empty(len(order), 16, kv_heads, d)
+        k_cache[table.long()] = k_flat.view(batch, -1, 16, kv_heads, d)
+        v_cache[table.long()] = v_flat.view(batch, -1, 16, kv_heads, d)
     else:
         table, k_cache, v_cache = None, k_flat.clone(), v_flat.clone()
     seqlens = torch.tensor(cached, dtype=torch.int32)

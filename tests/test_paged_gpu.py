@@ -73,7 +73,7 @@ def test_with_kvcache_appends_and_attends(page, window):
 
 def test_with_kvcache_contiguous_cache_and_sinks():
     gen = torch.Generator(device="cuda").manual_seed(1)
-    dtype, batch, heads, heads_kv, d, seq_cache = torch.float16, 2, 8, 1, 64, 200
+    dtype, batch, heads, heads_kv, d, seq_cache = torch.float16, 2, 8, 1, 64, 208
     k_cache = torch.randn(batch, seq_cache, heads_kv, d, device="cuda", generator=gen).to(dtype)
     v_cache = torch.randn(batch, seq_cache, heads_kv, d, device="cuda", generator=gen).to(dtype)
     q = torch.randn(batch, 1, heads, d, device="cuda", generator=gen).to(dtype)

@@ -16,7 +16,10 @@ medians of ``triton.testing.do_bench`` (L2 flushed before each call), in microse
 
 from __future__ import annotations
 
-from ..runtime.registry import get_kernel
+from ..core.mask import Mask
+from ..core.variant import Features, KernelSpec
+from ..runtime.registry import default_registry, get_kernel
+from .presets import parse_tiles
 
 HEADS, HEADS_KV, HEAD_DIM = 32, 8, 128
 #: HBM bandwidth by device name, bytes/s (datasheet peaks)
@@ -61,13 +64,24 @@ def _median(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
 
-def prefill(seqs=(8192,), batch: int = 4, pages=(16, 64, 256), window: int = 4096, say=print) -> list[dict]:
+def _paged_kernel(window, tiles=None):
+    """attngen's paged callable for Mistral's heads and ``window``; with ``tiles``, the
+    launcher of the kernel with those forward tiles instead of the tuned ones."""
+    if tiles is None:
+        return get_kernel(window, gqa=HEADS // HEADS_KV, paged=True)
+    spec = KernelSpec.tuned(Mask.from_window(window, True), HEADS // HEADS_KV, HEAD_DIM, "bf16",
+                            Features(paged=True), tiles=tiles)
+    return default_registry.module(spec).launch
+
+
+def prefill(seqs=(8192,), batch: int = 4, pages=(16, 64, 256), window: int = 4096, tiles=None,
+            say=print) -> list[dict]:
     import torch
 
 
     rows = []
     contiguous = get_kernel(window, gqa=HEADS // HEADS_KV, varlen=True)
-    paged = get_kernel(window, gqa=HEADS // HEADS_KV, paged=True)
+    paged = _paged_kernel(window, tiles)
     for seq in seqs:
         for page in pages:
             q, kc, vc, cu_q, used, table, k, v, cu_k = paged_inputs([seq] * batch, [seq] * batch, page,
@@ -87,7 +101,7 @@ def prefill(seqs=(8192,), batch: int = 4, pages=(16, 64, 256), window: int = 409
 
 
 def decode(batches=(1, 16, 64, 256), contexts=(8192, 32768), windows=(4096, None), page: int = 16,
-           peers=("sdpa", "flex"), say=print) -> list[dict]:
+           peers=("sdpa", "flex"), tiles=None, say=print) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
@@ -96,7 +110,7 @@ def decode(batches=(1, 16, 64, 256), contexts=(8192, 32768), windows=(4096, None
     peak = _peak(name)
     rows = []
     for window in windows:
-        kernel = get_kernel(window, gqa=HEADS // HEADS_KV, paged=True)
+        kernel = _paged_kernel(window, tiles)
         flex_fn = None
         if "flex" in peers:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -135,11 +149,11 @@ def decode(batches=(1, 16, 64, 256), contexts=(8192, 32768), windows=(4096, None
 
 
 def mixed(context: int = 8192, prefills: int = 4, chunk: int = 512, decodes: int = 60, page: int = 16,
-          window: int = 4096, say=print) -> list[dict]:
+          window: int = 4096, tiles=None, say=print) -> list[dict]:
     import torch
 
 
-    kernel = get_kernel(window, gqa=HEADS // HEADS_KV, paged=True)
+    kernel = _paged_kernel(window, tiles)
     lengths = [context] * (prefills + decodes)
     q_lens = [chunk] * prefills + [1] * decodes
     q, kc, vc, cu_q, used, table, *_ = paged_inputs(lengths, q_lens, page, torch.bfloat16)
@@ -156,6 +170,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256], help="decode batch sizes")
     p.add_argument("--context", type=int, nargs="+", default=[8192, 32768], help="decode contexts")
     p.add_argument("--page", type=int, nargs="+", default=[16, 64, 256], help="prefill page sizes")
+    p.add_argument("--tiles", type=parse_tiles, help="attngen tiles, e.g. 128x64o2c1p4")
     p.add_argument("--json", help="write the rows here")
 
 
@@ -163,9 +178,9 @@ def run(args, say=print) -> list[dict]:
     which = args.only or ["prefill", "decode", "mixed"]
     rows = []
     if "prefill" in which:
-        rows += prefill(pages=tuple(args.page), say=say)
+        rows += prefill(pages=tuple(args.page), tiles=args.tiles, say=say)
     if "decode" in which:
-        rows += decode(batches=tuple(args.batch), contexts=tuple(args.context), say=say)
+        rows += decode(batches=tuple(args.batch), contexts=tuple(args.context), tiles=args.tiles, say=say)
     if "mixed" in which:
-        rows += mixed(say=say)
+        rows += mixed(tiles=args.tiles, say=say)
     return rows

@@ -9,6 +9,7 @@ layout         ``bhsd`` (B, H, S, D) or ``bshd`` (B, S, H, D); packed sequences 
 features       softcap, sinks, chunked, varlen, paged, in any combination (paged implies
                chunked and varlen, and has no backward)
 tiles          ``pack`` (query heads per tile) must divide gqa; varlen forces pack 1 (not paged)
+page size      a paged cache's keys per page: a multiple of :data:`PAGE_ROWS` (16)
 =============  ==========================================================================
 """
 
@@ -20,6 +21,9 @@ HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}   # spec name -> torch / cuda.tile attribute
 LAYOUTS = ("bhsd", "bshd")
 LOG2E = 1.4426950408889634                          # the kernels work in exp2 / log2 units
+#: a paged kernel loads keys PAGE_ROWS at a time, each piece inside one page: page sizes are
+#: multiples of it (vLLM's default page holds 16 keys)
+PAGE_ROWS = 16
 
 
 class ArgumentError(ValueError):

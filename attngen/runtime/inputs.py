@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..core.reference import resolve_scale
-from ..core.support import LOG2E, bhsd, check_layout, check_positive_number
+from ..core.support import LOG2E, PAGE_ROWS, bhsd, check_layout, check_positive_number
 
 
 class InputError(ValueError):
@@ -264,6 +264,9 @@ def prepare_paged(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max
         fail(f"head_dim must be {head_dim}, got q {q.shape[-1]} and the cache {kd}")
     if page == 0 or pages == 0:
         fail(f"the cache holds no key: shape {tuple(k_cache.shape)}")
+    if page % PAGE_ROWS:
+        fail(f"the page size must be a multiple of {PAGE_ROWS} keys, got {page} "
+             f"(k_cache is (pages, page_size, H_kv, D): {tuple(k_cache.shape)})")
     _check_heads(q.shape[1], kv_heads, group, fail)
     _check_devices({"q": q, "k_cache": k_cache, "v_cache": v_cache}, fail)
     rows = []
