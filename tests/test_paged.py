@@ -120,3 +120,29 @@ def test_get_kernel_returns_the_paged_callable_and_refuses_a_backward_choice():
         attngen.get_kernel(4096, gqa=4, paged=True, deterministic=True)
     with pytest.raises(InputError, match="3-D"):
         attn(torch.zeros(2, 4, 8, 128), None, None, None, None, None)
+
+
+def test_a_paged_decode_step_traces_into_attngen_ops():
+    """torch.export(strict=True) runs torch.compile's tracer over flash_attn_with_kvcache: the
+    cache write and the paged op, no graph break (fake tensors: no kernel runs), through the
+    op's fake implementation."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from attngen.flash_attn import flash_attn_with_kvcache
+
+    class Step(torch.nn.Module):
+        def forward(self, q, k, v, k_cache, v_cache, seqlens, table):
+            return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, block_table=table,
+                                           causal=True, window_size=(4095, 0))
+
+    with FakeTensorMode():
+        q = torch.randn(3, 1, 8, 128, dtype=torch.bfloat16)
+        k, v = (torch.randn(3, 1, 2, 128, dtype=torch.bfloat16) for _ in range(2))
+        k_cache, v_cache = (torch.randn(40, 16, 2, 128, dtype=torch.bfloat16) for _ in range(2))
+        seqlens = torch.tensor([5, 17, 100], dtype=torch.int32)
+        table = torch.arange(39, dtype=torch.int32).view(3, 13)
+        exported = torch.export.export(Step(), (q, k, v, k_cache, v_cache, seqlens, table), strict=True)
+    ops = [str(n.target) for n in exported.graph_module.graph.nodes if n.op == "call_function"]
+    assert ops.count("attngen.paged_attention.default") == 1, ops
+    out = [n for n in exported.graph_module.graph.nodes if n.op == "output"][0]
+    assert tuple(out.args[0][0].meta["val"].shape) == (3, 1, 8, 128)
