@@ -110,6 +110,9 @@ def test_keys_split_only_when_the_batch_leaves_the_gpu_idle(monkeypatch):
     assert key_splits(8, 64, device) == 16            # 4 blocks a slice at least
     assert key_splits(8, 4096, device) == 32          # at most 32 slices
     assert key_splits(100, 64, device) == 3           # fill the GPU twice over
+    assert key_splits(8, 64, device, asked=2) == 2    # what the caller asks
+    with pytest.raises(InputError, match="splits must be a positive int"):
+        key_splits(8, 64, device, asked=0, name="v")
 
 
 def test_get_kernel_returns_the_paged_callable_and_refuses_a_backward_choice():

@@ -330,13 +330,17 @@ def _read_paged(cu_seqlens_q, seqused_k, block_table, total_q: int, pages: int, 
     return longest if max_seqlen_q is None else max_seqlen_q
 
 
-def key_splits(programs: int, key_blocks: int, device: torch.device, min_blocks: int = 4,
-               most: int = 32) -> int:
+def key_splits(programs: int, key_blocks: int, device: torch.device, asked: int | None = None,
+               name: str = "attngen", min_blocks: int = 4, most: int = 32) -> int:
     """How many programs share each query tile's key range in a paged call (the ``_split``
-    kernel, merged by ``_combine``): enough that ``programs`` (query tiles x head groups)
-    times the splits fill the GPU twice over, with at least ``min_blocks`` of the tile's
-    ``key_blocks`` KV blocks each.  1 means the one-pass kernel.  Host-side arithmetic on
-    shapes only, so a captured graph replays the same choice."""
+    kernel, merged by ``_combine``): ``asked`` if given (checked), else enough that
+    ``programs`` (query tiles x head groups) times the splits fill the GPU twice over, with at
+    least ``min_blocks`` of the tile's ``key_blocks`` KV blocks each.  1 means the one-pass
+    kernel.  Host-side arithmetic on shapes only, so a captured graph replays the same choice."""
+    if asked is not None:
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+            raise InputError(f"{name}: splits must be a positive int, got {asked!r}")
+        return asked
     target = 2 * _multiprocessors(device)
     if programs >= target or key_blocks < 2 * min_blocks:
         return 1
