@@ -140,7 +140,12 @@ def decode(batches=(1, 16, 64, 256), contexts=(8192, 32768), windows=(4096, None
                 if flex_fn is not None:
                     block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 0, None, None, 1, seen,
                                                    device="cuda")
-                    row["flex_us"] = _median(lambda: flex_fn(qq, kk, vv, block_mask=block_mask, enable_gqa=True))
+                    try:
+                        row["flex_us"] = _median(lambda: flex_fn(qq, kk, vv, block_mask=block_mask,
+                                                                 enable_gqa=True))
+                    except Exception as exc:      # an inductor failure is a result, not the end of the bench
+                        row["flex_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                        say(f"  flex failed: {row['flex_error']}")
                 say(f"decode B{batch:>3} ctx {context:>5} W{window or 'full'}: attngen {t:8.1f} us "
                     f"({row['GB/s']:.0f} GB/s" + (f", {row['of_peak']:.0%} of {name}'s peak" if peak else "")
                     + ")" + "".join(f", {p} {row[p + '_us']:.1f} us" for p in peers if p + "_us" in row))
