@@ -29,11 +29,11 @@ def attngen_runs(monkeypatch):
     from attngen.runtime import ops
 
     runs = []
-    resolve = ops._resolve
+    find = ops._module
 
     def counted(variant, *args):
         runs.append(variant)
-        return resolve(variant, *args)
+        return find(variant, *args)
 
-    monkeypatch.setattr(ops, "_resolve", counted)
+    monkeypatch.setattr(ops, "_module", counted)
     return runs

@@ -57,9 +57,8 @@ def register_resolver(key: str, resolve: Callable[[int, str], ModuleType]) -> No
     _targets[key] = resolve
 
 
-def _resolve(variant: str, q: Tensor, sinks, cu_q, cu_k, max_q, max_k, scale, layout):
-    """The launcher module that runs ``variant`` for ``q``, and the extra positional and
-    keyword arguments its functions (``infer``, ``forward``, ``backward``) take."""
+def _module(variant: str, q: Tensor) -> ModuleType:
+    """The launcher module that runs ``variant`` for ``q``: every run of an op finds it here."""
     target = _targets.get(variant)
     if target is None:
         raise InputError(f"no attngen variant {variant!r} in this process: get its callable with "
@@ -67,7 +66,13 @@ def _resolve(variant: str, q: Tensor, sinks, cu_q, cu_k, max_q, max_k, scale, la
     if not isinstance(target, ModuleType) and not q.is_cuda:
         # before the resolver picks (and maybe generates) a kernel that could not run here
         raise InputError(f"{variant}: q is on {q.device}; this kernel runs on CUDA tensors")
-    module = target if isinstance(target, ModuleType) else target(q.shape[-1], dtype_name(q.dtype))
+    return target if isinstance(target, ModuleType) else target(q.shape[-1], dtype_name(q.dtype))
+
+
+def _resolve(variant: str, q: Tensor, sinks, cu_q, cu_k, max_q, max_k, scale, layout):
+    """The launcher module that runs ``variant`` for ``q``, and the extra positional and
+    keyword arguments its functions (``infer``, ``forward``, ``backward``) take."""
+    module = _module(variant, q)
     features = module.SPEC["features"]
     options = {"scale": scale, **({"sinks": sinks} if features["sinks"] else {})}
     if features["varlen"]:
@@ -214,6 +219,15 @@ def _direct(*tensors) -> bool:
             and all(t is None or (type(t) is Tensor and not wrapped(t)) for t in tensors))
 
 
+def _check_scale(variant: str, scale: float | None) -> None:
+    """A call's ``scale`` (None: the kernel's default) is a positive number."""
+    if scale is not None:
+        try:
+            check_positive_number(scale, "scale")
+        except ValueError as exc:
+            raise InputError(f"{variant}: {exc}") from None
+
+
 def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | None = None,
               cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
@@ -224,11 +238,7 @@ def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | 
     backward is deterministic when ``deterministic`` is true, or when it is None and
     ``torch.use_deterministic_algorithms(True)`` is on; ``deterministic=False`` asks for the
     default backward whatever the global setting."""
-    if scale is not None:
-        try:
-            check_positive_number(scale, "scale")
-        except ValueError as exc:
-            raise InputError(f"{variant}: {exc}") from None
+    _check_scale(variant, scale)
     args = (variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout)
     direct = _direct(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, out)
     if wants_grad(q, k, v, sinks):
@@ -247,10 +257,10 @@ def _paged_infer(variant: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_s
                  seqused_k: Tensor, block_table: Tensor, sinks: Optional[Tensor],
                  max_seqlen_q: Optional[int], scale: Optional[float], splits: Optional[int],
                  check: Optional[bool], out: Optional[Tensor] = None) -> Tensor:
-    module, _, options = _resolve(variant, q, sinks, None, None, None, None, scale, "bhsd")
+    module = _module(variant, q)
+    sinks = {"sinks": sinks} if module.SPEC["features"]["sinks"] else {}
     return module.infer(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max_seqlen_q=max_seqlen_q,
-                        scale=options["scale"], **({"sinks": sinks} if "sinks" in options else {}),
-                        out=out, splits=splits, check=check)
+                        scale=scale, **sinks, out=out, splits=splits, check=check)
 
 
 @torch.library.custom_op("attngen::paged_attention", mutates_args=())
@@ -291,11 +301,7 @@ def paged_attention(variant: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, c
     if wants_grad(q, k_cache, v_cache, sinks):
         raise InputError(f"{variant}: a paged cache has no backward; call under torch.no_grad() "
                          f"(or detach the inputs)")
-    if scale is not None:
-        try:
-            check_positive_number(scale, "scale")
-        except ValueError as exc:
-            raise InputError(f"{variant}: {exc}") from None
+    _check_scale(variant, scale)
     args = (variant, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks, max_seqlen_q, scale,
             splits, check)
     if _direct(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks, out):
