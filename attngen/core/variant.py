@@ -51,7 +51,8 @@ class Features:
     @property
     def tag(self) -> str:
         parts = [f"sc{self.softcap:g}".replace(".", "p")] if self.softcap is not None else []
-        parts += ["paged"] if self.paged else [name for name in self.FLAGS if getattr(self, name)]
+        implied = ("chunked", "varlen") if self.paged else ()    # a paged kernel's name says paged
+        parts += [name for name in self.FLAGS if getattr(self, name) and name not in implied]
         return "".join(f"_{p}" for p in parts)
 
     def describe(self) -> str:

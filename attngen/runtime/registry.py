@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 
 from ..core.mask import Mask, MaskError
-from ..core.support import (HEAD_DIMS, ArgumentError, check_deterministic, check_dtype, check_head_dim, check_positive_number,
-                            dtype_name)
+from ..core.support import (HEAD_DIMS, ArgumentError, check_deterministic, check_dtype, check_head_dim,
+                            check_positive_number, dtype_name)
 from ..core.variant import Family, Features, KernelSpec
 from ..generate.build import build
 from ..generate.codegen import load_package
@@ -317,6 +317,8 @@ def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool 
     else:
         mask = Mask.from_window(window, True if causal is None else causal)
     family = Family(mask, gqa, Features(softcap, sinks, chunked, varlen, paged))
+    if paged and deterministic is not None:
+        raise ArgumentError("deterministic= picks a backward; a paged kernel has none")
     if head_dim is not None:
         check_head_dim(head_dim)
     if dtype is not None:
@@ -328,8 +330,6 @@ def get_kernel(window: int | dict | tuple | Mask | None = None, *, causal: bool 
     if head_dim is not None and dtype is not None:
         reg.launcher(family, head_dim, dtype)
     if family.features.paged:
-        if deterministic is not None:
-            raise ArgumentError("deterministic= picks a backward; a paged kernel has none")
         return PagedAttentionKernel(family, reg, scale, head_dim)
     return AttentionKernel(family, reg, scale, head_dim, deterministic)
 
