@@ -306,24 +306,30 @@ def prepare_paged(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max
 def _read_paged(cu_seqlens_q, seqused_k, block_table, total_q: int, pages: int, page: int,
                 max_seqlen_q, check: bool, fail) -> int:
     """The longest sequence's queries, from the offsets read on the host; with ``check``, the
-    lengths and the pages they use checked too (one synchronization)."""
-    host = cu_seqlens_q.tolist()
+    lengths and the pages they use checked too, read with the offsets in one synchronization
+    (a bad page's place is looked up only to name it)."""
+    batch = seqused_k.numel()
+    read = [cu_seqlens_q.to(torch.int64)]
+    if check:
+        need = torch.arange(block_table.shape[1], device=block_table.device) * page \
+            < seqused_k.to(torch.int64)[:, None]
+        outside = need & ((block_table < 0) | (block_table >= pages))
+        read += [seqused_k.to(torch.int64), outside.any().reshape(1).to(torch.int64)]
+    values = torch.cat(read).tolist()
+    host = values[:batch + 1]
     if host[0] != 0 or host[-1] != total_q or any(b < a for a, b in zip(host, host[1:])):
         fail(f"cu_seqlens_q must rise from 0 to {total_q} (the packed length), got {host}")
     longest = max(b - a for a, b in zip(host, host[1:]))
     if max_seqlen_q is not None and max_seqlen_q < longest:
         fail(f"max_seqlen_q is {max_seqlen_q} but a sequence has {longest} queries")
     if check:
-        used = seqused_k.tolist()
+        used, any_outside = values[batch + 1:2 * batch + 1], values[-1]
         capacity = block_table.shape[1] * page
         bad = [(b, n) for b, n in enumerate(used) if not 0 <= n <= capacity]
         if bad:
             fail(f"seqused_k must lie in 0..{capacity} (block_table's {block_table.shape[1]} pages "
                  f"of {page}); sequence {bad[0][0]} has {bad[0][1]}")
-        need = torch.arange(block_table.shape[1], device=block_table.device) * page \
-            < seqused_k.to(torch.int64)[:, None]
-        outside = need & ((block_table < 0) | (block_table >= pages))
-        if bool(outside.any()):
+        if any_outside:
             b, i = (int(x) for x in outside.nonzero()[0])
             fail(f"block_table[{b}, {i}] is {int(block_table[b, i])}, a page the cache ({pages} pages) "
                  f"does not have, and sequence {b} uses it")
