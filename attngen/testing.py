@@ -24,7 +24,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def _tensor(shape, dtype, generator, gain=1.0):
-    return (torch.randn(shape, dtype=torch.float32, device="cuda", generator=generator) * gain).to(dtype)
+    """Random normal values (times ``gain``) in ``dtype``, on ``generator``'s device."""
+    return (torch.randn(shape, dtype=torch.float32, device=generator.device, generator=generator)
+            * gain).to(dtype)
 
 
 SEED_VARIABLE = "ATTNGEN_TEST_SEED"
@@ -76,7 +78,8 @@ def _inputs(spec: KernelSpec, case: Case, gen):
     if f.paged:
         cu_q = torch.tensor([0] + [q for q, _ in case.lengths], device="cuda").cumsum(0).to(torch.int32)
         q = _tensor((int(cu_q[-1]), heads, d), dtype, gen, q_gain)
-        k, v, seqused_k, table = paged_cache(case, d, dtype, gen)
+        k, v, seqused_k, table = paged_cache([n for _, n in case.lengths], case.page, case.heads_kv, d, dtype,
+                                             gen, shared=case.shared)
 
         def call(launch, q, k, v, sinks, **kw):
             return launch(q, k, v, cu_q, seqused_k, table, splits=case.splits, **options(sinks), **kw)
@@ -115,35 +118,23 @@ def _inputs(spec: KernelSpec, case: Case, gen):
     return {"q": q, "k": k, "v": v, **({"sinks": sinks} if f.sinks else {})}, call, ref
 
 
-def paged_cache(case: Case, head_dim: int, dtype, gen, spare_pages: int = 3):
-    """A paged K/V cache for ``case.lengths`` (queries, keys) with ``case.page`` keys a page:
-    (k_cache, v_cache, seqused_k, block_table).  Each sequence's pages are drawn in a random
-    order from a shuffled pool with ``spare_pages`` unused ones; with ``case.shared`` the second
-    sequence's first pages are the first's (a shared prefix).  Every cache slot no sequence
-    uses holds NaN, and block-table entries past a sequence's pages are -1: a kernel that
-    reads either gives NaN or fails."""
-    page, lengths = case.page, [k for _, k in case.lengths]
-    counts = [-(-n // page) for n in lengths]
-    shared = min(counts[:2]) - 1 if case.shared else 0     # whole pages the first two share
-    total = sum(counts) - max(shared, 0) + spare_pages
-    order = torch.randperm(total, device="cuda", generator=gen).to(torch.int32)
-    table = torch.full((len(lengths), max(counts) + 1), -1, dtype=torch.int32, device="cuda")
-    taken = 0
-    for b, count in enumerate(counts):
-        reuse = max(shared, 0) if b == 1 else 0
-        if reuse:
-            table[1, :reuse] = table[0, :reuse]
-        table[b, reuse:count] = order[taken:taken + count - reuse]
-        taken += count - reuse
-    caches = []
-    for _ in range(2):
-        cache = torch.full((total, page, case.heads_kv, head_dim), float("nan"), dtype=dtype, device="cuda")
-        for b, n in enumerate(lengths):
-            for j in range(counts[b]):
-                filled = min(page, n - j * page)
-                cache[table[b, j], :filled] = _tensor((filled, case.heads_kv, head_dim), dtype, gen)
-        caches.append(cache)
-    seqused_k = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+def paged_cache(lengths, page: int, heads_kv: int, head_dim: int, dtype, gen, shared: bool = False,
+                spare_pages: int = 3):
+    """A paged K/V cache holding ``lengths`` keys per sequence in pages of ``page``: (k_cache,
+    v_cache, seqused_k, block_table), on ``gen``'s device.  Each sequence's pages are drawn in
+    turn from a shuffled pool with ``spare_pages`` unused ones; with ``shared`` the second
+    sequence's first pages (all its full ones but one) are the first's, a shared prefix.
+    Every cache slot no sequence uses holds NaN, and block-table entries past a sequence's
+    pages are -1: a kernel that reads either gives NaN or fails."""
+    total = sum(-(-n // page) for n in lengths) + spare_pages
+    order = torch.randperm(total, device=gen.device, generator=gen).to(torch.int32)
+    table = reference.page_table(lengths, page, order)
+    if shared:
+        reuse = min(n // page for n in lengths[:2]) - 1
+        table[1, :max(reuse, 0)] = table[0, :max(reuse, 0)]
+    caches = [reference.scatter_pages(_tensor((sum(lengths), heads_kv, head_dim), dtype, gen), lengths, table,
+                                      total, page) for _ in range(2)]
+    seqused_k = torch.tensor(lengths, dtype=torch.int32, device=gen.device)
     return caches[0], caches[1], seqused_k, table
 
 

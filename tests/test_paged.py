@@ -149,3 +149,30 @@ def test_a_paged_decode_step_traces_into_attngen_ops():
     assert ops.count("attngen.paged_attention.default") == 1, ops
     out = [n for n in exported.graph_module.graph.nodes if n.op == "output"][0]
     assert tuple(out.args[0][0].meta["val"].shape) == (3, 1, 8, 128)
+
+
+def test_scattered_pages_gather_back_and_test_caches_poison_the_rest():
+    """reference.page_table / scatter_pages invert gather_pages; the generated suites' cache
+    (attngen.testing.paged_cache) holds each sequence's keys, shares a prefix when asked, and
+    NaN in every slot no sequence uses."""
+    from attngen.core.reference import gather_pages, page_table, scatter_pages
+    from attngen.testing import paged_cache
+
+    lengths = [200, 230, 0, 17, 16]
+    order = torch.randperm(40).to(torch.int32)
+    table = page_table(lengths, 16, order)
+    assert table.shape == (5, 16) and (table[2] == -1).all() and table[3, 1] >= 0 and table[3, 2] == -1
+    packed = torch.randn(sum(lengths), 2, 8)
+    cache = scatter_pages(packed, lengths, table, 40, 16)
+    got, cu = gather_pages(cache, table, torch.tensor(lengths, dtype=torch.int32))
+    assert torch.equal(got, packed)
+
+    gen = torch.Generator().manual_seed(0)
+    k, v, used, table = paged_cache(lengths, 16, 2, 8, torch.float32, gen, shared=True)
+    assert used.tolist() == lengths
+    assert torch.equal(table[1, :11], table[0, :11]) and table[1, 11] != table[0, 11]
+    slots = {(int(table[b, p // 16]), p % 16) for b, n in enumerate(lengths) for p in range(n)}
+    for cache in (k, v):
+        keys, _ = gather_pages(cache, table, used)
+        assert not keys.isnan().any()
+        assert int(cache.isnan().all(-1).all(-1).sum()) == cache.shape[0] * 16 - len(slots)

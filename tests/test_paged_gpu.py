@@ -13,7 +13,7 @@ import torch
 from attngen.core import reference
 from attngen.core.mask import Mask
 from attngen.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
-from attngen.testing import needs_gpu
+from attngen.testing import needs_gpu, paged_cache
 
 pytestmark = [pytest.mark.gpu, needs_gpu]
 FLOOR = 1e-3
@@ -28,30 +28,13 @@ def _check(out, exact, eager):
     assert _rel(out, exact) <= 2 * _rel(eager, exact) + FLOOR, (_rel(out, exact), _rel(eager, exact))
 
 
-def _paged(batch, lengths, page, heads_kv, d, dtype, gen):
-    """A shuffled paged cache holding ``lengths`` keys per sequence (NaN elsewhere)."""
-    counts = [-(-n // page) for n in lengths]
-    pages = sum(counts) + 2
-    order = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32)
-    table = torch.full((batch, max(counts) + 1), -1, dtype=torch.int32, device="cuda")
-    caches = [torch.full((pages, page, heads_kv, d), float("nan"), dtype=dtype, device="cuda") for _ in range(2)]
-    taken = 0
-    for b, n in enumerate(lengths):
-        table[b, :counts[b]] = order[taken:taken + counts[b]]
-        taken += counts[b]
-        for cache in caches:
-            flat = torch.randn(counts[b] * page, heads_kv, d, device="cuda", generator=gen).to(dtype)
-            cache[table[b, :counts[b]].long()] = flat.view(counts[b], page, heads_kv, d)
-    return caches[0], caches[1], table
-
-
 @pytest.mark.parametrize("page", [16, 64, 256])
 @pytest.mark.parametrize("window", [(-1, -1), (100, 0)], ids=["full", "w101"])
 def test_with_kvcache_appends_and_attends(page, window):
     gen = torch.Generator(device="cuda").manual_seed(page)
     dtype, batch, heads, heads_kv, d, new = torch.bfloat16, 3, 8, 2, 128, 2
     cached = [300, 17, 0]
-    k_cache, v_cache, table = _paged(batch, [n + new for n in cached], page, heads_kv, d, dtype, gen)
+    k_cache, v_cache, _, table = paged_cache([n + new for n in cached], page, heads_kv, d, dtype, gen)
     q = torch.randn(batch, new, heads, d, device="cuda", generator=gen).to(dtype)
     k = torch.randn(batch, new, heads_kv, d, device="cuda", generator=gen).to(dtype)
     v = torch.randn(batch, new, heads_kv, d, device="cuda", generator=gen).to(dtype)
@@ -92,7 +75,7 @@ def test_varlen_block_table_mixes_prefill_and_decode():
     gen = torch.Generator(device="cuda").manual_seed(2)
     dtype, heads, heads_kv, d, page = torch.bfloat16, 4, 4, 64, 32
     q_lens, k_lens = [1, 40, 0, 7], [500, 40, 12, 7]
-    k_cache, v_cache, table = _paged(len(k_lens), k_lens, page, heads_kv, d, dtype, gen)
+    k_cache, v_cache, _, table = paged_cache(k_lens, page, heads_kv, d, dtype, gen)
     cu_q = torch.tensor([0] + q_lens, device="cuda").cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + k_lens, device="cuda").cumsum(0).to(torch.int32)
     q = torch.randn(int(cu_q[-1]), heads, d, device="cuda", generator=gen).to(dtype)
@@ -112,7 +95,7 @@ def test_decode_step_captures_in_a_cuda_graph_and_compiles():
     gen = torch.Generator(device="cuda").manual_seed(3)
     dtype, batch, heads, heads_kv, d, page = torch.bfloat16, 4, 32, 8, 128, 16
     lengths = [1000, 3000, 20, 4096]
-    k_cache, v_cache, table = _paged(batch, [n + 10 for n in lengths], page, heads_kv, d, dtype, gen)
+    k_cache, v_cache, _, table = paged_cache([n + 10 for n in lengths], page, heads_kv, d, dtype, gen)
     q = torch.randn(batch, 1, heads, d, device="cuda", generator=gen).to(dtype)
     seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
 

@@ -17,6 +17,7 @@ medians of ``triton.testing.do_bench`` (L2 flushed before each call), in microse
 from __future__ import annotations
 
 from ..core.mask import Mask
+from ..core.reference import page_table, scatter_pages
 from ..core.variant import Features, KernelSpec
 from ..runtime.registry import default_registry, get_kernel
 from .presets import parse_tiles
@@ -36,20 +37,11 @@ def paged_inputs(lengths, q_lens, page: int, dtype, seed: int = 0):
     import torch
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    counts = [-(-n // page) for n in lengths]
-    order = torch.randperm(sum(counts), device="cuda", generator=gen).to(torch.int32)
-    table = torch.zeros((len(lengths), max(counts)), dtype=torch.int32, device="cuda")
+    pages = sum(-(-n // page) for n in lengths)
+    table = page_table(lengths, page, torch.randperm(pages, device="cuda", generator=gen).to(torch.int32))
     k = torch.randn(sum(lengths), HEADS_KV, HEAD_DIM, device="cuda", generator=gen).to(dtype)
     v = torch.randn(sum(lengths), HEADS_KV, HEAD_DIM, device="cuda", generator=gen).to(dtype)
-    k_cache = torch.zeros(sum(counts), page, HEADS_KV, HEAD_DIM, dtype=dtype, device="cuda")
-    v_cache = torch.zeros_like(k_cache)
-    taken, start = 0, 0
-    for b, n in enumerate(lengths):
-        table[b, :counts[b]] = order[taken:taken + counts[b]]
-        pos = torch.arange(n, device="cuda")
-        pages, rows = table[b].long()[pos // page], pos % page
-        k_cache[pages, rows], v_cache[pages, rows] = k[start:start + n], v[start:start + n]
-        taken, start = taken + counts[b], start + n
+    k_cache, v_cache = (scatter_pages(x, lengths, table, pages, page, fill=0.0) for x in (k, v))
     cu_q = torch.tensor([0, *q_lens], device="cuda").cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0, *lengths], device="cuda").cumsum(0).to(torch.int32)
     q = torch.randn(int(cu_q[-1]), HEADS, HEAD_DIM, device="cuda", generator=gen).to(dtype)

@@ -182,6 +182,37 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor,
     return torch.cat(parts) if parts else cache.new_empty(0, *cache.shape[2:]), cu
 
 
+def page_table(lengths, page: int, order: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """A block table for sequences of ``lengths`` keys in pages of ``page``: sequence ``b``
+    takes the next ``cdiv(lengths[b], page)`` pages of ``order`` (a sequence of page numbers,
+    e.g. a permutation) in turn; entries past a sequence's pages are -1.  (B, ``width``)
+    int32 on ``order``'s device; ``width`` defaults to the most pages a sequence needs, plus
+    one."""
+    counts = [-(-n // page) for n in lengths]
+    width = max(counts + [0]) + 1 if width is None else width
+    table = torch.full((len(lengths), width), -1, dtype=torch.int32, device=order.device)
+    taken = 0
+    for b, count in enumerate(counts):
+        table[b, :count] = order[taken:taken + count]
+        taken += count
+    return table
+
+
+def scatter_pages(packed: torch.Tensor, lengths, block_table: torch.Tensor, pages: int, page: int,
+                  fill: float = float("nan")) -> torch.Tensor:
+    """The inverse of :func:`gather_pages`: a cache of ``pages`` pages of ``page`` slots,
+    (pages, page, HKV, D), holding sequence ``b``'s rows of ``packed`` (sum(lengths), HKV, D)
+    at its positions through ``block_table``, and ``fill`` in every other slot.  Sequences
+    written later win a page two of them share."""
+    cache = packed.new_full((pages, page, *packed.shape[1:]), fill)
+    start = 0
+    for b, n in enumerate(lengths):
+        pos = torch.arange(n, device=packed.device)
+        cache[block_table[b].long()[pos // page], pos % page] = packed[start:start + n]
+        start += n
+    return cache
+
+
 def paged(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, mask: Mask, **kwargs) -> torch.Tensor:
     """Attention over a paged K/V cache (:func:`gather_pages`): packed queries q (total_q, H, D),
     sequence ``b``'s queries the last ``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` of its
