@@ -8,28 +8,21 @@ import pytest
 import torch
 
 from attngen.core.mask import Mask
-from attngen.core.reference import gather_pages, paged, varlen
+from attngen.core.reference import gather_pages, page_table, paged, scatter_pages, varlen
 
 
 def _paged_cache(keys: list[torch.Tensor], block_size: int, spare: int, share: bool, gen: random.Random):
-    """A cache holding each sequence's keys in pages drawn at random (``spare`` pages unused),
-    and its block table; with ``share``, sequences 0 and 1 share their first full page."""
-    heads, dim = keys[0].shape[1:]
-    needed = [-(-len(k) // block_size) for k in keys]
-    order = list(range(sum(needed) + spare))
+    """A cache holding each sequence's keys in pages drawn at random (``spare`` pages unused,
+    NaN), and its block table; with ``share``, sequences 0 and 1 share their first full page
+    (sequence 0's keys there become sequence 1's, which the page holds)."""
+    lengths = [len(k) for k in keys]
+    order = list(range(sum(-(-n // block_size) for n in lengths) + spare))
     gen.shuffle(order)
-    cache = torch.randn(len(order), block_size, heads, dim, dtype=torch.float64)   # garbage first
-    table = torch.full((len(keys), max(needed + [1]) + 1), -1, dtype=torch.int32)
-    for b, k in enumerate(keys):
-        for j in range(needed[b]):
-            page = order.pop()
-            rows = k[j * block_size:(j + 1) * block_size]
-            cache[page, :len(rows)] = rows
-            table[b, j] = page
-    if share and len(keys) > 1 and min(len(keys[0]), len(keys[1])) >= block_size:
-        keys[1][:block_size] = keys[0][:block_size]         # sequence 1 reads sequence 0's page
-        table[1, 0] = table[0, 0]
-    return cache, table
+    table = page_table(lengths, block_size, torch.tensor(order, dtype=torch.int32))
+    if share and len(keys) > 1 and min(lengths[:2]) >= block_size:
+        keys[0][:block_size] = keys[1][:block_size]         # sequence 0 reads sequence 1's page
+        table[0, 0] = table[1, 0]
+    return scatter_pages(torch.cat(keys), lengths, table, len(order), block_size), table
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
@@ -54,11 +47,7 @@ def test_attention_over_pages_equals_attention_over_contiguous_keys(block_size, 
     k = [torch.randn(n, 2, 8, dtype=torch.float64) for n in keys_per_seq]
     v = [torch.randn(n, 2, 8, dtype=torch.float64) for n in keys_per_seq]
     k_cache, table = _paged_cache(k, block_size, spare=2, share=False, gen=gen)
-    v_cache = torch.zeros_like(k_cache)
-    for b, rows in enumerate(v):
-        flat = torch.cat([rows, rows.new_zeros(-len(rows) % block_size, 2, 8)])
-        for j in range(len(flat) // block_size):
-            v_cache[table[b, j]] = flat[j * block_size:(j + 1) * block_size]
+    v_cache = scatter_pages(torch.cat(v), keys_per_seq, table, len(k_cache), block_size)
     q = torch.randn(sum(queries_per_seq), 4, 8, dtype=torch.float64)
     cu_q = torch.tensor([0] + queries_per_seq).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + keys_per_seq).cumsum(0).to(torch.int32)
