@@ -85,3 +85,14 @@ def test_launch_grid_folds_pairs_over_y_and_z(pairs):
     assert tiles == 5 and y <= inputs.GRID_YZ_MAX and z <= inputs.GRID_YZ_MAX
     assert pairs <= y * z < pairs + z
     assert (y, z) == (pairs, 1) or pairs > inputs.GRID_YZ_MAX
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1001), (2, 3, 8192), (50, 6), (4, 7, 5)])
+def test_row_stats_keep_every_stride_a_multiple_of_16_bytes(shape):
+    from attngen.runtime.inputs import row_stats
+
+    rows = row_stats(shape, "cpu")
+    assert rows.shape == shape and rows.dtype == torch.float32 and rows.stride(-1) == 1
+    assert all(s * 4 % 16 == 0 for s in rows.stride()[:-1]), rows.stride()
+    padded = -(-shape[-1] // 4) * 4
+    assert rows.stride(-2) == padded          # no more than the padding a row needs

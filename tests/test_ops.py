@@ -38,6 +38,15 @@ def test_fake_outputs_and_gradients_have_the_kernels_shapes(layout):
             assert g.stride() == bhsd(torch.empty_like(bhsd(t, layout)), layout).stride()
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_fake_log_sum_exp_has_the_padded_rows_the_kernels_get(layout):
+    attn = attngen.get_kernel(window=32, gqa=2)
+    with FakeTensorMode():
+        q, k, v = _qkv(layout, s=99)
+        _, lse, _ = torch.ops.attngen.attention_fwd(attn.key, q, k, v, None, None, None, None, None, None, layout)
+        assert lse.shape == (2, 4, 99) and lse.stride() == (4 * 100, 100, 1)
+
+
 def test_fake_sinks_and_packed_sequences():
     attn = attngen.get_kernel(window=16, gqa=2, sinks=True, varlen=True)
     with FakeTensorMode():

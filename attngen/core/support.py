@@ -24,6 +24,12 @@ LOG2E = 1.4426950408889634                          # the kernels work in exp2 /
 #: a paged kernel loads keys PAGE_ROWS at a time, each piece inside one page: page sizes are
 #: multiples of it (vLLM's default page holds 16 keys)
 PAGE_ROWS = 16
+#: every stride of the arrays the kernels load, but the unit last one, is a multiple of this
+#: many bytes: tensors of head_dim-long rows are so by construction, and attngen pads the
+#: per-row statistics it allocates (:func:`attngen.runtime.inputs.row_stats`).  The built
+#: kernels assume it, as cuTile assumes it of a call whose tensors have it: without it the
+#: tile compiler cannot load through TMA and emits 3-5x the code (docs/architecture.md)
+STRIDE_BYTES = 16
 
 
 class ArgumentError(ValueError):

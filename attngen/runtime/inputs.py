@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..core.reference import resolve_scale
-from ..core.support import LOG2E, PAGE_ROWS, bhsd, check_layout, check_positive_number
+from ..core.support import LOG2E, PAGE_ROWS, STRIDE_BYTES, bhsd, check_layout, check_positive_number
 
 
 class InputError(ValueError):
@@ -39,6 +39,16 @@ def wide_index(*tensors: torch.Tensor) -> bool:
         if last > INT32_MAX or max(t.stride(), default=0) > INT32_MAX or max(t.shape, default=0) > INT32_MAX:
             return True
     return False
+
+
+def row_stats(shape, device) -> torch.Tensor:
+    """A new fp32 array of per-row statistics (log-sum-exp, delta, a split's log-sum-exp)
+    of ``shape``, its last axis padded in memory so that every other stride is a multiple of
+    STRIDE_BYTES, as the built kernels assume (:func:`attngen.generate.aot.signature`): a view
+    of the first ``shape[-1]`` of each padded row."""
+    *lead, n = shape
+    align = STRIDE_BYTES // 4
+    return torch.empty((*lead, (n + align - 1) // align * align), dtype=torch.float32, device=device)[..., :n]
 
 
 GRID_YZ_MAX = 65535     # programs a CUDA grid's y or z axis holds

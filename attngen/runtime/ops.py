@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..core.support import LOG2E, at_least_fp32, bhsd, check_positive_number, dtype_name
-from .inputs import InputError, no_out_with_grad, wants_grad
+from .inputs import InputError, no_out_with_grad, row_stats, wants_grad
 
 _targets: dict[str, ModuleType | Callable[[int, str], ModuleType]] = {}
 
@@ -138,7 +138,7 @@ def _(variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     packed = cu_seqlens_q is not None
     res = q.new_empty(0) if sinks is None else q.new_empty(q.shape if packed else bhsd(q, layout).shape)
-    return out, q.new_empty(_rows(q, packed, layout), dtype=torch.float32), res
+    return out, row_stats(_rows(q, packed, layout), q.device), res
 
 
 def _gradients(variant: str, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
