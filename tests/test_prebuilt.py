@@ -141,14 +141,14 @@ paged: true
 """
 
 
-def cuobjdump() -> str:
+def nvdisasm() -> str:
     import shutil
     from pathlib import Path
 
     import nvidia
-    found = [str(p) for root in nvidia.__path__ for p in Path(root).glob("cu*/bin/cuobjdump")]
-    found = found or [shutil.which("cuobjdump")]
-    assert found[0], "cuobjdump not found: pip install nvidia-cuda-cuobjdump (in the [test] extra)"
+    found = [str(p) for root in nvidia.__path__ for p in Path(root).glob("cu*/bin/nvdisasm")]
+    found = found or [shutil.which("nvdisasm")]
+    assert found[0], "nvdisasm not found: pip install nvidia-cuda-nvdisasm (in the [test] extra)"
     return found[0]
 
 
@@ -167,6 +167,6 @@ def test_built_kernels_load_their_tiles_through_tma(streaming_cubins):
     kinds = {s for _, s, _ in streaming_cubins}
     assert kinds == set(STREAMING), kinds                     # every kind of streaming kernel is here
     for kernel, suffix, cubin in streaming_cubins:
-        sass = subprocess.run([cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([nvdisasm(), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
         assert "HGMMA" in sass, f"{cubin.name}: no SASS read"
         assert sass.count("UTMALDG") >= 2, f"{kernel.name}{suffix} loads its tiles without TMA"
