@@ -115,6 +115,18 @@ def test_backward_tune_swaps_only_the_tiles_asked_for(monkeypatch, flags):
         tune(shape, [candidate], backward=True, dq=True)
 
 
+def test_paged_decode_times_each_split_asked_then_the_launchers_choice(monkeypatch):
+    from attngen.bench import paged
+
+    seen = {}
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(paged, "decode", lambda **kw: seen.update(kw) or [])
+    assert cli.main(["paged", "--only", "decode", "--splits", "2", "8", "--batch", "16"]) == 0
+    assert seen["splits"] == (2, 8, None) and seen["batches"] == (16,)
+    assert cli.main(["paged", "--only", "decode"]) == 0
+    assert seen["splits"] == (None,)
+
+
 def test_help_lists_every_subcommand_and_every_preset_shape(capsys):
     from attngen.cli import main
 

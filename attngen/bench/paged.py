@@ -93,7 +93,9 @@ def prefill(seqs=(8192,), batch: int = 4, pages=(16, 64, 256), window: int = 409
 
 
 def decode(batches=(1, 16, 64, 256), contexts=(8192, 32768), windows=(4096, None), page: int = 16,
-           peers=("sdpa", "flex"), tiles=None, say=print) -> list[dict]:
+           peers=("sdpa", "flex"), tiles=None, splits=(None,), say=print) -> list[dict]:
+    """Decode steps; ``splits``: the key splits to time each shape with (None: the launcher's
+    choice), peers timed once a shape."""
     import torch
     import torch.nn.functional as F
 
@@ -114,11 +116,14 @@ def decode(batches=(1, 16, 64, 256), contexts=(8192, 32768), windows=(4096, None
                 q, kc, vc, cu_q, used, table, k, v, _ = paged_inputs([context] * batch, [1] * batch, page,
                                                                      torch.bfloat16)
                 seen = context if window is None else min(window, context)
-                t = _median(lambda: kernel(q, kc, vc, cu_q, used, table, 1, check=False))
                 moved = batch * seen * HEADS_KV * HEAD_DIM * 2 * 2 + 2 * q.numel() * 2
-                row = {"bench": "decode", "batch": batch, "context": context, "window": window, "page": page,
-                       "attngen_us": t, "GB/s": moved / t * 1e-3,
-                       "of_peak": None if peak is None else moved / (t * 1e-6) / peak}
+                for split in splits[:-1]:
+                    t = _median(lambda: kernel(q, kc, vc, cu_q, used, table, 1, check=False, splits=split))
+                    rows.append(_decode_row(batch, context, window, page, split, t, moved, peak))
+                    say(f"decode B{batch:>3} ctx {context:>5} W{window or 'full'} splits {split or 'auto'}: "
+                        f"attngen {t:8.1f} us ({rows[-1]['GB/s']:.0f} GB/s)")
+                t = _median(lambda: kernel(q, kc, vc, cu_q, used, table, 1, check=False, splits=splits[-1]))
+                row = _decode_row(batch, context, window, page, splits[-1], t, moved, peak)
                 # peers over the same keys, contiguous (B, H_kv, keys, D): the window's last keys
                 kk = k.view(batch, context, HEADS_KV, HEAD_DIM)[:, context - seen:].transpose(1, 2).contiguous()
                 vv = v.view(batch, context, HEADS_KV, HEAD_DIM)[:, context - seen:].transpose(1, 2).contiguous()
@@ -138,11 +143,18 @@ def decode(batches=(1, 16, 64, 256), contexts=(8192, 32768), windows=(4096, None
                     except Exception as exc:      # an inductor failure is a result, not the end of the bench
                         row["flex_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                         say(f"  flex failed: {row['flex_error']}")
-                say(f"decode B{batch:>3} ctx {context:>5} W{window or 'full'}: attngen {t:8.1f} us "
+                say(f"decode B{batch:>3} ctx {context:>5} W{window or 'full'} splits {splits[-1] or 'auto'}: "
+                    f"attngen {t:8.1f} us "
                     f"({row['GB/s']:.0f} GB/s" + (f", {row['of_peak']:.0%} of {name}'s peak" if peak else "")
                     + ")" + "".join(f", {p} {row[p + '_us']:.1f} us" for p in peers if p + "_us" in row))
                 rows.append(row)
     return rows
+
+
+def _decode_row(batch, context, window, page, splits, t, moved, peak) -> dict:
+    return {"bench": "decode", "batch": batch, "context": context, "window": window, "page": page,
+            "splits": splits, "attngen_us": t, "GB/s": moved / t * 1e-3,
+            "of_peak": None if peak is None else moved / (t * 1e-6) / peak}
 
 
 def mixed(context: int = 8192, prefills: int = 4, chunk: int = 512, decodes: int = 60, page: int = 16,
@@ -168,6 +180,8 @@ def add_arguments(p) -> None:
     p.add_argument("--context", type=int, nargs="+", default=[8192, 32768], help="decode contexts")
     p.add_argument("--page", type=int, nargs="+", default=[16, 64, 256], help="prefill page sizes")
     p.add_argument("--tiles", type=parse_tiles, help="attngen tiles, e.g. 128x64o2c1p4")
+    p.add_argument("--splits", type=int, nargs="+",
+                   help="decode: time each shape with these key splits too (default: the launcher's choice)")
     p.add_argument("--json", help="write the rows here")
 
 
@@ -177,7 +191,8 @@ def run(args, say=print) -> list[dict]:
     if "prefill" in which:
         rows += prefill(pages=tuple(args.page), tiles=args.tiles, say=say)
     if "decode" in which:
-        rows += decode(batches=tuple(args.batch), contexts=tuple(args.context), tiles=args.tiles, say=say)
+        rows += decode(batches=tuple(args.batch), contexts=tuple(args.context), tiles=args.tiles,
+                       splits=(*(args.splits or ()), None), say=say)
     if "mixed" in which:
         rows += mixed(tiles=args.tiles, say=say)
     return rows
