@@ -116,20 +116,13 @@ class Param:
     arg: str
 
 
-# Kernels (by suffix of KernelSpec.kernels) that `attngen build` leaves to first need unless
-# told `--all`, where the variant has a fused backward (then they are deterministic mode
-# only), besides every 64-bit twin: see compiled_by_default.
-DETERMINISTIC_ONLY: frozenset[str] = frozenset({"_dq", "_dkdv"})
-
-
 def compiled_by_default(spec: "KernelSpec", suffix: str) -> bool:
     """Whether `attngen build` compiles the kernel of ``suffix`` (a key of
-    ``spec.kernels``) ahead of time by default.  The others -- every 64-bit twin (``_i64``,
-    for tensors past 2^31 elements) and, where the variant's default backward is the fused
-    one, the deterministic mode's kernels (:data:`DETERMINISTIC_ONLY`) -- are compiled by
-    cuTile the first time a call needs them (logged once), or ahead of time by
-    `attngen build --all`.  The one place this rule lives."""
-    return not suffix.endswith("_i64") and not (spec.fused_tiles and suffix in DETERMINISTIC_ONLY)
+    ``spec.kernels``) ahead of time by default: every kernel but the 64-bit twins (``_i64``,
+    for tensors past 2^31 elements; without TMA, they take longer to compile than all the
+    others), which cuTile compiles the first time a call needs them (logged once), or
+    `attngen build --all` ahead of time.  The one place this rule lives."""
+    return not suffix.endswith("_i64")
 
 
 #: the parameter kinds that are large arrays: their ``_i64`` twins index them with 64 bits
