@@ -33,8 +33,9 @@ def wide_index(*tensors: torch.Tensor) -> bool:
     """Whether the kernels need 64-bit indexing for these tensors: a shape, a stride or the
     offset of the last element past int32 (cuTile's default index type)."""
     for t in tensors:
-        if t.numel() == 0:          # nothing is launched over an empty tensor
-            continue
+        numel = t.numel()
+        if numel == 0 or (numel <= INT32_MAX and t.is_contiguous()):
+            continue    # nothing is launched over an empty tensor; a contiguous one's offsets < numel
         last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
         if last > INT32_MAX or max(t.stride(), default=0) > INT32_MAX or max(t.shape, default=0) > INT32_MAX:
             return True
