@@ -214,9 +214,8 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         fail(f"cu_seqlens_q and cu_seqlens_k describe {cu_seqlens_q.numel() - 1} and "
              f"{cu_seqlens_k.numel() - 1} sequences")
-    for label, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            fail(f"{label} must be a non-negative int, got {value!r}")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q, fail)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k, fail)
     if not chunked and max_seqlen_k is not None and max_seqlen_k != max_seqlen_q:
         fail(f"each sequence takes as many keys as queries, so max_seqlen_k ({max_seqlen_k}) must "
              f"equal max_seqlen_q ({max_seqlen_q})")
@@ -232,21 +231,31 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 def _read_offsets(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q, chunked: bool,
                   fail) -> tuple[int, int]:
     """Check the offsets on the host (one synchronization); the longest queries and keys."""
-    lengths = {}
-    for label, cu, total in (("cu_seqlens_q", cu_seqlens_q, total_q), ("cu_seqlens_k", cu_seqlens_k, total_k)):
-        host = cu.tolist()
-        if host[0] != 0 or host[-1] != total or any(b < a for a, b in zip(host, host[1:])):
-            fail(f"{label} must rise from 0 to {total} (the packed length), got {host}")
-        lengths[label] = [b - a for a, b in zip(host, host[1:])]
-    len_q, len_k = lengths["cu_seqlens_q"], lengths["cu_seqlens_k"]
+    len_q = _lengths("cu_seqlens_q", cu_seqlens_q.tolist(), total_q, max_seqlen_q, fail)
+    len_k = _lengths("cu_seqlens_k", cu_seqlens_k.tolist(), total_k, None, fail)
     if chunked and any(a > b for a, b in zip(len_q, len_k)):
         fail(f"each sequence's queries are the last of its keys (S_q <= S_k), got {len_q} and {len_k}")
     if not chunked and len_q != len_k:
         fail(f"each sequence takes as many keys as queries, got {len_q} and {len_k} "
              f"(a variant with chunked: true takes queries after a cached prefix)")
-    if max_seqlen_q is not None and max_seqlen_q < max(len_q):
-        fail(f"max_seqlen_q is {max_seqlen_q} but a sequence has {max(len_q)} queries")
     return (max(len_q) if max_seqlen_q is None else max_seqlen_q), max(len_k)
+
+
+def _check_max_seqlen(label: str, value, fail) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        fail(f"{label} must be a non-negative int, got {value!r}")
+
+
+def _lengths(label: str, host: list[int], total: int, max_seqlen_q, fail) -> list[int]:
+    """The sequence lengths of B + 1 offsets read on the host (``label``), checked to rise
+    from 0 to ``total``, the packed length, and, for the queries' offsets, to fit a given
+    ``max_seqlen_q``."""
+    if host[0] != 0 or host[-1] != total or any(b < a for a, b in zip(host, host[1:])):
+        fail(f"{label} must rise from 0 to {total} (the packed length), got {host}")
+    lengths = [b - a for a, b in zip(host, host[1:])]
+    if max_seqlen_q is not None and max_seqlen_q < max(lengths):
+        fail(f"max_seqlen_q is {max_seqlen_q} but a sequence has {max(lengths)} queries")
+    return lengths
 
 
 def prepare_paged(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, out, *,
@@ -301,9 +310,7 @@ def prepare_paged(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max
              f"block_table ({block_table.shape[0]} rows) must describe the same B >= 1 sequences")
     if block_table.stride(-1) != 1:
         block_table = block_table.contiguous()
-    if max_seqlen_q is not None and (isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, int)
-                                     or max_seqlen_q < 0):
-        fail(f"max_seqlen_q must be a non-negative int, got {max_seqlen_q!r}")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q, fail)
     if check is None:
         check = not (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling())
     if check or max_seqlen_q is None:
@@ -329,12 +336,7 @@ def _read_paged(cu_seqlens_q, seqused_k, block_table, total_q: int, pages: int, 
         outside = need & ((block_table < 0) | (block_table >= pages))
         read += [seqused_k.to(torch.int64), outside.any().reshape(1).to(torch.int64)]
     values = torch.cat(read).tolist()
-    host = values[:batch + 1]
-    if host[0] != 0 or host[-1] != total_q or any(b < a for a, b in zip(host, host[1:])):
-        fail(f"cu_seqlens_q must rise from 0 to {total_q} (the packed length), got {host}")
-    longest = max(b - a for a, b in zip(host, host[1:]))
-    if max_seqlen_q is not None and max_seqlen_q < longest:
-        fail(f"max_seqlen_q is {max_seqlen_q} but a sequence has {longest} queries")
+    longest = max(_lengths("cu_seqlens_q", values[:batch + 1], total_q, max_seqlen_q, fail))
     if check:
         used, any_outside = values[batch + 1:2 * batch + 1], values[-1]
         capacity = block_table.shape[1] * page
