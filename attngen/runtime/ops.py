@@ -70,13 +70,18 @@ def _module(variant: str, q: Tensor) -> ModuleType:
     return target if isinstance(target, ModuleType) else target(q.shape[-1], dtype_name(q.dtype))
 
 
+def _options(module: ModuleType, scale, sinks) -> dict:
+    """The keyword arguments every launcher function takes: the scale, and sinks where the
+    variant has them."""
+    return {"scale": scale, **({"sinks": sinks} if module.SPEC["features"]["sinks"] else {})}
+
+
 def _resolve(variant: str, q: Tensor, sinks, cu_q, cu_k, max_q, max_k, scale, layout):
     """The launcher module that runs ``variant`` for ``q``, and the extra positional and
     keyword arguments its functions (``infer``, ``forward``, ``backward``) take."""
     module = _module(variant, q)
-    features = module.SPEC["features"]
-    options = {"scale": scale, **({"sinks": sinks} if features["sinks"] else {})}
-    if features["varlen"]:
+    options = _options(module, scale, sinks)
+    if module.SPEC["features"]["varlen"]:
         return module, (cu_q, cu_k), {**options, "max_seqlen_q": max_q, "max_seqlen_k": max_k}
     return module, (), {**options, "layout": layout}
 
@@ -265,9 +270,8 @@ def _paged_infer(variant: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_s
                  max_seqlen_q: Optional[int], scale: Optional[float], splits: Optional[int],
                  check: Optional[bool], out: Optional[Tensor] = None) -> Tensor:
     module = _module(variant, q)
-    sinks = {"sinks": sinks} if module.SPEC["features"]["sinks"] else {}
     return module.infer(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max_seqlen_q=max_seqlen_q,
-                        scale=scale, **sinks, out=out, splits=splits, check=check)
+                        **_options(module, scale, sinks), out=out, splits=splits, check=check)
 
 
 @torch.library.custom_op("attngen::paged_attention", mutates_args=())
