@@ -1,12 +1,18 @@
 """Host time of one attngen call, next to the same call through the torch.library ops and
 next to PyTorch SDPA (GPU).
 
-    python scripts/host_time.py [--rounds 3] [--calls 200]
+    python scripts/host_time.py [--rounds 3] [--calls 200] [--breakdown]
 
 The inputs are small (B=1, H64/8, S=256, D=64, bf16) so the GPU is idle: each reading is the
 median wall time of one call (``time.perf_counter``, then a sync outside the timing), i.e.
 what the Python launcher, the op dispatch and autograd cost on the CPU.  Rounds interleave
 the calls; the median round is printed with all rounds.  docs/performance.md, "Host time of one call".
+
+``--breakdown`` also times the parts of one eager training call alone, the same way: a
+CUDA allocation, the device/stream lookup, each kernel launch of the step replayed with the
+arguments it had, the launcher's forward and backward called from the main thread, autograd's
+cost for a Function that launches nothing, and the launcher's backward run from inside such a
+Function (on autograd's device thread), so that a reading says where the call's host time goes.
 """
 import argparse
 import time
@@ -34,6 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--breakdown", action="store_true", help="also time the parts of a training call")
     args = p.parse_args()
 
     def make(heads):
@@ -64,6 +71,76 @@ def main() -> None:
     print(f"host time per call on {torch.cuda.get_device_name()}, median of {args.calls} calls")
     for name, r in readings.items():
         print(f"{name:<52} {sorted(r)[len(r) // 2]:7.1f} us  (rounds {[round(x) for x in r]})")
+    if args.breakdown:
+        breakdown(attn, q, k, v, dout, args.calls)
+
+
+def breakdown(attn, q, k, v, dout, calls: int) -> None:
+    """The parts of one eager training call ``attn(q, k, v)`` + backward, each timed alone."""
+    import cuda.tile as ct
+    from attngen.runtime import ops
+    from attngen.runtime.inputs import row_stats
+
+    module = ops._module(attn.key, q)
+    plain = [t.detach() for t in (q, k, v)]
+    out, lse, res = module.forward(*plain)
+    launches = []
+    real_launch = module.ct.launch
+
+    def record(stream, grid, kernel, args):
+        launches.append((grid, kernel, args))
+        return real_launch(stream, grid, kernel, args)
+
+    module.ct.launch = record
+    try:
+        module.forward(*plain)
+        module.backward(*plain, out, lse, res, dout)
+    finally:
+        module.ct.launch = real_launch
+    torch.cuda.synchronize()
+
+    class Nothing(torch.autograd.Function):
+        """autograd's own cost: a Function whose forward and backward only allocate."""
+        @staticmethod
+        def forward(ctx, q, k, v):
+            return torch.empty_like(q)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    class EngineBackward(torch.autograd.Function):
+        """the launcher's backward, run where autograd runs a backward: its device thread."""
+        @staticmethod
+        def forward(ctx, q, k, v):
+            return torch.empty_like(q)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return module.backward(*plain, out, lse, res, dout)[:3]
+
+    def on(device):
+        with torch.cuda.device(device):
+            return torch.cuda.current_stream()
+
+    parts = {
+        "torch.empty_like(q) on the GPU": lambda: torch.empty_like(q),
+        "row_stats (a padded fp32 row buffer)": lambda: row_stats(lse.shape, q.device),
+        "torch.cuda.device + current_stream": lambda: on(q.device),
+        **{f"ct.launch alone: {kernel.name[len(module.NAME):] or '(inference)'}, grid {grid}": (
+            lambda g=grid, kn=kernel, a=args: ct.launch(torch.cuda.current_stream(), g, kn, a))
+           for grid, kernel, args in launches},
+        "launcher forward (main thread)": lambda: module.forward(*plain),
+        "launcher backward (main thread)": lambda: module.backward(*plain, out, lse, res, dout),
+        "autograd step, a Function that launches nothing": lambda: torch.autograd.grad(
+            Nothing.apply(q, k, v), (q, k, v), dout),
+        "  + the launcher's backward in its backward": lambda: torch.autograd.grad(
+            EngineBackward.apply(q, k, v), (q, k, v), dout),
+        "whole step, attn(q, k, v) + autograd.grad": lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), dout),
+    }
+    print(f"\nparts of one training call, median of {calls} calls each (us)")
+    for name, fn in parts.items():
+        print(f"{name:<60} {host_us(fn, calls):7.1f}")
 
 
 if __name__ == "__main__":
