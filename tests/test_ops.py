@@ -183,6 +183,50 @@ def test_backward_mode_follows_call_kernel_then_torch_setting(kernel_mode, call_
     assert seen == [expected]
 
 
+def _standin_launcher(calls):
+    """A launcher module with the generated ones' interface whose "kernels" are torch
+    expressions, so the eager path's autograd wiring runs on the CPU."""
+    from types import ModuleType
+    from attngen.runtime.inputs import row_stats
+
+    module = ModuleType("standin")
+    module.NAME = "standin_launcher"
+    module.SPEC = {"features": {"sinks": False, "varlen": False}}
+
+    def forward(q, k, v, *, scale=None, layout="bhsd"):
+        calls.append(("forward", scale, layout))
+        return q * 2, row_stats(q.shape[:3], q.device), q.new_empty(0)
+
+    def backward(q, k, v, out, lse, res, dout, *, scale=None, layout="bhsd", deterministic=False):
+        calls.append(("backward", scale, layout, deterministic))
+        return dout * 2, torch.full_like(k, 3.0), torch.full_like(v, 4.0), None
+
+    module.forward, module.backward = forward, backward
+    return module
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_eager_and_traced_training_calls_run_the_launchers_forward_and_backward(traced, monkeypatch):
+    """Plain eager tensors take _DirectAttention (launchers called directly), anything that
+    traces _Attention (through the ops): both record the launcher's forward, hand its backward
+    the call's scale, layout and mode, and return its gradients."""
+    import attngen.runtime.ops as ops
+
+    calls = []
+    ops.register_variant(_standin_launcher(calls))
+    if traced:
+        monkeypatch.setattr(ops, "_direct", lambda *tensors: False)
+    q, k, v = _qkv("bhsd", dtype=torch.float32, requires_grad=True)
+    out = ops.attention("standin_launcher", q, k, v, scale=0.5, deterministic=True)
+    assert type(out.grad_fn).__name__ == ("_Attention" if traced else "_DirectAttention") + "Backward"
+    torch.testing.assert_close(out, q.detach() * 2)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    torch.testing.assert_close(dq, dout * 2)
+    assert (dk == 3).all() and (dv == 4).all()
+    assert calls == [("forward", 0.5, "bhsd"), ("backward", 0.5, "bhsd", True)]
+
+
 def test_deterministic_must_be_a_bool_or_none():
     with pytest.raises(ValueError, match="deterministic must be True, False or None"):
         attngen.get_kernel(window=32, deterministic="yes")

@@ -22,9 +22,10 @@ forward runs.
 Each op has a fake implementation (shapes, strides and dtypes only), so ``torch.compile(...,
 fullgraph=True)`` traces through an attngen call without running it, and ``aot_autograd``
 sees the backward as one op too.  :func:`attention` picks: when autograd records the call,
-``_Attention`` (the op's autograd formula as an autograd.Function), else inference.  In eager
-mode on plain tensors it runs the implementations behind the ops directly, which costs a
-fraction of the host time of the ops' Python dispatch; anything that traces gets the ops.
+the op's autograd formula as an autograd.Function, else inference.  In eager mode on plain
+tensors it runs the implementations behind the ops directly (``_DirectAttention`` when
+autograd records), which costs a fraction of the host time of the ops' Python dispatch;
+anything that traces gets the ops (``_Attention``).
 
 The real implementations validate the inputs and launch (``attngen.runtime.inputs``, the generated
 launcher).  Nothing on the path synchronizes with the host, except reading packed sequences'
@@ -197,28 +198,47 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _Attention(torch.autograd.Function):
-    """... and :func:`attention` records the same formula through this autograd.Function,
-    which in eager mode runs the launchers without the ops (see :func:`_direct`) and under
-    torch.compile traces to the ops."""
+    """... and :func:`attention` records the same formula through this autograd.Function when
+    anything traces (torch.compile, torch.func transforms, dispatch modes), which traces to the
+    ops."""
 
     @staticmethod
-    def forward(direct, deterministic, *args):
-        return _forward(*args) if direct else torch.ops.attngen.attention_fwd(*args)
+    def forward(deterministic, *args):
+        return torch.ops.attngen.attention_fwd(*args)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs[2:], output)
-        ctx.direct, ctx.deterministic = inputs[:2]
+        _setup_context(ctx, inputs[1:], output)
+        ctx.deterministic = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, *_backward(ctx, *grads))
+        return (None, *_backward(ctx, *grads))
 
 
 # autograd.Function.apply binds each call's arguments to ``forward``'s signature, which
 # inspect.signature computes anew every time unless the function carries it: 25 us of host
 # time a training call, computed here once
 _Attention.forward.__signature__ = inspect.signature(_Attention.forward)
+
+
+class _DirectAttention(torch.autograd.Function):
+    """The same formula for eager calls on plain tensors (see :func:`_direct`), running the
+    launchers without the ops.  It is written in the older style, ``forward(ctx, ...)``: for
+    a Function with a ``setup_context``, apply binds every call's arguments to ``forward``'s
+    signature, 9 us of host time a training call (CPU, 2026-12-04); transforms, which need
+    ``setup_context``, never reach this one."""
+
+    @staticmethod
+    def forward(ctx, deterministic, *args):
+        output = _forward(*args)
+        _setup_context(ctx, args, output)
+        ctx.direct, ctx.deterministic = True, deterministic
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *_backward(ctx, *grads))
 
 
 def _direct(*tensors) -> bool:
@@ -257,7 +277,7 @@ def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | 
         no_out_with_grad(out, variant)
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
-        return _Attention.apply(direct, bool(deterministic), *args)[0]
+        return (_DirectAttention if direct else _Attention).apply(bool(deterministic), *args)[0]
     if out is None:
         return (_infer if direct else torch.ops.attngen.attention)(*args)
     (_infer_out if direct else torch.ops.attngen.attention_out)(*args, out)
