@@ -197,11 +197,15 @@ def _standin_launcher(calls):
         calls.append(("forward", scale, layout))
         return q * 2, row_stats(q.shape[:3], q.device), q.new_empty(0)
 
+    def infer(q, k, v, *, scale=None, layout="bhsd", out=None):
+        calls.append(("infer", scale, layout))
+        return q * 2
+
     def backward(q, k, v, out, lse, res, dout, *, scale=None, layout="bhsd", deterministic=False):
         calls.append(("backward", scale, layout, deterministic))
         return dout * 2, torch.full_like(k, 3.0), torch.full_like(v, 4.0), None
 
-    module.forward, module.backward = forward, backward
+    module.infer, module.forward, module.backward = infer, forward, backward
     return module
 
 
@@ -225,6 +229,29 @@ def test_eager_and_traced_training_calls_run_the_launchers_forward_and_backward(
     torch.testing.assert_close(dq, dout * 2)
     assert (dk == 3).all() and (dv == 4).all()
     assert calls == [("forward", 0.5, "bhsd"), ("backward", 0.5, "bhsd", True)]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_through_the_launcher(reentrant):
+    """torch.utils.checkpoint (what transformers' gradient checkpointing runs) keeps none of
+    the forward's saved tensors and runs the forward again in the backward: attngen's calls
+    recompute through the launcher and give the same gradients.  The reentrant form runs the
+    first forward without grad (the inference kernel), the other with grad and its saved
+    tensors dropped."""
+    import attngen.runtime.ops as ops
+    from torch.utils.checkpoint import checkpoint
+
+    calls = []
+    ops.register_variant(_standin_launcher(calls))
+    q, k, v = _qkv("bhsd", dtype=torch.float32, requires_grad=True)
+    layer = lambda q, k, v: ops.attention("standin_launcher", q, k, v).sin()  # noqa: E731
+    dq, dk, dv = torch.autograd.grad(layer(q, k, v).sum(), (q, k, v))
+    calls.clear()
+    checkpoint(layer, q, k, v, use_reentrant=reentrant).sum().backward()   # reentrant: no .grad()
+    got = (q.grad, k.grad, v.grad)
+    assert [c[0] for c in calls] == ["infer" if reentrant else "forward", "forward", "backward"]
+    for g, want in zip(got, (dq, dk, dv)):
+        torch.testing.assert_close(g, want)
 
 
 def test_deterministic_must_be_a_bool_or_none():

@@ -137,6 +137,37 @@ def test_training_step_keeps_attention_gradients(family, deterministic, caplog, 
     assert not fell_back, fell_back
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant, attngen_runs):
+    """transformers' gradient checkpointing runs each layer's forward again in the backward:
+    with attngen's deterministic backward, the gradients are the bits of the run without it."""
+    ag.register()
+    torch.manual_seed(0)
+    model = tiny_model(family, "attngen", torch.bfloat16, initializer_range=0.1).cuda().train()
+    ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device="cuda")
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, use_cache=False).logits.float().square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        plain = grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        attngen_runs.clear()
+        got = grads()
+    finally:
+        torch.use_deterministic_algorithms(before)
+        model.gradient_checkpointing_disable()
+    _ran_on_every_layer(model, attngen_runs, 3)                 # forward, its recomputation, backward
+    assert set(got) == set(plain)
+    for name, g in got.items():
+        assert torch.equal(g, plain[name]), f"{family} {name}: gradient differs under checkpointing"
+
+
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_twenty_optimizer_steps_track_eager(family, capsys, attngen_runs):
     """20 AdamW steps from the same weights on the same batch: the attngen model's loss curve
