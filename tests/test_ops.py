@@ -254,6 +254,21 @@ def test_activation_checkpointing_recomputes_through_the_launcher(reentrant):
         torch.testing.assert_close(g, want)
 
 
+def test_autocast_runs_fp32_inputs_in_its_dtype():
+    """Inside torch.autocast (fp16 or bf16) fp32 inputs run in the autocast dtype, as SDPA's do,
+    and their gradients come back fp32; outside it fp32 is refused with a clear error."""
+    attn = attngen.get_kernel(window=32, gqa=2)
+    with FakeTensorMode():
+        q, k, v = _qkv("bhsd", dtype=torch.float32, requires_grad=True)
+        with pytest.raises(InputError, match="dtype torch.float32"):
+            attn(q, k, v)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(q, k, v)
+        assert out.dtype == torch.bfloat16
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+        assert all(g.dtype == torch.float32 and g.shape == t.shape for g, t in zip(grads, (q, k, v)))
+
+
 def test_deterministic_must_be_a_bool_or_none():
     with pytest.raises(ValueError, match="deterministic must be True, False or None"):
         attngen.get_kernel(window=32, deterministic="yes")

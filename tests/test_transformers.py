@@ -123,6 +123,29 @@ def test_training_step_on_cpu_matches_eager(family, caplog):
     assert reasons and all("on cpu" in m for m in reasons), reasons
 
 
+def test_mixed_precision_runs_on_the_kernels_in_the_autocast_dtype(monkeypatch, caplog):
+    """fp32 weights under torch.autocast (transformers' Trainer with bf16=True): rotary
+    embeddings hand the attention function fp32 queries and keys and a bf16 value.  Outside
+    autocast such a call falls back; inside, it runs on attngen's kernel in bf16, as SDPA
+    would.  Fake CUDA tensors (the fallback cannot run on them in a CPU build of torch, which
+    also turns CUDA autocast off: its two queries stand in for it)."""
+    import types
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ag._said.clear()
+    layer = types.SimpleNamespace(is_causal=True, training=True)
+    with FakeTensorMode(), caplog.at_level(logging.WARNING, logger="attngen"):
+        q = torch.randn(2, 4, 16, 64, device="cuda")           # (B, H, S, D), as transformers passes
+        k = torch.randn(2, 2, 16, 64, device="cuda")
+        v = torch.randn(2, 2, 16, 64, device="cuda", dtype=torch.bfloat16)
+        assert ag._fallback_reason(layer, q, False, 0.0) == "dtype torch.float32"
+        monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type="cuda": device_type == "cuda")
+        monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
+        out, _ = ag.attention_forward(layer, q, k, v, None, scaling=0.125, sliding_window=8)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 16, 4, 64)
+    assert not [r.message for r in caplog.records if "falling back" in r.message]
+
+
 def test_padding_the_packed_kernels_take():
     """Left and right padding pack into one run per row; a hole in a row, or right padding
     under a chunk of queries after cached keys, goes to the fallback."""

@@ -137,6 +137,47 @@ def test_training_step_keeps_attention_gradients(family, deterministic, caplog, 
     assert not fell_back, fell_back
 
 
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_mixed_precision_training_runs_on_attngen(family, caplog, capsys, attngen_runs):
+    """fp32 weights under torch.autocast(bf16), as transformers' Trainer runs with bf16=True:
+    rotary embeddings hand attention fp32 queries and keys, and every layer still runs on
+    attngen's kernels, forward and backward, in bf16.  Rule for every parameter: against the
+    fp32 model without autocast, the gradient is within 2 x eager attention's error under the
+    same autocast + 5e-3."""
+    ag.register()
+    ag._said.clear()
+    torch.manual_seed(0)
+    overrides = {"num_experts_per_tok": 4} if family == "gpt-oss" else {}
+    model = tiny_model(family, "eager", torch.float32, initializer_range=0.1, **overrides).cuda().train()
+    ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device="cuda")
+
+    def grads(autocast: bool):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids).logits.float().square().mean()
+        loss.backward()
+        return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    exact, eager = grads(False), grads(True)
+    model.set_attn_implementation("attngen")
+    attngen_runs.clear()
+    with caplog.at_level(logging.WARNING, logger="attngen"):
+        got = grads(True)
+    fell_back = [r.message for r in caplog.records if "falling back" in r.message]
+    assert not fell_back, fell_back
+    _ran_on_every_layer(model, attngen_runs, 2)                 # forward and backward
+    assert set(got) == set(eager) == set(exact)
+    worst = (0.0, 0.0, "")
+    for name, ref in exact.items():
+        rel = lambda g: ((g[name] - ref).norm() / ref.norm().clamp_min(1e-30)).item()  # noqa: E731
+        assert rel(got) <= 2 * rel(eager) + 5e-3, \
+            f"{family} {name}: gradient error {rel(got):.2e} vs eager under autocast {rel(eager):.2e}"
+        worst = max(worst, (rel(got), rel(eager), name))
+    with capsys.disabled():
+        print(f"\n{family} (fp32 weights, bf16 autocast): worst gradient vs fp32: attngen {worst[0]:.2e} "
+              f"(eager {worst[1]:.2e}) at {worst[2]}")
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
 def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant, attngen_runs):

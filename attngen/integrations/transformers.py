@@ -20,10 +20,12 @@ sinks (gpt-oss, ``s_aux``) where it has them, and so does a chunk of several que
 cached keys (chunked kernels).  A padded batch (left or right padding) is packed to its valid
 tokens, runs on the packed-sequence (varlen) kernels and is scattered back: no S x S mask.
 All of it in inference and in training (the kernels are differentiable: generated backward
-kernels, gradients for q, k, v and the sinks).  A decode step (one query) runs
+kernels, gradients for q, k, v and the sinks), mixed-precision training too: under
+``torch.autocast`` the layer's fp32 queries and keys (rotary embeddings promote them) run in
+the autocast dtype, as transformers' SDPA path does.  A decode step (one query) runs
 :func:`decode`: PyTorch over only the keys the window reaches.  Everything else — padding
 that splits a row's tokens in several runs, dropout while training, tensors that are
-not fp16/bf16 on CUDA, unsupported head dims — falls back to PyTorch with the same window
+not fp16/bf16 (outside autocast) on CUDA, unsupported head dims — falls back to PyTorch with the same window
 (and softcap and sinks, as transformers' eager code has them), and says so once per reason
 in the ``attngen`` logger.
 """
@@ -39,6 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..core.mask import Mask
 from ..core.reference import attend, probabilities, resolve_scale
 from ..core.support import HEAD_DIMS, dtype_name
+from ..runtime.inputs import autocast
 from ..runtime.ops import attention
 from ..runtime.registry import get_kernel
 
@@ -114,6 +117,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     kernels are ``attngen::`` custom ops; the kernel is chosen once per layer shape at trace
     time); a padded batch is unpadded with data-dependent shapes, which needs eager mode.
     """
+    # mixed precision (fp32 weights under torch.autocast): rotary embeddings hand over fp32
+    # queries and keys; attention runs in the autocast dtype, as transformers' SDPA path does
+    query, key, value = autocast(query, key, value)
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < key.shape[2]:
         # a static cache: the slots past the mask hold no token yet (see padding_mask)
         key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]

@@ -19,6 +19,22 @@ def wants_grad(*tensors) -> bool:
                                            for t in tensors)
 
 
+def autocast(*tensors):
+    """The tensors as ``torch.autocast`` hands them to SDPA: inside an autocast region of the
+    first tensor's device whose dtype the kernels take (fp16, bf16), every floating tensor of
+    another dtype cast to it (autograd sees the cast); otherwise, and for None or integer
+    tensors, as they are.  Mixed-precision training (fp32 weights under autocast) hands
+    attention fp32 queries and keys: rotary embeddings promote them."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype
+                 else t for t in tensors)
+
+
 def no_out_with_grad(out, name: str) -> None:
     if out is not None:
         raise InputError(f"{name}: out= cannot be used while autograd records the call (an input "

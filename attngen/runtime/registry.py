@@ -27,7 +27,7 @@ from ..generate.build import build
 from ..generate.codegen import load_package
 from ..generate.spec import Spec
 from ..generate.store import KernelEntry, SpecEntry, default_out, jit_dir, read_manifest
-from .inputs import InputError
+from .inputs import InputError, autocast
 from .ops import attention, paged_attention, register_resolver
 
 log = logging.getLogger("attngen")
@@ -240,6 +240,7 @@ class AttentionKernel:
 
         if not isinstance(q, torch.Tensor) or q.dim() != dims:
             fail(f"q must be a {dims}-D torch.Tensor, got {getattr(q, 'shape', type(q))}")
+        q, k, v = autocast(q, k, v)                 # under torch.autocast, its dtype, as SDPA
         self._check_head(q, fail)
         packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         if f.varlen and cu_seqlens_q is None:
