@@ -65,6 +65,30 @@ def test_cuda_graph_replays_with_new_inputs(call):
         assert torch.equal(out, attn(*args, **kw))             # same kernels: identical bits
 
 
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_compile_reduce_overhead_replays_with_new_inputs(call):
+    """torch.compile(mode="reduce-overhead"), inductor's CUDA graph trees (what serving and
+    training code compile with to take host time out): the graphs replay on new inputs with the
+    eager call's output bits, and a compiled loss's backward gives the eager gradients."""
+    attn, args, kw = CALLS[call]()
+    torch._dynamo.reset()
+    infer = torch.compile(lambda *a: attn(*a, **kw), mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        fresh = [torch.randn_like(t) if t.is_floating_point() else t for t in args]
+        torch.testing.assert_close(infer(*fresh), attn(*fresh, **kw), rtol=0, atol=0)
+    attn, args, kw = CALLS[call](requires_grad=True)
+    loss = torch.compile(lambda *a: attn(*a, **kw).float().square().sum(), mode="reduce-overhead")
+    leaves = [t for t in (*args, kw.get("sinks")) if t is not None and t.requires_grad]
+    for _ in range(3):
+        with torch.no_grad():
+            for t in leaves:
+                t.copy_(torch.randn_like(t))
+        got = torch.autograd.grad(loss(*args), leaves)
+        want = torch.autograd.grad(attn(*args, **kw).float().square().sum(), leaves)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
 def test_cuda_graph_captures_forward_and_backward(deterministic):
     """Replays compute what eager calls compute: the same bits, but for dq of the fused
