@@ -42,3 +42,10 @@ def tiny_model(family, attn_implementation, dtype, initializer_range=0.02, **ove
     model_cls = getattr(transformers, MODELS[family]["model"])
     model = model_cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()
+
+
+# a padding-free batch of two rows: several sequences along each row (position ids restart),
+# and each sequence's (row, start, end)
+PACKED_ROWS = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5],
+               [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 0, 1, 2, 3, 4, 5, 6]]
+SEQUENCES = [(0, 0, 12), (0, 12, 22), (0, 22, 28), (1, 0, 21), (1, 21, 28)]

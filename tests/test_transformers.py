@@ -11,7 +11,7 @@ from transformers import masking_utils  # noqa: E402
 from attngen.integrations import transformers as ag  # noqa: E402
 from attngen.core.mask import Mask  # noqa: E402
 
-from hf_models import MODELS, tiny_model  # noqa: E402
+from hf_models import MODELS, PACKED_ROWS, SEQUENCES, tiny_model  # noqa: E402
 
 
 def test_register_adds_attention_and_mask_functions():
@@ -144,6 +144,53 @@ def test_mixed_precision_runs_on_the_kernels_in_the_autocast_dtype(monkeypatch, 
         out, _ = ag.attention_forward(layer, q, k, v, None, scaling=0.125, sliding_window=8)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 16, 4, 64)
     assert not [r.message for r in caplog.records if "falling back" in r.message]
+
+
+# ModernBERT does not hand its position ids to attention (nor do eager and SDPA look at them
+# there): only FlashAttention's offsets pack it
+@pytest.mark.parametrize("family, how", [(f, h) for f in sorted(MODELS) for h in ("position_ids", "offsets")
+                                         if (f, h) != ("modernbert", "position_ids")])
+def test_packed_rows_keep_their_sequences_apart(family, how):
+    """A padding-free batch (several sequences along each row, as transformers'
+    DataCollatorWithFlattening makes them, marked by restarting position ids or by
+    FlashAttention's cu_seq_lens/max_length): every sequence gets the logits it has alone."""
+    ag.register()
+    torch.manual_seed(0)
+    model = tiny_model(family, "attngen", torch.float32)
+    ids = torch.randint(1, model.config.vocab_size, (2, 28))
+    positions = torch.tensor(PACKED_ROWS)
+    cu = torch.tensor([0, 12, 22, 28, 49, 56], dtype=torch.int32)
+    extra = {"position_ids": positions} if how == "position_ids" else \
+        {"position_ids": positions, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(), "max_length_q": 21,
+         "max_length_k": 21}
+    with torch.no_grad():
+        packed = model(input_ids=ids, use_cache=False, **extra).logits
+        for row, start, end in SEQUENCES:
+            alone = model(input_ids=ids[row:row + 1, start:end], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[row, start:end], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_rows_given_as_offsets_compile_in_one_graph(caplog):
+    """FlashAttention's offsets need no host read: torch.compile(fullgraph=True) traces a
+    padding-free batch given so into one graph, with the eager call's logits.  Given only as
+    restarting position ids, which cannot be read while tracing, the sequences are not looked
+    for, and attngen says so."""
+    ag.register()
+    ag._said.clear()
+    torch.manual_seed(0)
+    model = tiny_model("mistral", "attngen", torch.float32)
+    ids = torch.randint(1, model.config.vocab_size, (2, 28))
+    cu = torch.tensor([0, 12, 22, 28, 49, 56], dtype=torch.int32)
+    extra = {"position_ids": torch.tensor(PACKED_ROWS), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+             "max_length_q": 21, "max_length_k": 21}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids, use_cache=False, **extra).logits,
+                                   model(input_ids=ids, use_cache=False, **extra).logits)
+        with caplog.at_level(logging.WARNING, logger="attngen"):
+            compiled(input_ids=ids[:1], use_cache=False, position_ids=extra["position_ids"][:1])
+    assert any("position_ids are not looked for" in r.message for r in caplog.records), caplog.records
 
 
 def test_padding_the_packed_kernels_take():

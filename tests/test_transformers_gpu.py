@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from attngen.integrations import transformers as ag  # noqa: E402
 from attngen.testing import needs_gpu  # noqa: E402
 
-from hf_models import MODELS, tiny_model  # noqa: E402
+from hf_models import MODELS, PACKED_ROWS, SEQUENCES, tiny_model  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, needs_gpu]
 SEQ = 100          # longer than every tiny model's window (8, or 16 for ModernBERT)
@@ -176,6 +176,57 @@ def test_mixed_precision_training_runs_on_attngen(family, caplog, capsys, attnge
     with capsys.disabled():
         print(f"\n{family} (fp32 weights, bf16 autocast): worst gradient vs fp32: attngen {worst[0]:.2e} "
               f"(eager {worst[1]:.2e}) at {worst[2]}")
+
+
+@pytest.mark.parametrize("family, how", [(f, h) for f in sorted(MODELS) for h in ("position_ids", "offsets")
+                                         if (f, h) != ("modernbert", "position_ids")])
+def test_packed_rows_train_on_the_packed_kernels(family, how, caplog, capsys, attngen_runs):
+    """A padding-free training batch (several sequences along each row: restarting position
+    ids, or FlashAttention's cu_seq_lens/max_length) runs on attngen's packed kernels with its
+    sequences kept apart.  Reference: the float32 eager model run on each sequence alone (its
+    loss the sum of theirs); the attngen bf16 model's logits and every gradient must be as close
+    to it as the bf16 eager model's, run on each sequence alone (1.5 x + 2e-3; 2 x + 5e-3)."""
+    import copy
+
+    ag.register()
+    ag._said.clear()
+    torch.manual_seed(0)
+    overrides = {"num_experts_per_tok": 4} if family == "gpt-oss" else {}
+    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1, **overrides).cuda().train()
+    exact = copy.deepcopy(model).float()
+    ids = torch.randint(1, model.config.vocab_size, (2, 28), device="cuda")
+    cu = torch.tensor([0, 12, 22, 28, 49, 56], dtype=torch.int32, device="cuda")
+    extra = {"position_ids": torch.tensor(PACKED_ROWS, device="cuda")}
+    if how == "offsets":
+        extra.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=21, max_length_k=21)
+
+    def alone(m):       # logits of each sequence run alone, and their gradients
+        m.zero_grad()
+        logits = [m(input_ids=ids[r:r + 1, a:b], use_cache=False).logits[0].float() for r, a, b in SEQUENCES]
+        (sum(x.square().sum() for x in logits) / ids.numel()).backward()
+        return torch.cat(logits), {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    (ref, ref_g), (eager, eager_g) = alone(exact), alone(model)
+    model.set_attn_implementation("attngen")
+    model.zero_grad()
+    attngen_runs.clear()
+    with caplog.at_level(logging.WARNING, logger="attngen"):
+        packed = model(input_ids=ids, use_cache=False, **extra).logits.float()
+        packed.square().mean().backward()
+    fell_back = [r.message for r in caplog.records if "falling back" in r.message]
+    assert not fell_back, fell_back
+    _ran_on_every_layer(model, attngen_runs, 2)                 # forward and backward
+    got = torch.cat([packed[r, a:b] for r, a, b in SEQUENCES])
+    rel = lambda x, r: ((x - r).norm() / r.norm().clamp_min(1e-30)).item()  # noqa: E731
+    assert rel(got, ref) <= 1.5 * rel(eager, ref) + 2e-3, (rel(got, ref), rel(eager, ref))
+    got_g = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got_g) == set(ref_g)
+    for name, r in ref_g.items():
+        assert rel(got_g[name], r) <= 2 * rel(eager_g[name], r) + 5e-3, \
+            f"{family} {name}: gradient error {rel(got_g[name], r):.2e} vs eager alone {rel(eager_g[name], r):.2e}"
+    with capsys.disabled():
+        print(f"\n{family} packed rows ({how}): logits vs fp32 alone {rel(got, ref):.2e} (bf16 eager alone "
+              f"{rel(eager, ref):.2e})")
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])

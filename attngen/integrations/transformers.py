@@ -19,6 +19,8 @@ Prefill runs on attngen kernels, with the layer's logit softcap (Gemma 2) and at
 sinks (gpt-oss, ``s_aux``) where it has them, and so does a chunk of several queries after
 cached keys (chunked kernels).  A padded batch (left or right padding) is packed to its valid
 tokens, runs on the packed-sequence (varlen) kernels and is scattered back: no S x S mask.
+So does a padding-free batch, several sequences along each row (FlashAttention's
+``cu_seq_lens_q/k``, or restarting ``position_ids``: :func:`_packed_rows`), kept apart.
 All of it in inference and in training (the kernels are differentiable: generated backward
 kernels, gradients for q, k, v and the sinks), mixed-precision training too: under
 ``torch.autocast`` the layer's fp32 queries and keys (rotary embeddings promote them) run in
@@ -128,27 +130,34 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     if query.shape[2] == 1 and key.shape[2] > 1 and causal:
         return decode(query, key, value, attention_mask, mask, scaling, softcap, sinks), None
-    packing = None if attention_mask is None else \
-        _packing(attention_mask, query.shape[2], key.shape[2], query.device)
+    if attention_mask is not None:
+        packing = _packing(attention_mask, query.shape[2], key.shape[2], query.device)
+    else:
+        packing = _packed_rows(query, key, kwargs)
     reason = _fallback_reason(module, query, attention_mask is not None and packing is None, dropout)
     if reason is not None:
         if reason not in _said and not torch.compiler.is_compiling():
             _said.add(reason)
             log.warning("attngen: falling back to PyTorch attention (same window) for %s", reason)
+        sequences = None if attention_mask is not None or packing is None else _sequence_ids(packing, query)
         return fallback(module, query, key, value, attention_mask, mask, dropout, scaling,
-                        softcap=softcap, sinks=sinks), None
+                        softcap=softcap, sinks=sinks, sequences=sequences), None
     gqa = query.shape[1] // key.shape[1]
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))          # (B, S, H, D) views
     if packing is None:
         variant = _variant(sliding_window, causal, gqa, softcap, sinks is not None,
                            query.shape[2] != key.shape[2], False)
         return attention(variant, q, k, v, sinks=sinks, scale=scaling, layout="bshd"), None
-    # a padded batch: pack the valid tokens, run the packed-sequence kernel, scatter back
     p = packing
     variant = _variant(sliding_window, causal, gqa, softcap, sinks is not None, p.chunked, True)
-    packed = attention(variant, q[p.queries], k[p.keys], v[p.keys], sinks=sinks, cu_seqlens_q=p.cu_q,
-                       cu_seqlens_k=p.cu_k if p.chunked else None, max_seqlen_q=p.longest_q,
-                       max_seqlen_k=p.longest_k if p.chunked else None, scale=scaling)
+    varlen = dict(sinks=sinks, cu_seqlens_q=p.cu_q, cu_seqlens_k=p.cu_k if p.chunked else None,
+                  max_seqlen_q=p.longest_q, max_seqlen_k=p.longest_k if p.chunked else None, scale=scaling)
+    if p.queries is None:
+        # several sequences along each row, no padding: every token, in order, is the packed input
+        flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731
+        return attention(variant, flat(q), flat(k), flat(v), **varlen).view(q.shape), None
+    # a padded batch: pack the valid tokens, run the packed-sequence kernel, scatter back
+    packed = attention(variant, q[p.queries], k[p.keys], v[p.keys], **varlen)
     out = q.new_zeros(q.shape)
     out[p.queries] = packed
     return out, None
@@ -168,12 +177,14 @@ def _variant(sliding_window: int | None, causal: bool, gqa: int, softcap: float 
 
 @dataclass(frozen=True)
 class _Packing:
-    """How a padded batch packs: the (row, position) of each valid query and key in packed
-    order, the packed sequences' offsets and longest lengths, and whether any row has more keys
-    than queries (cached keys before its queries: the chunked kernels)."""
+    """How a batch packs into sequences for the packed kernels: the (row, position) of each
+    valid query and key in packed order (None: every token, rows in order — several sequences
+    along each row, no padding), the packed sequences' offsets and longest lengths, and
+    whether any has more keys than queries (cached keys before its queries: the chunked
+    kernels)."""
 
-    queries: tuple[torch.Tensor, torch.Tensor]
-    keys: tuple[torch.Tensor, torch.Tensor]
+    queries: tuple[torch.Tensor, torch.Tensor] | None
+    keys: tuple[torch.Tensor, torch.Tensor] | None
     cu_q: torch.Tensor
     cu_k: torch.Tensor
     longest_q: int
@@ -214,6 +225,78 @@ def _pack(attention_mask, q_len: int, kv_len: int, device) -> _Packing | None:
                     int(longest_q), int(longest_k), bool(chunked))
 
 
+_rows = WeakIdKeyDictionary()           # position_ids -> {(batch, length, device, version): packing}
+
+
+def _packed_rows(query, key, kwargs) -> _Packing | None:
+    """Several sequences along each row with no padding (a padding-free batch, e.g.
+    transformers' DataCollatorWithFlattening), which must not see each other:
+
+    * given as FlashAttention's ``cu_seq_lens_q/k`` and ``max_length_q/k`` (offsets over the
+      rows' tokens taken in order), taken as they are — no host read, so torch.compile and
+      CUDA graphs take them;
+    * else found in ``position_ids`` (eagerly only: it reads them on the host, once per
+      tensor, which every layer shares): a new sequence starts wherever a position is not its
+      predecessor's + 1, as transformers' masking utilities find them for eager and SDPA
+      attention.
+
+    None when there is no such batch (a cached prefix, a decode step, one sequence a row)."""
+    batch, length = query.shape[0], query.shape[2]
+    if key.shape[2] != length or length == 1:
+        return None
+    cu_q, cu_k, max_q, max_k = (kwargs.get(name) for name in
+                                ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"))
+    if cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
+        same = cu_k is cu_q or (not torch.compiler.is_compiling() and torch.equal(cu_q, cu_k))
+        return _Packing(None, None, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k),
+                        chunked=not same)
+    position_ids = kwargs.get("position_ids")
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 \
+            or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
+        return None
+    if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if batch == 1:      # the padding-free layout
+            _say_position_ids_unread()
+        return None
+    per_tensor = _rows.setdefault(position_ids, {})
+    cache_key = (batch, length, str(query.device), position_ids._version)
+    if cache_key not in per_tensor:
+        per_tensor[cache_key] = _split_rows(position_ids, batch, length, query.device)
+    return per_tensor[cache_key]
+
+
+@torch.compiler.assume_constant_result
+def _say_position_ids_unread() -> bool:
+    """Said once (under torch.compile while it traces: a constant to it, so the graph keeps no
+    logging)."""
+    if "position_ids unread" not in _said:
+        _said.add("position_ids unread")
+        log.warning("attngen: under torch.compile or CUDA-graph capture, sequences packed along a row in "
+                    "position_ids are not looked for (that reads them on the host); pass FlashAttention's "
+                    "cu_seq_lens_q/k and max_length_q/k (DataCollatorWithFlattening(return_flash_attn_kwargs="
+                    "True)), or run the model eagerly")
+    return True
+
+
+def _split_rows(position_ids, batch: int, length: int, device) -> _Packing | None:
+    positions = position_ids.to(device).expand(batch, length)   # (1, S) stands for every row
+    starts = torch.ones(batch, length, dtype=torch.bool, device=device)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    first = starts.flatten().nonzero().flatten()
+    if first.numel() == batch:
+        return None                                             # one sequence a row
+    cu = torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return _Packing(None, None, cu, cu, longest, longest, chunked=False)
+
+
+def _sequence_ids(packing: _Packing, query) -> torch.Tensor:
+    """(B, S): which packed sequence each token of a padding-free batch belongs to."""
+    batch, length = query.shape[0], query.shape[2]
+    tokens = torch.arange(batch * length, device=packing.cu_q.device, dtype=torch.int32)
+    return torch.bucketize(tokens, packing.cu_q[1:], right=True).view(batch, length).to(query.device)
+
+
 def decode(query, key, value, attention_mask, mask: Mask, scaling: float | None,
            softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """A decode step: one query per row, the last of ``kv_len`` keys, causal.  Reads only the
@@ -242,24 +325,29 @@ def decode(query, key, value, attention_mask, mask: Mask, scaling: float | None,
 
 
 def fallback_mask(mask: Mask, q_len: int, kv_len: int, padding: torch.Tensor | None,
-                  device) -> torch.Tensor:
-    """Boolean (B or 1, 1, q_len, kv_len) mask; queries are the last ``q_len`` of the keys."""
+                  device, sequences: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean (B or 1, 1, q_len, kv_len) mask; queries are the last ``q_len`` of the keys.
+    ``sequences`` (B, S), for rows that pack several sequences: each token's sequence, which
+    only its own sequence's tokens see."""
     offset = kv_len - q_len
     rows = torch.arange(offset, offset + q_len, device=device)[:, None]
     cols = torch.arange(kv_len, device=device)[None, :]
     allowed = mask.visible(rows, cols)[None, None]
     if padding is not None:
         allowed = allowed & padding[:, None, None, -kv_len:].to(device=device, dtype=torch.bool)
+    if sequences is not None:
+        allowed = allowed & (sequences[:, None, :, None] == sequences[:, None, None, :])
     return allowed
 
 
 def fallback(module, query, key, value, attention_mask, mask: Mask, dropout: float,
-             scaling: float | None, softcap: float | None = None, sinks: torch.Tensor | None = None):
+             scaling: float | None, softcap: float | None = None, sinks: torch.Tensor | None = None,
+             sequences: torch.Tensor | None = None):
     """PyTorch attention with attngen's mask; softcap and sinks as transformers' eager code."""
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"attngen expects transformers' 2-D padding mask, got {attention_mask.dim()}-D")
-    allowed = fallback_mask(mask, q_len, kv_len, attention_mask, query.device)
+    allowed = fallback_mask(mask, q_len, kv_len, attention_mask, query.device, sequences)
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     scale = resolve_scale(scaling, query.shape[-1])
