@@ -193,6 +193,27 @@ def test_packed_rows_given_as_offsets_compile_in_one_graph(caplog):
     assert any("position_ids are not looked for" in r.message for r in caplog.records), caplog.records
 
 
+def test_fp32_queries_of_a_half_precision_layer_run_in_its_dtype(caplog):
+    """Outside autocast, fp32 queries and keys reach a layer whose weights are bf16 when PEFT
+    keeps some layers in fp32: they run on attngen's kernel in the weights' dtype, as
+    transformers' FlashAttention path runs them.  A float32 layer keeps float32 (the
+    fallback)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ag._said.clear()
+    layer = torch.nn.Module()
+    layer.q_proj = torch.nn.Linear(8, 8, dtype=torch.bfloat16)
+    layer.is_causal, layer.training = True, True
+    with FakeTensorMode(), caplog.at_level(logging.WARNING, logger="attngen"):
+        q = torch.randn(2, 4, 16, 64, device="cuda")
+        k, v = torch.randn(2, 2, 16, 64, device="cuda"), torch.randn(2, 2, 16, 64, device="cuda")
+        out, _ = ag.attention_forward(layer, q, k, v, None, scaling=0.125, sliding_window=8)
+        assert out.dtype == torch.bfloat16 and out.shape == (2, 16, 4, 64)
+    assert not [r.message for r in caplog.records if "falling back" in r.message]
+    layer.q_proj.to(torch.float32)
+    assert all(t.dtype == torch.float32 for t in ag._weights_dtype(layer, *(torch.ones(2) for _ in range(3))))
+
+
 def test_padding_the_packed_kernels_take():
     """Left and right padding pack into one run per row; a hole in a row, or right padding
     under a chunk of queries after cached keys, goes to the fallback."""

@@ -24,10 +24,12 @@ So does a padding-free batch, several sequences along each row (FlashAttention's
 All of it in inference and in training (the kernels are differentiable: generated backward
 kernels, gradients for q, k, v and the sinks), mixed-precision training too: under
 ``torch.autocast`` the layer's fp32 queries and keys (rotary embeddings promote them) run in
-the autocast dtype, as transformers' SDPA path does.  A decode step (one query) runs
+the autocast dtype, as transformers' SDPA path does; outside it, fp32 queries of a layer whose
+weights are fp16/bf16 (PEFT's upcast layers) run in the weights' dtype, as its FlashAttention
+path does.  A decode step (one query) runs
 :func:`decode`: PyTorch over only the keys the window reaches.  Everything else — padding
 that splits a row's tokens in several runs, dropout while training, tensors that are
-not fp16/bf16 (outside autocast) on CUDA, unsupported head dims — falls back to PyTorch with the same window
+not fp16/bf16 (nor cast to them, above) on CUDA, unsupported head dims — falls back to PyTorch with the same window
 (and softcap and sinks, as transformers' eager code has them), and says so once per reason
 in the ``attngen`` logger.
 """
@@ -96,6 +98,20 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     return mask
 
 
+def _weights_dtype(module, *tensors):
+    """fp32 tensors outside autocast, in the dtype of the layer's weights where that is fp16
+    or bf16 (its config's dtype for a quantized model), as transformers' FlashAttention path
+    runs them: PEFT keeps some layers in fp32, and they hand attention fp32 queries."""
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "_is_quantized"):
+        dtype = getattr(config, "dtype", None)
+    else:
+        dtype = next((m.weight.dtype for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return tensors
+    return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in tensors)
+
+
 def _fallback_reason(module, query, unpackable: bool, dropout) -> str | None:
     if not query.is_cuda:
         return f"tensors on {query.device.type}"
@@ -122,6 +138,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     # mixed precision (fp32 weights under torch.autocast): rotary embeddings hand over fp32
     # queries and keys; attention runs in the autocast dtype, as transformers' SDPA path does
     query, key, value = autocast(query, key, value)
+    if query.dtype == torch.float32:
+        query, key, value = _weights_dtype(module, query, key, value)
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] < key.shape[2]:
         # a static cache: the slots past the mask hold no token yet (see padding_mask)
         key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
