@@ -269,6 +269,28 @@ def test_autocast_runs_fp32_inputs_in_its_dtype():
         assert all(g.dtype == torch.float32 and g.shape == t.shape for g, t in zip(grads, (q, k, v)))
 
 
+def test_compile_with_dynamic_shapes_does_not_recompile_per_length():
+    """Training with sequence lengths that vary: torch.compile makes the length symbolic (what
+    dynamo switches to by itself at the second length), and the ops' fake implementations
+    trace the forward and backward for all lengths in two graphs: lengths that are multiples of
+    4 and lengths that are not (whose log-sum-exp rows are padded), never one per length."""
+    from torch._dynamo.utils import counters
+
+    attn = attngen.get_kernel(window=32, gqa=2)
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(lambda q, k, v: attn(q, k, v, layout="bshd").float().square().sum(),
+                         backend="aot_eager", dynamic=True, fullgraph=True)
+    graphs = []
+    with FakeTensorMode():
+        for seq in (96, 99, 130, 200, 257, 1000):
+            q, k, v = _qkv("bshd", s=seq, requires_grad=True)
+            grads = torch.autograd.grad(step(q, k, v), (q, k, v))
+            assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 2, 2, 2, 2, 2], graphs
+
+
 def test_deterministic_must_be_a_bool_or_none():
     with pytest.raises(ValueError, match="deterministic must be True, False or None"):
         attngen.get_kernel(window=32, deterministic="yes")
