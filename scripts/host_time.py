@@ -136,7 +136,8 @@ def breakdown(attn, q, k, v, dout, calls: int) -> None:
             Nothing.apply(q, k, v), (q, k, v), dout),
         "  + the launcher's backward in its backward": lambda: torch.autograd.grad(
             EngineBackward.apply(q, k, v), (q, k, v), dout),
-        "whole step, attn(q, k, v) + autograd.grad": lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), dout),
+        "whole step, attn(q, k, v) + autograd.grad": lambda: torch.autograd.grad(
+            attn(q, k, v), (q, k, v), dout),
     }
     print(f"\nparts of one training call, median of {calls} calls each (us)")
     for name, fn in parts.items():

@@ -26,12 +26,12 @@ kernels, gradients for q, k, v and the sinks), mixed-precision training too: und
 ``torch.autocast`` the layer's fp32 queries and keys (rotary embeddings promote them) run in
 the autocast dtype, as transformers' SDPA path does; outside it, fp32 queries of a layer whose
 weights are fp16/bf16 (PEFT's upcast layers) run in the weights' dtype, as its FlashAttention
-path does.  A decode step (one query) runs
-:func:`decode`: PyTorch over only the keys the window reaches.  Everything else — padding
-that splits a row's tokens in several runs, dropout while training, tensors that are
-not fp16/bf16 (nor cast to them, above) on CUDA, unsupported head dims — falls back to PyTorch with the same window
-(and softcap and sinks, as transformers' eager code has them), and says so once per reason
-in the ``attngen`` logger.
+path does.  A decode step (one query) runs :func:`decode`: PyTorch over only the keys the
+window reaches.  Everything else — padding that splits a row's tokens in several runs,
+dropout while training, tensors that are not fp16/bf16 (nor cast to them, above) on CUDA,
+unsupported head dims — falls back to PyTorch with the same window (and softcap and sinks,
+as transformers' eager code has them), and says so once per reason in the ``attngen``
+logger.
 """
 
 from __future__ import annotations
