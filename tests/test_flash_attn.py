@@ -261,3 +261,28 @@ def test_with_kvcache_refuses_what_attngen_does_not_take_by_name(kernels):
             flash_attn_with_kvcache(q, k_cache, k_cache.clone(), **kwargs)
     with pytest.raises(attngen.ArgumentError, match="one row per sequence"):
         flash_attn_with_kvcache(torch.randn(2, 1, 4, 16), k_cache, k_cache.clone())
+
+
+def test_varlen_hands_out_and_num_splits_to_the_kernel(monkeypatch):
+    """A serving engine's call: ``out=`` (written and returned) and ``num_splits`` (a paged
+    cache's key splits; refused for contiguous keys, which attngen does not split)."""
+    seen = []
+
+    def record(self, *args, out=None, splits=None, **kwargs):
+        seen.append((out, splits))
+        return out
+    monkeypatch.setattr(AttentionKernel, "__call__", record)
+    monkeypatch.setattr(PagedAttentionKernel, "__call__", record)
+    q, out = torch.randn(5, 4, 16), torch.empty(5, 4, 16)
+    cache, cu = torch.randn(3, 16, 2, 16), torch.tensor([0, 2, 5], dtype=torch.int32)
+    table, used = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32), torch.tensor([20, 9], dtype=torch.int32)
+    got = flash_attn_varlen_func(q, cache, cache, cu, None, 3, None, causal=True, block_table=table,
+                                 seqused_k=used, out=out, num_splits=4)
+    assert got is out and seen == [(out, 4)]
+    flash_attn_varlen_func(q, cache, cache, cu, None, 3, None, causal=True, block_table=table, seqused_k=used)
+    assert seen[-1] == (None, None)
+    k = torch.randn(5, 2, 16)
+    assert flash_attn_varlen_func(q, k, k, cu, cu, 3, 3, causal=True, out=out) is out
+    for bad, why in [(2, "only for a paged cache"), (-1, "num_splits must be"), (True, "num_splits must be")]:
+        with pytest.raises(attngen.ArgumentError, match=why):
+            flash_attn_varlen_func(q, k, k, cu, cu, 3, 3, causal=True, num_splits=bad)

@@ -129,7 +129,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                            alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                           block_table=None, *, seqused_k=None, sinks=None):
+                           block_table=None, *, seqused_k=None, sinks=None, out=None, num_splits=0):
     """FlashAttention's ``flash_attn_varlen_func``: packed sequences, sequence ``b`` the rows
     ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32), its queries the last of its keys; each sequence
     needs at least as many keys as queries.  ``max_seqlen_q`` and ``max_seqlen_k`` are trusted
@@ -139,8 +139,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     page_size, H_kv, D) and sequence ``b``'s keys are its first ``seqused_k[b]`` positions
     (FlashAttention 3's argument; without it, ``cu_seqlens_k``'s differences, as
     FlashAttention 2 reads them), position ``p`` in page ``block_table[b, p // page_size]``.
-    Inference only; more queries than keys give zero rows (causal)."""
+    Inference only; more queries than keys give zero rows (causal).  ``num_splits`` (a paged
+    cache only, as ``flash_attn_with_kvcache`` takes it): 0 picks how many programs share a
+    sequence's keys, n forces n.  ``out``, as serving engines pass it: the output is written
+    there (q's shape and dtype) and returned."""
     _refuse(dropout_p, alibi_slopes, return_attn_probs)
+    _check_num_splits(num_splits)
     mask = mask_of(causal, window_size)
     if block_table is not None:
         if q.dim() != 3 or k.dim() != 4:
@@ -150,17 +154,25 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             seqused_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
         kernel = _kernel(mask, _gqa(q, k), softcap or None, sinks is not None, paged=True)
         return kernel(q, k, v, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, scale=softmax_scale,
-                      sinks=sinks)
+                      sinks=sinks, out=out, splits=num_splits or None)
     if seqused_k is not None:
         raise ArgumentError("seqused_k without block_table: attngen reads key lengths from "
                             "cu_seqlens_k for contiguous keys; pass block_table for a paged cache")
+    if num_splits > 1:
+        raise ArgumentError(f"num_splits={num_splits}: attngen splits a sequence's keys over programs "
+                            f"only for a paged cache (block_table)")
     if q.dim() != 3 or k.dim() != 3:
         raise ArgumentError(f"q and k must be (total, H, D), got {tuple(q.shape)} and {tuple(k.shape)}")
     same = cu_seqlens_q is cu_seqlens_k    # else the queries are the last of each sequence's keys
     kernel = _kernel(mask, _gqa(q, k), softcap or None, sinks is not None, not same, True)
     return kernel(q, k, v, cu_seqlens_q, None if same else cu_seqlens_k, max_seqlen_q,
-                  max_seqlen_k=None if same else max_seqlen_k, scale=softmax_scale, sinks=sinks,
+                  max_seqlen_k=None if same else max_seqlen_k, scale=softmax_scale, sinks=sinks, out=out,
                   deterministic=deterministic or None)
+
+
+def _check_num_splits(num_splits) -> None:
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ArgumentError(f"num_splits must be 0 (automatic) or a positive int, got {num_splits!r}")
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -206,8 +218,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                 + (" (apply the rotary embedding to q and k first)" if "rotary" in name else ""))
     if return_softmax_lse:
         raise ArgumentError("return_softmax_lse: attngen does not return the log-sum-exp here")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ArgumentError(f"num_splits must be 0 (automatic) or a positive int, got {num_splits!r}")
+    _check_num_splits(num_splits)
     mask = mask_of(causal, window_size)
     if q.dim() != 4 or k_cache.dim() != 4 or tuple(k_cache.shape) != tuple(v_cache.shape):
         raise ArgumentError(f"q must be (B, S_q, H, D) and k_cache, v_cache one 4-D shape, got "
