@@ -134,7 +134,12 @@ def test_transformers_fallback_compiles_fullgraph_on_cpu():
         eager = model(input_ids=ids, use_cache=False).logits
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         got = compiled(input_ids=ids, use_cache=False).logits
-    torch.testing.assert_close(got, eager)
+        torch.testing.assert_close(got, eager)
+        # mixed precision: the casts to the autocast dtype trace into the same one graph
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eager = model(input_ids=ids, use_cache=False).logits
+            got = compiled(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(got, eager)
 
 
 def test_only_plain_eager_calls_bypass_the_ops():
