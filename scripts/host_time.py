@@ -99,25 +99,20 @@ def breakdown(attn, q, k, v, dout, calls: int) -> None:
         module.ct.launch = real_launch
     torch.cuda.synchronize()
 
-    class Nothing(torch.autograd.Function):
-        """autograd's own cost: a Function whose forward and backward only allocate."""
+    class Probe(torch.autograd.Function):
+        """A Function whose forward only allocates and whose backward only allocates too
+        (autograd's own cost) or runs the launcher's backward (where autograd runs a backward:
+        its device thread)."""
         @staticmethod
-        def forward(ctx, q, k, v):
+        def forward(ctx, launcher_backward, q, k, v):
+            ctx.launcher_backward = launcher_backward
             return torch.empty_like(q)
 
         @staticmethod
         def backward(ctx, grad):
-            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    class EngineBackward(torch.autograd.Function):
-        """the launcher's backward, run where autograd runs a backward: its device thread."""
-        @staticmethod
-        def forward(ctx, q, k, v):
-            return torch.empty_like(q)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return module.backward(*plain, out, lse, res, dout)[:3]
+            if ctx.launcher_backward:
+                return (None, *module.backward(*plain, out, lse, res, dout)[:3])
+            return None, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def on(device):
         with torch.cuda.device(device):
@@ -133,9 +128,9 @@ def breakdown(attn, q, k, v, dout, calls: int) -> None:
         "launcher forward (main thread)": lambda: module.forward(*plain),
         "launcher backward (main thread)": lambda: module.backward(*plain, out, lse, res, dout),
         "autograd step, a Function that launches nothing": lambda: torch.autograd.grad(
-            Nothing.apply(q, k, v), (q, k, v), dout),
+            Probe.apply(False, q, k, v), (q, k, v), dout),
         "  + the launcher's backward in its backward": lambda: torch.autograd.grad(
-            EngineBackward.apply(q, k, v), (q, k, v), dout),
+            Probe.apply(True, q, k, v), (q, k, v), dout),
         "whole step, attn(q, k, v) + autograd.grad": lambda: torch.autograd.grad(
             attn(q, k, v), (q, k, v), dout),
     }
