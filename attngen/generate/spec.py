@@ -228,8 +228,8 @@ def _features(doc: _Doc) -> Features:
 def _integration_features(doc: _Doc, features: Features, causal: bool) -> list[Features]:
     """The features of a model spec's kernels: its own (first: what ``get_layer_kernels``
     runs), and with ``transformers: true`` also every kind the transformers integration calls
-    -- packed sequences (padded batches) and, for a causal model, queries after cached keys
-    (chunked prefill), alone and together.  Decode steps run in PyTorch: no kernel."""
+    -- packed sequences (padded and padding-free batches) and, for a causal model, queries after
+    cached keys (chunked prefill), alone and together.  Decode steps run in PyTorch: no kernel."""
     wanted = doc.data.get("transformers", False)
     if not isinstance(wanted, bool):
         raise doc.error("transformers", f"transformers must be true or false, got {wanted!r}")
