@@ -214,6 +214,36 @@ def test_fp32_queries_of_a_half_precision_layer_run_in_its_dtype(caplog):
     assert all(t.dtype == torch.float32 for t in ag._weights_dtype(layer, *(torch.ones(2) for _ in range(3))))
 
 
+def test_image_tokens_that_see_each_other_keep_transformers_mask():
+    """Gemma 3 with images: its image tokens see each other both ways, an overlay on the causal
+    mask that no kernel computes.  attngen's mask function finds it and hands the layers
+    transformers' own mask (they fall back to PyTorch with it): logits as eager's.  A batch
+    without images keeps the kernels' mask (None: no padding)."""
+    from hf_models import image_batch, tiny_gemma3_vision
+
+    ag.register()
+    torch.manual_seed(0)
+    model = tiny_gemma3_vision("eager", torch.float32)
+    ids, token_types, pixels = image_batch()
+    with torch.no_grad():
+        expect = model(input_ids=ids, token_type_ids=token_types, pixel_values=pixels, use_cache=False).logits
+        text = model(input_ids=ids[:, 17:], use_cache=False).logits
+        model.set_attn_implementation("attngen")
+        got = model(input_ids=ids, token_type_ids=token_types, pixel_values=pixels, use_cache=False).logits
+        text_got = model(input_ids=ids[:, 17:], use_cache=False).logits
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(text_got, text, rtol=1e-4, atol=1e-5)
+    later = lambda b, h, q, kv: kv <= q + (q == 3).long()      # noqa: E731  (query 3 sees key 4)
+    dense = ag.padding_mask(1, 8, 8, mask_function=later, use_vmap=True)
+    assert dense.shape == (1, 1, 8, 8) and bool(dense[0, 0, 3, 4]) and not bool(dense[0, 0, 2, 3])
+    causal = transformers.masking_utils.causal_mask_function
+    assert ag.padding_mask(1, 8, 8, mask_function=causal, use_vmap=True) is None
+    assert ag.padding_mask(1, 8, 8, mask_function=later) is None      # not marked: never looked at
+    both_ways = transformers.masking_utils.bidirectional_mask_function    # a bidirectional mask's call
+    assert ag.padding_mask(1, 8, 8, mask_function=both_ways, use_vmap=True, allow_is_causal_skip=False,
+                           allow_is_bidirectional_skip=True) is None
+
+
 def test_padding_the_packed_kernels_take():
     """Left and right padding pack into one run per row; a hole in a row, or right padding
     under a chunk of queries after cached keys, goes to the fallback."""

@@ -231,6 +231,43 @@ def test_packed_rows_train_on_the_packed_kernels(family, how, caplog, capsys, at
               f"{_rel(eager, ref):.2e}); worst gradient {worst[0]:.2e} (eager {worst[1]:.2e}) at {worst[2]}")
 
 
+def test_image_tokens_fall_back_with_transformers_mask(caplog, capsys, attngen_runs):
+    """Gemma 3 with images (image tokens see each other both ways): those calls fall back to
+    PyTorch with transformers' own mask, logits as close to the float32 eager model as bf16
+    eager's; without images the same model runs on attngen's kernels."""
+    import copy
+
+    from hf_models import image_batch, tiny_gemma3_vision
+
+    ag.register()
+    ag._said.clear()
+    torch.manual_seed(0)
+    model = tiny_gemma3_vision("eager", torch.bfloat16, initializer_range=0.1).cuda()
+    exact = copy.deepcopy(model).float()
+    ids, token_types, pixels = image_batch("cuda", torch.bfloat16)
+
+    def call(m, pixel_values=None):
+        if pixel_values is None:        # text only
+            return m(input_ids=ids[:, 17:], use_cache=False).logits.float()
+        images = dict(token_type_ids=token_types, pixel_values=pixel_values)
+        return m(input_ids=ids, use_cache=False, **images).logits.float()
+
+    with torch.no_grad():
+        ref, eager = call(exact, pixels.float()), call(model, pixels)
+        text_ref, text_eager = call(exact), call(model)
+        model.set_attn_implementation("attngen")
+        with caplog.at_level(logging.WARNING, logger="attngen"):
+            got = call(model, pixels)
+        attngen_runs.clear()
+        text_got = call(model)
+    assert any("overlay" in r.message for r in caplog.records)
+    assert _rel(got, ref) <= 1.5 * _rel(eager, ref) + 2e-3, (_rel(got, ref), _rel(eager, ref))
+    _ran_on_every_layer(model.model.language_model, attngen_runs, 1)
+    assert _rel(text_got, text_ref) <= 1.5 * _rel(text_eager, text_ref) + 2e-3
+    with capsys.disabled():
+        print(f"\ngemma3 with images: logits vs fp32 {_rel(got, ref):.2e} (bf16 eager {_rel(eager, ref):.2e})")
+
+
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
 def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant, attngen_runs):

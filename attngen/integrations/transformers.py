@@ -30,8 +30,9 @@ path does.  A decode step (one query) runs :func:`decode`: PyTorch over only the
 window reaches.  Everything else — padding that splits a row's tokens in several runs,
 dropout while training, tensors that are not fp16/bf16 (nor cast to them, above) on CUDA,
 unsupported head dims — falls back to PyTorch with the same window (and softcap and sinks,
-as transformers' eager code has them), and says so once per reason in the ``attngen``
-logger.
+as transformers' eager code has them), and a causal mask widened by an overlay no kernel
+computes (Gemma 3's image tokens: :func:`_sees_later_keys`) falls back with transformers' own
+mask; each reason is said once in the ``attngen`` logger.
 """
 
 from __future__ import annotations
@@ -74,8 +75,16 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     rest (as transformers' FlashAttention path slices keys longer than the mask); for a decode
     step it covers every slot with the empty ones False, which keeps a compiled decode's
     shapes fixed and free of host synchronization."""
-    from transformers.masking_utils import flash_attention_mask
+    from transformers.masking_utils import flash_attention_mask, sdpa_mask
 
+    if q_length > 1 and _sees_later_keys(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                         kwargs):
+        # an overlay (e.g. image tokens that see each other) no kernel computes: transformers'
+        # own mask, with which the layers fall back to PyTorch
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         allow_is_causal_skip=False, use_vmap=kwargs.get("use_vmap", False),
+                         device=kwargs.get("device", "cpu"))
     mask = flash_attention_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                                 q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
                                 attention_mask=attention_mask, **kwargs)
@@ -96,6 +105,34 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
             return torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device"))
         return mask[:, :filled]
     return mask
+
+
+def _sees_later_keys(batch_size: int, q_length: int, kv_length: int, q_offset, kv_offset: int, mask_function,
+                     kwargs) -> bool:
+    """Whether a causal mask transformers builds lets a query see a later key: an overlay a
+    model adds to its mask (Gemma 3's image tokens see each other both ways; a model's
+    bidirectional option), which attngen's causal kernels do not compute.  transformers marks
+    the causal masks that may carry one (``use_vmap``: mask functions a model adds;
+    ``allow_is_causal_skip`` False: blocks of tokens, and also packed sequences and compiled
+    decode); only those are looked at, each query against the key after it, with one host
+    read per mask.  Bidirectional masks (built with ``allow_is_bidirectional_skip``) are left
+    as they are.  Under torch.compile, which cannot read it, a model's added mask functions
+    count as such an overlay; blocks of tokens are not looked for."""
+    marked = kwargs.get("use_vmap") or kwargs.get("allow_is_causal_skip") is False
+    if not marked or mask_function is None or "allow_is_bidirectional_skip" in kwargs:
+        return False
+    if torch.compiler.is_compiling():
+        return bool(kwargs.get("use_vmap"))
+    device = kwargs.get("device", "cpu")
+    positions = torch.arange(q_length - 1, device=device) + int(q_offset)
+    later = positions + 1
+    inside = later < kv_offset + kv_length
+    if not inside.any():
+        return False
+    rows = torch.arange(batch_size, device=device)[:, None]
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    seen = mask_function(rows, zero, positions[inside][None, :], later[inside][None, :])
+    return bool(torch.as_tensor(seen).any())
 
 
 def _weights_dtype(module, *tensors):
@@ -146,6 +183,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     mask = Mask.from_transformers(sliding_window, causal)
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    if attention_mask is not None and attention_mask.dim() == 4:
+        # transformers' own mask (padding_mask found an overlay no kernel computes)
+        _say_once("a mask with an overlay the kernels do not compute (e.g. image tokens that see each other)")
+        return fallback(module, query, key, value, attention_mask, mask, dropout, scaling,
+                        softcap=softcap, sinks=sinks), None
     if query.shape[2] == 1 and key.shape[2] > 1 and causal:
         return decode(query, key, value, attention_mask, mask, scaling, softcap, sinks), None
     if attention_mask is not None:
@@ -154,9 +196,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         packing = _packed_rows(query, key, kwargs)
     reason = _fallback_reason(module, query, attention_mask is not None and packing is None, dropout)
     if reason is not None:
-        if reason not in _said and not torch.compiler.is_compiling():
-            _said.add(reason)
-            log.warning("attngen: falling back to PyTorch attention (same window) for %s", reason)
+        _say_once(reason)
         sequences = None if attention_mask is not None or packing is None else _sequence_ids(packing, query)
         return fallback(module, query, key, value, attention_mask, mask, dropout, scaling,
                         softcap=softcap, sinks=sinks, sequences=sequences), None
@@ -179,6 +219,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     out = q.new_zeros(q.shape)
     out[p.queries] = packed
     return out, None
+
+
+def _say_once(reason: str) -> None:
+    if reason not in _said and not torch.compiler.is_compiling():
+        _said.add(reason)
+        log.warning("attngen: falling back to PyTorch attention (same window) for %s", reason)
 
 
 @torch.compiler.assume_constant_result
@@ -361,11 +407,15 @@ def fallback_mask(mask: Mask, q_len: int, kv_len: int, padding: torch.Tensor | N
 def fallback(module, query, key, value, attention_mask, mask: Mask, dropout: float,
              scaling: float | None, softcap: float | None = None, sinks: torch.Tensor | None = None,
              sequences: torch.Tensor | None = None):
-    """PyTorch attention with attngen's mask; softcap and sinks as transformers' eager code."""
+    """PyTorch attention with attngen's mask (or transformers' own 4-D one, when padding_mask
+    handed it over); softcap and sinks as transformers' eager code."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is not None and attention_mask.dim() != 2:
+    if attention_mask is not None and attention_mask.dim() == 4:
+        allowed = attention_mask.to(device=query.device, dtype=torch.bool)
+    elif attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"attngen expects transformers' 2-D padding mask, got {attention_mask.dim()}-D")
-    allowed = fallback_mask(mask, q_len, kv_len, attention_mask, query.device, sequences)
+    else:
+        allowed = fallback_mask(mask, q_len, kv_len, attention_mask, query.device, sequences)
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     scale = resolve_scale(scaling, query.shape[-1])
