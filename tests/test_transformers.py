@@ -239,6 +239,10 @@ def test_image_tokens_that_see_each_other_keep_transformers_mask():
     causal = transformers.masking_utils.causal_mask_function
     assert ag.padding_mask(1, 8, 8, mask_function=causal, use_vmap=True) is None
     assert ag.padding_mask(1, 8, 8, mask_function=later) is None      # not marked: never looked at
+
+    def scalar_only(b, h, q, kv):   # a mask function written for vmap (one index at a time)
+        return (kv <= q).view(1)[0]
+    assert ag.padding_mask(1, 8, 8, mask_function=scalar_only, use_vmap=True).shape == (1, 1, 8, 8)
     both_ways = transformers.masking_utils.bidirectional_mask_function    # a bidirectional mask's call
     assert ag.padding_mask(1, 8, 8, mask_function=both_ways, use_vmap=True, allow_is_causal_skip=False,
                            allow_is_bidirectional_skip=True) is None
