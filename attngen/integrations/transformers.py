@@ -124,15 +124,15 @@ def _sees_later_keys(batch_size: int, q_length: int, kv_length: int, q_offset, k
     if torch.compiler.is_compiling():
         return bool(kwargs.get("use_vmap"))
     device = kwargs.get("device", "cpu")
-    positions = torch.arange(q_length - 1, device=device) + int(q_offset)
-    later = positions + 1
-    inside = later < kv_offset + kv_length
-    if not inside.any():
+    first = int(q_offset)
+    count = min(q_length - 1, kv_offset + kv_length - 1 - first)     # queries with a later key
+    if count <= 0:
         return False
+    positions = torch.arange(first, first + count, device=device)[None, :]
     rows = torch.arange(batch_size, device=device)[:, None]
     zero = torch.zeros((), dtype=torch.long, device=device)
     try:
-        seen = mask_function(rows, zero, positions[inside][None, :], later[inside][None, :])
+        seen = mask_function(rows, zero, positions, positions + 1)
     except Exception:       # a mask function written for vmap only: take transformers' mask
         return True
     return bool(torch.as_tensor(seen).any())
