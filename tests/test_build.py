@@ -119,7 +119,7 @@ def test_real_compile_writes_cubins_and_times(tmp_path):
     report = build(specs, out, archs=("sm_90",), jobs=1)
     (name,) = report.kernels
     (spec,) = specs[0].kernels
-    default = [s for s in spec.kernels if compiled_by_default(spec, s)]
+    default = [s for s in spec.kernels if compiled_by_default(s)]
     assert {p.name for p in (out / name).glob("*.cubin")} == {f"{name}{s}.sm_90.cubin" for s in default}
     assert (out / name / f"{name}.sm_90.cubin").read_bytes()[:4] == b"\x7fELF"
     assert report.cubins == len(default) and report.deferred == len(spec.kernels) - len(default)
@@ -141,10 +141,10 @@ def test_all_kernels_compiles_only_what_is_missing(tmp_path, monkeypatch):
     out = tmp_path / "out"
     (spec,) = load_text(SPEC.replace("[64, null]", "16"))[0].kernels
     build(load_text(SPEC.replace("[64, null]", "16")), out, archs=("sm_90",))
-    assert sorted(compiled) == sorted(s for s in spec.kernels if compiled_by_default(spec, s))
+    assert sorted(compiled) == sorted(s for s in spec.kernels if compiled_by_default(s))
     compiled.clear()
     report = build(load_text(SPEC.replace("[64, null]", "16")), out, archs=("sm_90",), all_kernels=True)
-    assert sorted(compiled) == sorted(s for s in spec.kernels if not compiled_by_default(spec, s))
+    assert sorted(compiled) == sorted(s for s in spec.kernels if not compiled_by_default(s))
     assert report.cubins == len(compiled) and report.deferred == 0
     assert len(list((out / spec.name).glob("*.cubin"))) == len(spec.kernels)
     assert build(load_text(SPEC.replace("[64, null]", "16")), out, archs=("sm_90",),
@@ -153,8 +153,8 @@ def test_all_kernels_compiles_only_what_is_missing(tmp_path, monkeypatch):
 
 def test_default_rule_keeps_every_64_bit_twin_for_first_need():
     (spec,) = load_text(SPEC.replace("[64, null]", "16"))[0].kernels
-    assert "" in spec.kernels and compiled_by_default(spec, "")
-    assert all(not compiled_by_default(spec, s) for s in spec.kernels if s.endswith("_i64"))
+    assert "" in spec.kernels and compiled_by_default("")
+    assert all(not compiled_by_default(s) for s in spec.kernels if s.endswith("_i64"))
 
 
 def test_bad_arch_is_rejected_before_writing(tmp_path):

@@ -60,8 +60,8 @@ def test_build_shows_a_bar_and_right_counts(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert main(["build", str(spec), "--out", str(out)]) == 0
     kernels = load_files([spec])[0].kernels
-    default = sum(compiled_by_default(k, s) for k in kernels for s in k.kernels)
-    later = sum(not compiled_by_default(k, s) for k in kernels for s in k.kernels)
+    default = sum(compiled_by_default(s) for k in kernels for s in k.kernels)
+    later = sum(not compiled_by_default(s) for k in kernels for s in k.kernels)
     err = capsys.readouterr().err
     assert f"{default}/{default} [" in err                      # the bar's count, then its clock
     assert f"{default} kernel(s) compiled; {later} kernel(s) left to first need" in err

@@ -45,7 +45,7 @@ def test_the_launcher_loads_exactly_the_cubins_the_build_wrote(built):
     written = set((out / spec.name).glob("*.cubin"))
     found = {suffix: k.cubin("sm_90") for suffix, k in kernels.items() if k.cubin("sm_90").is_file()}
     assert set(found.values()) == written
-    assert set(found) == {s for s in spec.kernels if compiled_by_default(spec, s)}
+    assert set(found) == {s for s in spec.kernels if compiled_by_default(s)}
     for suffix, path in found.items():            # the symbol it launches is in that cubin
         symbol = kernels[suffix].built_signature.symbol
         assert symbol.startswith(spec.name + suffix)
@@ -79,7 +79,7 @@ def stronger(signature) -> KernelSignature:
 def test_a_call_that_fits_gets_the_built_cubin_and_nothing_compiles(built, no_compiler):
     out, spec = built
     for suffix, kernel in kernels_of(out, spec).items():
-        if not compiled_by_default(spec, suffix):
+        if not compiled_by_default(suffix):
             continue
         for call in (kernel.built_signature.with_symbol(None), stronger(kernel.built_signature)):
             cubin, symbol, _, providers = kernel._compile(call, default_tile_context, HOPPER)
@@ -93,7 +93,7 @@ def test_a_call_that_does_not_fit_compiles_and_says_so_once(built, no_compiler, 
     out, spec = built
     kernels = kernels_of(out, spec)
     kernel = kernels["" if case != "not built" else
-                     next(s for s in spec.kernels if not compiled_by_default(spec, s))]
+                     next(s for s in spec.kernels if not compiled_by_default(s))]
     call, arch = kernel.built_signature.with_symbol(None), HOPPER
     if case == "another arch":
         arch = (8, 0)
@@ -158,7 +158,7 @@ def streaming_cubins(tmp_path_factory):
     specs = load_text(SPECS)
     build(specs, out, archs=("sm_90",))
     return [(k, s, out / k.name / f"{k.name}{s}.sm_90.cubin") for spec in specs for k in spec.kernels
-            for s in k.kernels if s in STREAMING and compiled_by_default(k, s)]
+            for s in k.kernels if s in STREAMING and compiled_by_default(s)]
 
 
 def test_built_kernels_load_their_tiles_through_tma(streaming_cubins):

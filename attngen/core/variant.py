@@ -116,9 +116,9 @@ class Param:
     arg: str
 
 
-def compiled_by_default(spec: "KernelSpec", suffix: str) -> bool:
-    """Whether `attngen build` compiles the kernel of ``suffix`` (a key of
-    ``spec.kernels``) ahead of time by default: every kernel but the 64-bit twins (``_i64``,
+def compiled_by_default(suffix: str) -> bool:
+    """Whether `attngen build` compiles the kernel of ``suffix`` (a key of a
+    ``KernelSpec.kernels``) ahead of time by default: every kernel but the 64-bit twins (``_i64``,
     for tensors past 2^31 elements; without TMA, they take longer to compile than all the
     others), which cuTile compiles the first time a call needs them (logged once), or
     `attngen build --all` ahead of time.  The one place this rule lives."""

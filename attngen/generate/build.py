@@ -188,7 +188,7 @@ def _compile(kernels, out, staging, archs, report, jobs, all_kernels, progress) 
         where = staging / spec.name if (staging / spec.name).exists() else out / spec.name
         for arch in archs:
             for suffix in spec.kernels:
-                if not (all_kernels or compiled_by_default(spec, suffix)):
+                if not (all_kernels or compiled_by_default(suffix)):
                     deferred += 1
                 elif not (where / cubin_name(spec.name + suffix, arch)).exists():
                     todo.append((spec, arch, suffix, where))
