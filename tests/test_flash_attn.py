@@ -251,12 +251,88 @@ def test_with_kvcache_appends_then_attends_as_flash_attention(kernels, paged, ca
         torch.testing.assert_close(out[b:b + 1].double(), expected, atol=1e-10, rtol=1e-10)
 
 
+def rotated(x, cos, sin, positions, interleaved):
+    """The rotary embedding written with complex numbers: dimension pairs (2i, 2i + 1)
+    (interleaved) or (i, i + R/2) are one complex number, turned by the angle at the row's
+    position (positions: (B, S))."""
+    half = cos.shape[1]
+    x = x.double()
+    part = x[..., :2 * half]
+    pairs = part.unflatten(-1, (half, 2)) if interleaved else part.unflatten(-1, (2, half)).transpose(-1, -2)
+    turn = torch.polar(torch.ones_like(cos.double()), torch.atan2(sin.double(), cos.double()))[positions]
+    turned = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * turn[:, :, None])
+    turned = turned.flatten(-2) if interleaved else turned.transpose(-1, -2).flatten(-2)
+    return torch.cat([turned, x[..., 2 * half:]], dim=-1)
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["gpt-j", "gpt-neox"])
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (5, 2)), (False, (-1, -1))])
+def test_with_kvcache_rotates_new_keys_and_queries_as_flash_attention(kernels, interleaved, fraction, causal,
+                                                                      window):
+    """The new keys are rotated at their cache positions before they are written; the queries
+    at theirs when causal or windowed, else all at the first new key's; the first R
+    dimensions only."""
+    torch.manual_seed(1)
+    batch, heads, kv_heads, d, seq_cache, new = 2, 4, 2, 16, 32, 3
+    rot = int(d * fraction)
+    cached = torch.tensor([4, 20], dtype=torch.int32)
+    angles = torch.arange(seq_cache)[:, None] * 0.3 ** torch.arange(rot // 2)[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    q, k_new, v_new = torch.randn(batch, new, heads, d), torch.randn(batch, new, kv_heads, d), \
+        torch.randn(batch, new, kv_heads, d)
+    k_cache, v_cache = torch.randn(batch, seq_cache, kv_heads, d), torch.randn(batch, seq_cache, kv_heads, d)
+    before = k_cache.clone()
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, rotary_cos=cos, rotary_sin=sin,
+                                  cache_seqlens=cached, causal=causal, window_size=window,
+                                  rotary_interleaved=interleaved)
+    along = causal or window != (-1, -1)
+    for b, n in enumerate(cached.tolist()):
+        at = torch.arange(n, n + new)[None]
+        keys = rotated(k_new[b:b + 1], cos, sin, at, interleaved)
+        torch.testing.assert_close(k_cache[b, n:n + new].double(), keys[0], atol=1e-6, rtol=1e-6)
+        assert torch.equal(k_cache[b, :n], before[b, :n]) and torch.equal(k_cache[b, n + new:], before[b, n + new:])
+        queries = rotated(q[b:b + 1], cos, sin, at if along else torch.full((1, new), n), interleaved)
+        expected = flash_definition(queries, k_cache[b:b + 1, :n + new], v_cache[b:b + 1, :n + new], causal,
+                                    window)
+        torch.testing.assert_close(out[b:b + 1].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_with_kvcache_reads_the_rows_cache_batch_idx_names(kernels):
+    """A contiguous cache with more rows than sequences: sequence b's keys are written to and
+    read from row cache_batch_idx[b]; the other rows are left alone."""
+    torch.manual_seed(2)
+    heads, kv_heads, d, seq_cache = 4, 2, 16, 24
+    k_cache, v_cache = torch.randn(5, seq_cache, kv_heads, d), torch.randn(5, seq_cache, kv_heads, d)
+    before = k_cache.clone()
+    rows, cached = torch.tensor([3, 0], dtype=torch.int32), torch.tensor([7, 12], dtype=torch.int32)
+    q, k_new, v_new = torch.randn(2, 1, heads, d), torch.randn(2, 1, kv_heads, d), torch.randn(2, 1, kv_heads, d)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=cached,
+                                  cache_batch_idx=rows, causal=True, window_size=(5, 0))
+    for b, (row, n) in enumerate(zip(rows.tolist(), cached.tolist())):
+        assert torch.equal(k_cache[row, n], k_new[b, 0])
+        expected = flash_definition(q[b:b + 1], k_cache[row:row + 1, :n + 1], v_cache[row:row + 1, :n + 1], True,
+                                    (5, 0))
+        torch.testing.assert_close(out[b:b + 1].double(), expected, atol=1e-6, rtol=1e-6)
+    for row in (1, 2, 4):
+        assert torch.equal(k_cache[row], before[row])
+
+
 def test_with_kvcache_refuses_what_attngen_does_not_take_by_name(kernels):
     q, k_cache = torch.randn(1, 1, 4, 16), torch.randn(1, 8, 4, 16)
-    for kwargs, name in [({"rotary_cos": torch.ones(1)}, "rotary_cos"), ({"cache_leftpad": torch.ones(1)}, "cache_leftpad"),
-                         ({"cache_batch_idx": torch.zeros(1)}, "cache_batch_idx"),
+    k, table = torch.randn(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.int32)
+    tables = {"rotary_cos": torch.ones(8, 4), "rotary_sin": torch.zeros(8, 4)}
+    for kwargs, name in [({"cache_leftpad": torch.ones(1)}, "cache_leftpad"),
                          ({"return_softmax_lse": True}, "return_softmax_lse"), ({"num_splits": -1}, "num_splits"),
-                         ({"k": torch.randn(1, 1, 4, 16)}, "pass both")]:
+                         ({"k": k}, "pass both"), ({"rotary_cos": torch.ones(8, 4)}, "come together"),
+                         (tables, "pass k and v"),
+                         ({"k": k, "v": k, "rotary_cos": torch.ones(4, 4), "rotary_sin": torch.ones(4, 4)},
+                          "4 positions; the cache holds 8"),
+                         ({"k": k, "v": k, "rotary_cos": torch.ones(8, 9), "rotary_sin": torch.ones(8, 9)},
+                          "R <= head_dim 16"),
+                         ({"cache_batch_idx": torch.zeros(1, dtype=torch.int32), "block_table": table},
+                          "cache_batch_idx with block_table"),
+                         ({"cache_batch_idx": torch.zeros(2, dtype=torch.int32)}, r"cache_batch_idx must be \(1,\)")]:
         with pytest.raises(attngen.ArgumentError, match=name):
             flash_attn_with_kvcache(q, k_cache, k_cache.clone(), **kwargs)
     with pytest.raises(attngen.ArgumentError, match="one row per sequence"):

@@ -71,6 +71,39 @@ def test_with_kvcache_contiguous_cache_and_sinks():
     _check(out.reshape(-1, heads, d), exact, reference.paged(*args, sinks=sinks, dtype=dtype))
 
 
+def test_with_kvcache_rotary_and_cache_batch_idx():
+    """Llama-style (GPT-NeoX) rotary tables in q's dtype on a pooled contiguous cache: the
+    new keys land rotated in the rows cache_batch_idx names, the queries are rotated at their
+    positions, and the output matches the reference over those rows."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    dtype, heads, heads_kv, d, seq_cache, new = torch.bfloat16, 8, 2, 128, 256, 1
+    k_cache = torch.randn(4, seq_cache, heads_kv, d, device="cuda", generator=gen).to(dtype)
+    v_cache = torch.randn(4, seq_cache, heads_kv, d, device="cuda", generator=gen).to(dtype)
+    rows = torch.tensor([3, 1], dtype=torch.int32, device="cuda")
+    seqlens = torch.tensor([200, 31], dtype=torch.int32, device="cuda")
+    q = torch.randn(2, new, heads, d, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(2, new, heads_kv, d, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(2, new, heads_kv, d, device="cuda", generator=gen).to(dtype)
+    angles = torch.arange(seq_cache, device="cuda")[:, None] * 10000.0 ** (-torch.arange(0, d, 2, device="cuda") / d)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
+                                  cache_batch_idx=rows, causal=True, window_size=(127, 0), rotary_interleaved=False)
+
+    def neox(x, at):      # the halves (i, i + d/2) as one complex number, turned at position `at`
+        z = torch.complex(x[..., :d // 2].float(), x[..., d // 2:].float())
+        z = z * torch.complex(cos[at].float(), sin[at].float())
+        return torch.cat([z.real, z.imag], dim=-1)
+    queries = torch.stack([neox(q[b], seqlens[b]) for b in range(2)]).to(dtype)
+    for b in range(2):
+        landed = k_cache[rows[b], seqlens[b]]
+        torch.testing.assert_close(landed.float(), neox(k[b], seqlens[b])[0], atol=2e-2, rtol=1e-2)
+    table, used = rows[:, None], seqlens + new
+    cu = torch.arange(3, dtype=torch.int32, device="cuda")
+    args = (queries.reshape(-1, heads, d), k_cache, v_cache, cu, used, table, Mask(True, 127))
+    exact = reference.paged(*args, dtype=torch.float32)
+    _check(out.reshape(-1, heads, d), exact, reference.paged(*args, dtype=dtype))
+
+
 def test_varlen_block_table_mixes_prefill_and_decode():
     gen = torch.Generator(device="cuda").manual_seed(2)
     dtype, heads, heads_kv, d, page = torch.bfloat16, 4, 4, 64, 32

@@ -20,8 +20,12 @@ The functions take FlashAttention's arguments and give its results:
   ``flash_attn_with_kvcache`` (contiguous or paged cache, new keys appended in place), the
   calls serving engines make; inference only.
 
+* ``flash_attn_with_kvcache`` also rotates the new keys and the queries (``rotary_cos``,
+  ``rotary_sin``, ``rotary_interleaved``) and reads a contiguous cache's rows through
+  ``cache_batch_idx``, as FlashAttention does.
+
 What attngen does not compute raises :class:`attngen.ArgumentError` naming it: dropout,
-ALiBi, ``return_attn_probs``, rotary embedding inside the call, and one-sided windows
+ALiBi, ``return_attn_probs``, ``cache_leftpad``, and one-sided windows
 without causality (``(left, -1)`` or ``(-1, right)`` with ``causal=False``).  Calls
 differentiate (except over a paged cache) and trace like every attngen call
 (``torch.compile``, CUDA graphs).
@@ -200,22 +204,28 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0,
                             return_softmax_lse=False, *, sinks=None):
     """FlashAttention's ``flash_attn_with_kvcache``: q (B, S_q, H, D) over a KV cache, either
-    contiguous (B, S_cache, H_kv, D) or paged (pages, page_size, H_kv, D) with ``block_table``
-    (B, max_pages) int32.  Sequence ``b`` has ``cache_seqlens[b]`` cached keys (an int for all,
-    or a (B,) int32 tensor; None: the whole cache).  ``k``, ``v`` (B, S_new, H_kv, D), when
-    given, are written into the cache in place after them, and attended to.  The queries are
-    the last of the keys (decode: S_q = 1).  ``num_splits`` 0 picks how many programs share
-    a sequence's keys; n forces n.  Nothing synchronizes with the host: a CUDA graph can
-    capture the call (lengths stay on the device; they are trusted, not checked).
+    contiguous (B_cache, S_cache, H_kv, D) or paged (pages, page_size, H_kv, D) with
+    ``block_table`` (B, max_pages) int32.  Sequence ``b`` has ``cache_seqlens[b]`` cached keys
+    (an int for all, or a (B,) int32 tensor; None: the whole cache).  ``k``, ``v`` (B, S_new,
+    H_kv, D), when given, are written into the cache in place after them, and attended to.
+    The queries are the last of the keys (decode: S_q = 1).  ``num_splits`` 0 picks how many
+    programs share a sequence's keys; n forces n.  Nothing synchronizes with the host: a CUDA
+    graph can capture the call (lengths stay on the device; they are trusted, not checked).
 
-    Refused (:class:`attngen.ArgumentError`): rotary embedding (apply it before the call),
-    ``cache_batch_idx``, ``cache_leftpad``, ALiBi, ``return_softmax_lse``."""
-    for name, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
-                        ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
-                        ("alibi_slopes", alibi_slopes)):
+    ``cache_batch_idx`` (B,) int32, a contiguous cache only: sequence ``b``'s keys are row
+    ``cache_batch_idx[b]`` of the cache (default: row ``b``).
+
+    ``rotary_cos``, ``rotary_sin`` (S_rotary, R / 2), with ``k`` and ``v`` only, S_rotary at
+    least the cache's length: the first R dimensions of ``k`` are rotated at positions
+    ``cache_seqlens[b] + i`` before they are written, and those of ``q`` too when causal or
+    windowed (else every query at ``cache_seqlens[b]``).  ``rotary_interleaved`` rotates the
+    pairs (0, 1), (2, 3), ... (GPT-J); False rotates (i, i + R / 2) (GPT-NeoX).  The rotation
+    is computed in fp32 and rounded to q's dtype.
+
+    Refused (:class:`attngen.ArgumentError`): ``cache_leftpad``, ALiBi, ``return_softmax_lse``."""
+    for name, value in (("cache_leftpad", cache_leftpad), ("alibi_slopes", alibi_slopes)):
         if value is not None:
-            raise ArgumentError(f"{name}: attngen's flash_attn_with_kvcache does not take it"
-                                + (" (apply the rotary embedding to q and k first)" if "rotary" in name else ""))
+            raise ArgumentError(f"{name}: attngen's flash_attn_with_kvcache does not take it")
     if return_softmax_lse:
         raise ArgumentError("return_softmax_lse: attngen does not return the log-sum-exp here")
     _check_num_splits(num_splits)
@@ -225,11 +235,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     batch, seq_q = q.shape[:2]
     device = q.device
-    if block_table is None:          # a contiguous cache: sequence b's one page is row b
-        if k_cache.shape[0] != batch:
-            raise ArgumentError(f"a contiguous cache holds one row per sequence: q has {batch}, "
-                                f"k_cache {k_cache.shape[0]}")
-        block_table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+    if block_table is None:          # a contiguous cache: sequence b's one page is its row
+        block_table = _cache_rows(cache_batch_idx, batch, k_cache.shape[0], device)
+    elif cache_batch_idx is not None:
+        raise ArgumentError("cache_batch_idx with block_table: a paged cache finds each sequence's "
+                            "pages through block_table alone")
     page = k_cache.shape[1]
     if cache_seqlens is None:
         cache_seqlens = block_table.shape[1] * page - (0 if k is None else k.shape[1])
@@ -238,11 +248,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if (k is None) != (v is None):
         raise ArgumentError("k and v are written into the cache together: pass both or neither")
     seqused_k = cache_seqlens.to(torch.int32)
+    rotary = _rotary_tables(rotary_cos, rotary_sin, k is not None, q.shape[-1], block_table.shape[1] * page)
     if k is not None:
         if k.dim() != 4 or k.shape[0] != batch or tuple(k.shape) != tuple(v.shape):
             raise ArgumentError(f"k and v must be (B, S_new, H_kv, D) with B = {batch}, got "
                                 f"{tuple(k.shape)} and {tuple(v.shape)}")
         positions = seqused_k[:, None].long() + torch.arange(k.shape[1], device=device)
+        if rotary:
+            k = _rotate(k, *rotary, positions, rotary_interleaved)
+            along = causal or tuple(window_size) != (-1, -1)   # else every query sits at the first new key
+            at = seqused_k[:, None].long() + (torch.arange(seq_q, device=device) if along else 0)
+            q = _rotate(q, *rotary, at.expand(batch, seq_q), rotary_interleaved)
         pages = block_table.long().gather(1, positions // page)
         k_cache[pages, positions % page] = k
         v_cache[pages, positions % page] = v
@@ -252,3 +268,49 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     out = kernel(q.reshape(batch * seq_q, *q.shape[2:]), k_cache, v_cache, cu_q, seqused_k, block_table,
                  seq_q, scale=softmax_scale, sinks=sinks, splits=num_splits or None, check=False)
     return out.view(q.shape[0], seq_q, *out.shape[1:])
+
+
+def _cache_rows(cache_batch_idx, batch: int, rows: int, device) -> torch.Tensor:
+    """The block table of a contiguous cache, whose rows are one page each: sequence b reads
+    row ``cache_batch_idx[b]`` (trusted), or row b."""
+    if cache_batch_idx is None:
+        if rows != batch:
+            raise ArgumentError(f"a contiguous cache holds one row per sequence: q has {batch}, "
+                                f"k_cache {rows} (pass cache_batch_idx to pick the rows)")
+        return torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+    if cache_batch_idx.shape != (batch,) or cache_batch_idx.dtype.is_floating_point:
+        raise ArgumentError(f"cache_batch_idx must be ({batch},) integers, one cache row per sequence, "
+                            f"got {tuple(cache_batch_idx.shape)} {cache_batch_idx.dtype}")
+    return cache_batch_idx.to(torch.int32)[:, None]
+
+
+def _rotary_tables(cos, sin, appending: bool, head_dim: int, capacity: int):
+    """(cos, sin) checked as FlashAttention takes them, or None without rotary embedding."""
+    if cos is None and sin is None:
+        return None
+    if cos is None or sin is None:
+        raise ArgumentError("rotary_cos and rotary_sin come together: pass both or neither")
+    if not appending:
+        raise ArgumentError("rotary_cos/rotary_sin rotate the new keys: pass k and v with them")
+    if cos.dim() != 2 or cos.shape != sin.shape or not 0 < 2 * cos.shape[1] <= head_dim:
+        raise ArgumentError(f"rotary_cos and rotary_sin must be one (S_rotary, R / 2) shape with "
+                            f"R <= head_dim {head_dim}, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.shape[0] < capacity:
+        raise ArgumentError(f"rotary_cos has {cos.shape[0]} positions; the cache holds {capacity}: "
+                            f"the tables must cover every position of it")
+    return cos, sin
+
+
+def _rotate(x, cos, sin, positions, interleaved: bool):
+    """x (B, S, H, D) with its first 2 * cos.shape[1] dimensions rotated at ``positions``
+    (B, S), in fp32 (or x's wider dtype), rounded back to x's dtype."""
+    half, work = cos.shape[1], torch.promote_types(x.dtype, torch.float32)
+    c, s = (t[positions].to(work).unsqueeze(2) for t in (cos, sin))    # (B, S, 1, R / 2)
+    part = x[..., :2 * half].to(work)
+    if interleaved:
+        even, odd = part[..., 0::2], part[..., 1::2]
+        turned = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2)
+    else:
+        low, high = part[..., :half], part[..., half:]
+        turned = torch.cat((low * c - high * s, high * c + low * s), dim=-1)
+    return torch.cat((turned.to(x.dtype), x[..., 2 * half:]), dim=-1)
