@@ -21,16 +21,27 @@ def kernels(monkeypatch):
     asked = []
 
     def call(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, *, max_seqlen_k=None,
-             scale=None, sinks=None, out=None, layout="bhsd", deterministic=None):
+             scale=None, sinks=None, out=None, layout="bhsd", deterministic=None, return_lse=False):
         f = self.family.features
         asked.append(self.family)
+        options = {"scale": scale, "softcap": f.softcap, "sinks": sinks}
         if f.varlen:
             cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
-            return reference.varlen(q, k, v, cu_seqlens_q, cu_k, self.family.mask, scale=scale,
-                                    softcap=f.softcap, sinks=sinks)
+            result = reference.varlen(q, k, v, cu_seqlens_q, cu_k, self.family.mask, **options)
+            if not return_lse:
+                return result
+            lse = torch.empty(q.shape[:2], dtype=torch.float64)     # (total_q, H)
+            for (q0, q1), (k0, k1) in zip(zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()),
+                                          zip(cu_k[:-1].tolist(), cu_k[1:].tolist())):
+                lse[q0:q1] = reference.logsumexp(q[None, q0:q1], k[None, k0:k1], self.family.mask, layout="bshd",
+                                                 q_offset=(k1 - k0) - (q1 - q0), **options)[0].t()
+            return result, lse.float()
         assert layout == "bshd"
-        return reference.attention(q, k, v, self.family.mask, layout=layout, q_offset=k.shape[1] - q.shape[1],
-                                   scale=scale, softcap=f.softcap, sinks=sinks)
+        offset = k.shape[1] - q.shape[1]
+        result = reference.attention(q, k, v, self.family.mask, layout=layout, q_offset=offset, **options)
+        if not return_lse:
+            return result
+        return result, reference.logsumexp(q, k, self.family.mask, layout=layout, q_offset=offset, **options).float()
     def paged(self, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max_seqlen_q=None, *,
               scale=None, sinks=None, out=None, splits=None, check=None):
         f = self.family.features
@@ -43,10 +54,12 @@ def kernels(monkeypatch):
     return asked
 
 
-def flash_definition(q, k, v, causal, window_size, scale=None, softcap=0.0, sinks=None):
+def flash_definition(q, k, v, causal, window_size, scale=None, softcap=0.0, sinks=None, lse=False):
     """FlashAttention's semantics, written out: (B, S_q, H, D) queries aligned to the end of the
     keys; query i sees key j iff i + S_k - S_q - left <= j <= i + S_k - S_q + right (-1:
-    unbounded) and, when causal, j <= i + S_k - S_q; a row that sees no key gives 0."""
+    unbounded) and, when causal, j <= i + S_k - S_q; a row that sees no key gives 0.  With
+    ``lse``, also each row's log-sum-exp of its logits (B, H, S_q), +inf for a row that sees
+    no key (FlashAttention 2's value)."""
     seq_q, seq_k, heads = q.shape[1], k.shape[1], q.shape[2]
     group = heads // k.shape[2]
     k, v = (t.double().repeat_interleave(group, dim=2) for t in (k, v))
@@ -67,7 +80,11 @@ def flash_definition(q, k, v, causal, window_size, scale=None, softcap=0.0, sink
     if sinks is not None:
         s = torch.cat([s, sinks.double().reshape(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)[..., :seq_k]
-    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    if not lse:
+        return out
+    rows = torch.logsumexp(s, dim=-1)      # a row with no key and no sink: FlashAttention 2's +inf
+    return out, rows.masked_fill(rows == float("-inf"), float("inf"))
 
 
 def qkv(batch, seq_q, seq_k, heads=4, kv_heads=2, dim=8):
@@ -144,6 +161,41 @@ def test_one_set_of_offsets_takes_the_aligned_kernel(kernels):
         assert torch.allclose(got[s], want, atol=1e-12)
 
 
+@pytest.mark.parametrize("causal, window_size", CASES)
+@pytest.mark.parametrize("seq_q, seq_k", [(20, 20), (7, 30), (30, 12)])
+def test_return_attn_probs_gives_out_and_flash_attentions_log_sum_exp(kernels, causal, window_size, seq_q, seq_k):
+    """(out, softmax_lse, None): the log-sum-exp of each row's scaled, capped logits, sinks
+    included, (B, H, S_q) fp32, +inf where a row sees no key (more queries than keys)."""
+    if seq_q > seq_k and not causal:
+        return      # refused: more queries than keys needs causal=True
+    q, k, v = qkv(2, seq_q, seq_k)
+    for sinks in [None, torch.randn(4, dtype=torch.float64)]:
+        out, lse, probs = flash_attn_func(q, k, v, causal=causal, window_size=window_size, softmax_scale=0.3,
+                                          softcap=5.0, return_attn_probs=True, sinks=sinks)
+        want, want_lse = flash_definition(q, k, v, causal, window_size, scale=0.3, softcap=5.0, sinks=sinks,
+                                          lse=True)
+        assert probs is None and lse.dtype == torch.float32 and lse.shape == (2, 4, seq_q)
+        assert torch.allclose(out, want, atol=1e-12)
+        torch.testing.assert_close(lse.double(), want_lse, atol=1e-6, rtol=1e-6)
+
+
+def test_varlen_return_attn_probs_gives_the_log_sum_exp_head_major(kernels):
+    """Packed sequences: softmax_lse is (H, total_q), as FlashAttention's varlen call returns it."""
+    lengths_q, lengths_k = [5, 1, 12], [9, 20, 12]
+    q = torch.randn(sum(lengths_q), 4, 8, dtype=torch.float64)
+    k, v = (torch.randn(sum(lengths_k), 2, 8, dtype=torch.float64) for _ in range(2))
+    cu_q = torch.tensor([0] + lengths_q).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lengths_k).cumsum(0).to(torch.int32)
+    out, lse, probs = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 20, causal=True, window_size=(6, 0),
+                                             return_attn_probs=True)
+    assert probs is None and lse.shape == (4, sum(lengths_q)) and lse.is_contiguous()
+    for b in range(3):
+        (q0, q1), (k0, k1) = cu_q[b:b + 2].tolist(), cu_k[b:b + 2].tolist()
+        want, want_lse = flash_definition(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], True, (6, 0), lse=True)
+        assert torch.allclose(out[q0:q1], want[0], atol=1e-12)
+        torch.testing.assert_close(lse[:, q0:q1].double(), want_lse[0], atol=1e-6, rtol=1e-6)
+
+
 def test_window_size_maps_onto_masks():
     assert mask_of(True) == attngen.Mask(True)
     assert mask_of(True, (4095, 0)) == attngen.Mask.from_window(4096)
@@ -161,10 +213,12 @@ def test_window_size_maps_onto_masks():
 def test_what_attngen_does_not_compute_is_refused_by_name():
     q, k, v = qkv(1, 4, 4)
     cu = torch.tensor([0, 4], dtype=torch.int32)
-    for kwargs, name in [({"dropout_p": 0.1}, "dropout_p"), ({"alibi_slopes": torch.ones(4)}, "alibi_slopes"),
-                         ({"return_attn_probs": True}, "return_attn_probs")]:
+    for kwargs, name in [({"dropout_p": 0.1}, "dropout_p"), ({"alibi_slopes": torch.ones(4)}, "alibi_slopes")]:
         with pytest.raises(attngen.ArgumentError, match=name):
             flash_attn_func(q, k, v, **kwargs)
+    with pytest.raises(attngen.ArgumentError, match="paged kernels do not compute the log-sum-exp"):
+        flash_attn_varlen_func(q[0], torch.randn(1, 16, 4, 8), torch.randn(1, 16, 4, 8), cu, None, 4, None,
+                               causal=True, block_table=torch.zeros(1, 1, dtype=torch.int32), return_attn_probs=True)
     with pytest.raises(attngen.ArgumentError, match="paged cache"):
         flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(attngen.ArgumentError, match="seqused_k without block_table"):
@@ -184,7 +238,8 @@ def test_dynamo_traces_flash_attn_calls_into_attngen_ops():
         def forward(self, q, k, v, qp, kp, vp, cu_q, cu_k):
             a = flash_attn_func(q, k, v, causal=True, window_size=(31, 0))
             b = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 30, 40, causal=True, window_size=(31, 0))
-            return a.float().sum() + b.float().sum()
+            c, lse, _ = flash_attn_func(q, k, v, causal=True, window_size=(31, 0), return_attn_probs=True)
+            return a.float().sum() + b.float().sum() + c.float().sum() + lse.sum()
 
     with FakeTensorMode():
         q = torch.randn(2, 96, 4, 64, dtype=torch.bfloat16)
@@ -195,7 +250,7 @@ def test_dynamo_traces_flash_attn_calls_into_attngen_ops():
         cu_k = torch.tensor([0, 30, 70], dtype=torch.int32)
         exported = torch.export.export(Layer(), (q, k, v, qp, kp, vp, cu_q, cu_k), strict=True)
     ops = [str(n.target) for n in exported.graph_module.graph.nodes if n.op == "call_function"]
-    assert ops.count("attngen.attention.default") == 2, ops
+    assert ops.count("attngen.attention.default") == 2 and ops.count("attngen.attention_fwd.default") == 1, ops
 
 
 def test_deterministic_follows_flash_attention(kernels, monkeypatch):

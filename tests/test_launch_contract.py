@@ -101,6 +101,15 @@ def test_dense_launches_satisfy_the_built_signatures(launches, layout, seq):
     _check(launches, module, ["_fwd"])
     torch.autograd.grad(out.float().sum(), (q, k, v))
     _check(launches, module, ["_dq", "_dkdv"])
+    # the log-sum-exp asked for: the training forward, with or without autograd
+    with torch.no_grad():
+        _, lse = ops.attention(module.NAME, q, k, v, layout=layout, return_lse=True)
+    _check(launches, module, ["_fwd"])
+    out, lse = ops.attention(module.NAME, q, k, v, layout=layout, return_lse=True)
+    _check(launches, module, ["_fwd"])
+    assert lse.shape == (2, 4, seq) and lse.is_contiguous() and not lse.requires_grad and out.requires_grad
+    torch.autograd.grad(out.float().sum(), (q, k, v))
+    _check(launches, module, ["_dq", "_dkdv"])
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -125,6 +134,12 @@ def test_packed_sequences_with_sinks_launch_satisfy_the_built_signatures(launche
     out = ops.attention(module.NAME, q, k, v, sinks=sinks, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                         max_seqlen_q=80, max_seqlen_k=100)
     _check(launches, module, ["_fwd"])
+    with torch.no_grad():     # the log-sum-exp asked for, into a given output
+        given = torch.empty_like(q)
+        got, lse = ops.attention(module.NAME, q, k, v, sinks=sinks, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                 max_seqlen_q=80, max_seqlen_k=100, out=given, return_lse=True)
+    _check(launches, module, ["_fwd"])
+    assert got is given and lse.shape == (150, 4)
     torch.autograd.grad(out.float().sum(), (q, k, v, sinks))
     _check(launches, module, ["_dq", "_dkdv"])
 

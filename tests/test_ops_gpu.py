@@ -141,6 +141,30 @@ def _rel(x, ref):
     return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_return_lse_is_each_rows_log_sum_exp(call):
+    """``return_lse=True``: the forward's log-sum-exp in natural log, against the float64
+    reference over the same (exactly representable) inputs; the output stays differentiable,
+    the log-sum-exp carries no gradient."""
+    from attngen.core import reference
+    attn, args, kw = CALLS[call](requires_grad=True)
+    q, k, v, *offsets = args
+    out, lse = attn(*args, **kw, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad and lse.dtype == torch.float32
+    f, mask = attn.family.features, attn.family.mask
+    options = {"softcap": f.softcap, "sinks": None if "sinks" not in kw else kw["sinks"].detach()}
+    if not offsets:
+        exact = reference.logsumexp(q.detach(), k.detach(), mask, layout="bshd", **options)
+    else:
+        cu_q, cu_k = (c.tolist() for c in offsets)
+        assert lse.shape == q.shape[:2]
+        exact = torch.cat([reference.logsumexp(q.detach()[None, q0:q1], k.detach()[None, k0:k1], mask,
+                                               layout="bshd", q_offset=(k1 - k0) - (q1 - q0), **options)[0].t()
+                           for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])])
+    torch.testing.assert_close(lse.double(), exact, atol=2e-3, rtol=1e-4)
+    torch.autograd.grad(out.float().sum(), (q, k, v))
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt-oss"])
 def test_compiled_model_fullgraph_matches_eager(family, capsys, attngen_runs):
     """torch.compile(fullgraph=True) of a whole model on attngen, inference and a training

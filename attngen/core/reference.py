@@ -133,6 +133,22 @@ def dense(q, k, v, mask: Mask, *, scale: float | None = None, layout: str = "bhs
     return bhsd(out, layout)
 
 
+def logsumexp(q, k, mask: Mask, *, scale: float | None = None, layout: str = "bhsd", q_offset: int = 0,
+              softcap: float | None = None, sinks: torch.Tensor | None = None,
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Each query row's ``log(sum_j exp(logit_j))`` over the keys it sees (scaled, capped
+    scores; the sink's logit one more term), (B, H, S_q) in ``dtype``; -inf for a row that
+    sees no key and has no sink.  Dense, as :func:`dense`."""
+    q, k = (bhsd(t, layout).to(dtype) for t in (q, k))
+    _check(q, k, k)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    rows = q_offset + torch.arange(q.shape[2], device=q.device)[:, None]
+    cols = torch.arange(k.shape[2], device=q.device)[None, :]
+    scores = (q @ k.transpose(-1, -2)) * resolve_scale(scale, q.shape[-1])
+    sink = None if sinks is None else sinks.to(dtype).reshape(1, -1, 1, 1)
+    return torch.logsumexp(with_sink_column(logits(scores, mask.visible(rows, cols), softcap), sink), dim=-1)
+
+
 def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, mask: Mask, **kwargs) -> torch.Tensor:
     """Packed sequences: q (total_q, H, D), k/v (total_k, HKV, D); sequence ``b`` is rows
     ``cu[b]:cu[b+1]``, its queries the last ones of its keys.  No sequence sees another."""

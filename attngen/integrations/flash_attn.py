@@ -24,8 +24,11 @@ The functions take FlashAttention's arguments and give its results:
   ``rotary_sin``, ``rotary_interleaved``) and reads a contiguous cache's rows through
   ``cache_batch_idx``, as FlashAttention does.
 
+* ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``, what FlashAttention
+  returns without dropout (contiguous keys only).
+
 What attngen does not compute raises :class:`attngen.ArgumentError` naming it: dropout,
-ALiBi, ``return_attn_probs``, ``cache_leftpad``, and one-sided windows
+ALiBi, ``cache_leftpad``, the log-sum-exp over a paged cache, and one-sided windows
 without causality (``(left, -1)`` or ``(-1, right)`` with ``causal=False``).  Calls
 differentiate (except over a paged cache) and trace like every attngen call
 (``torch.compile``, CUDA graphs).
@@ -60,13 +63,11 @@ def mask_of(causal: bool, window_size=(-1, -1)) -> Mask:
     return Mask(False, left, right)
 
 
-def _refuse(dropout_p, alibi_slopes, return_attn_probs) -> None:
+def _refuse(dropout_p, alibi_slopes) -> None:
     if dropout_p:
         raise ArgumentError(f"dropout_p={dropout_p}: attngen computes attention without dropout")
     if alibi_slopes is not None:
         raise ArgumentError("alibi_slopes: attngen has no ALiBi bias")
-    if return_attn_probs:
-        raise ArgumentError("return_attn_probs: attngen does not return the attention probabilities")
 
 
 _kernels: dict[tuple, AttentionKernel] = {}
@@ -94,8 +95,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
                     sinks=None):
     """FlashAttention's ``flash_attn_func``: q (B, S_q, H, D), k, v (B, S_k, H_kv, D) -> out
-    (B, S_q, H, D).  See the module docstring for the window and what is refused."""
-    _refuse(dropout_p, alibi_slopes, return_attn_probs)
+    (B, S_q, H, D); with ``return_attn_probs``, ``(out, softmax_lse, None)`` as FlashAttention
+    returns them without dropout (:func:`_with_lse`).  See the module docstring for the window
+    and what is refused."""
+    _refuse(dropout_p, alibi_slopes)
     mask = mask_of(causal, window_size)
     if q.dim() != 4 or k.dim() != 4:
         raise ArgumentError(f"q and k must be (B, S, H, D), got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -107,11 +110,27 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                 f"takes at most as many queries as keys there")
         head = q.new_zeros(q.shape[0], extra, q.shape[2], v.shape[-1])   # rows that see no key
         tail = flash_attn_func(q[:, extra:], k, v, 0.0, softmax_scale, causal, window_size, softcap,
-                               None, deterministic, sinks=sinks)
-        return torch.cat([head, tail], dim=1)
+                               None, deterministic, return_attn_probs, sinks=sinks)
+        if not return_attn_probs:
+            return torch.cat([head, tail], dim=1)
+        out, lse, _ = tail        # the rows that see no key: +inf, or their sink's logit alone
+        unseen = (lse.new_full((*lse.shape[:2], extra), float("inf")) if sinks is None
+                  else sinks.float()[None, :, None].expand(lse.shape[0], -1, extra))
+        return torch.cat([head, out], dim=1), torch.cat([unseen, lse], dim=2), None
     kernel = _kernel(mask, _gqa(q, k), softcap or None, sinks is not None, seq_q < seq_k, False)
-    return kernel(q, k, v, layout="bshd", scale=softmax_scale, sinks=sinks,
-                  deterministic=deterministic or None)
+    result = kernel(q, k, v, layout="bshd", scale=softmax_scale, sinks=sinks,
+                    deterministic=deterministic or None, return_lse=return_attn_probs)
+    return _with_lse(result) if return_attn_probs else result
+
+
+def _with_lse(result, packed: bool = False):
+    """FlashAttention's ``return_attn_probs`` answer without dropout: ``(out, softmax_lse,
+    None)``, the log-sum-exp of each query row's scaled (and capped) scores, natural log,
+    fp32, (B, H, S_q), or (H, total_q) for packed sequences; sinks are included, and a row
+    that sees no key has +inf, as FlashAttention 2 writes (with sinks, its sink's logit).  It carries no gradient (neither
+    does FlashAttention's: its backward ignores it)."""
+    out, lse = result
+    return out, (lse.t().contiguous() if packed else lse), None
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -146,11 +165,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     Inference only; more queries than keys give zero rows (causal).  ``num_splits`` (a paged
     cache only, as ``flash_attn_with_kvcache`` takes it): 0 picks how many programs share a
     sequence's keys, n forces n.  ``out``, as serving engines pass it: the output is written
-    there (q's shape and dtype) and returned."""
-    _refuse(dropout_p, alibi_slopes, return_attn_probs)
+    there (q's shape and dtype) and returned.  ``return_attn_probs``: ``(out, softmax_lse,
+    None)`` (:func:`_with_lse`), contiguous keys only."""
+    _refuse(dropout_p, alibi_slopes)
     _check_num_splits(num_splits)
     mask = mask_of(causal, window_size)
     if block_table is not None:
+        if return_attn_probs:
+            raise ArgumentError("return_attn_probs with block_table: attngen's paged kernels do not "
+                                "compute the log-sum-exp")
         if q.dim() != 3 or k.dim() != 4:
             raise ArgumentError(f"with block_table, q must be (total, H, D) and k a paged cache "
                                 f"(pages, page_size, H_kv, D), got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -169,9 +192,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ArgumentError(f"q and k must be (total, H, D), got {tuple(q.shape)} and {tuple(k.shape)}")
     same = cu_seqlens_q is cu_seqlens_k    # else the queries are the last of each sequence's keys
     kernel = _kernel(mask, _gqa(q, k), softcap or None, sinks is not None, not same, True)
-    return kernel(q, k, v, cu_seqlens_q, None if same else cu_seqlens_k, max_seqlen_q,
-                  max_seqlen_k=None if same else max_seqlen_k, scale=softmax_scale, sinks=sinks, out=out,
-                  deterministic=deterministic or None)
+    result = kernel(q, k, v, cu_seqlens_q, None if same else cu_seqlens_k, max_seqlen_q,
+                    max_seqlen_k=None if same else max_seqlen_k, scale=softmax_scale, sinks=sinks, out=out,
+                    deterministic=deterministic or None, return_lse=return_attn_probs)
+    return _with_lse(result, packed=True) if return_attn_probs else result
 
 
 def _check_num_splits(num_splits) -> None:

@@ -264,12 +264,13 @@ def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | 
               cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
               scale: float | None = None, layout: str = "bhsd", out: Tensor | None = None,
-              deterministic: bool | None = None) -> Tensor:
+              deterministic: bool | None = None, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Run ``variant`` (see the module docstring): differentiably when autograd records the call
     (``out=`` is then refused), else inference; in eager mode without the ops' dispatch.  The
     backward is deterministic when ``deterministic`` is true, or when it is None and
     ``torch.use_deterministic_algorithms(True)`` is on; ``deterministic=False`` asks for the
-    default backward whatever the global setting."""
+    default backward whatever the global setting.  ``return_lse``: (out, lse), see
+    :func:`natural_lse`; the call then runs the training forward, which computes it."""
     _check_scale(variant, scale)
     args = (variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout)
     direct = _direct(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, out)
@@ -277,11 +278,25 @@ def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | 
         no_out_with_grad(out, variant)
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
-        return (_DirectAttention if direct else _Attention).apply(bool(deterministic), *args)[0]
+        result, lse, _ = (_DirectAttention if direct else _Attention).apply(bool(deterministic), *args)
+        return (result, natural_lse(lse)) if return_lse else result
+    if return_lse:
+        result, lse, _ = (_forward if direct else torch.ops.attngen.attention_fwd)(*args)
+        if out is not None:
+            result = out.copy_(result)
+        return result, natural_lse(lse)
     if out is None:
         return (_infer if direct else torch.ops.attngen.attention)(*args)
     (_infer_out if direct else torch.ops.attngen.attention_out)(*args, out)
     return out
+
+
+def natural_lse(lse: Tensor) -> Tensor:
+    """The training forward's log-sum-exp as callers take it: each query row's
+    ``log(sum_j exp(s_j))`` over the scaled (and capped) scores it sees, sinks included, in
+    natural-log units, fp32, (B, H, S_q) or (total_q, H) for packed sequences.  Gradients do
+    not flow through it (the kernels save it for the backward, which does not differentiate it)."""
+    return lse / LOG2E
 
 
 # -- a paged K/V cache (serving) ------------------------------------------------------------

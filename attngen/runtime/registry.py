@@ -224,12 +224,14 @@ class AttentionKernel:
 
     def __call__(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, *,
                  max_seqlen_k=None, scale: float | None = None, sinks=None, out=None, layout="bhsd",
-                 deterministic: bool | None = None):
+                 deterministic: bool | None = None, return_lse: bool = False):
         """Attention of ``q`` over ``k, v``.  Packed sequences (``varlen``) take
         ``cu_seqlens_q`` (and ``cu_seqlens_k``, ``max_seqlen_q``, ``max_seqlen_k``), the others
         ``layout=``; ``sinks=`` where the kernel has sinks; ``out=`` to write into a tensor.
         ``deterministic`` (default: the kernel's, see :func:`get_kernel`) picks the backward:
-        True, identical gradient bits every run; False, the head dim's default backward."""
+        True, identical gradient bits every run; False, the head dim's default backward.
+        ``return_lse=True`` returns ``(out, lse)``: each query row's log-sum-exp, natural log,
+        fp32, (B, H, S_q) or (total_q, H), sinks included, without gradient."""
         import torch
 
         f = self.family.features
@@ -254,7 +256,7 @@ class AttentionKernel:
                          cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                          scale=self.scale if scale is None else scale, layout=layout, out=out,
                          deterministic=self.deterministic if deterministic is None
-                         else check_deterministic(deterministic))
+                         else check_deterministic(deterministic), return_lse=return_lse)
 
 
 class PagedAttentionKernel(AttentionKernel):
