@@ -30,12 +30,7 @@ def kernels(monkeypatch):
             result = reference.varlen(q, k, v, cu_seqlens_q, cu_k, self.family.mask, **options)
             if not return_lse:
                 return result
-            lse = torch.empty(q.shape[:2], dtype=torch.float64)     # (total_q, H)
-            for (q0, q1), (k0, k1) in zip(zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()),
-                                          zip(cu_k[:-1].tolist(), cu_k[1:].tolist())):
-                lse[q0:q1] = reference.logsumexp(q[None, q0:q1], k[None, k0:k1], self.family.mask, layout="bshd",
-                                                 q_offset=(k1 - k0) - (q1 - q0), **options)[0].t()
-            return result, lse.float()
+            return result, reference.varlen_logsumexp(q, k, cu_seqlens_q, cu_k, self.family.mask, **options).float()
         assert layout == "bshd"
         offset = k.shape[1] - q.shape[1]
         result = reference.attention(q, k, v, self.family.mask, layout=layout, q_offset=offset, **options)
@@ -43,12 +38,18 @@ def kernels(monkeypatch):
             return result
         return result, reference.logsumexp(q, k, self.family.mask, layout=layout, q_offset=offset, **options).float()
     def paged(self, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max_seqlen_q=None, *,
-              scale=None, sinks=None, out=None, splits=None, check=None):
+              scale=None, sinks=None, out=None, splits=None, check=None, return_lse=False):
         f = self.family.features
         assert f.paged
         asked.append(self.family)
-        return reference.paged(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, self.family.mask,
-                               scale=scale, softcap=f.softcap, sinks=sinks)
+        options = {"scale": scale, "softcap": f.softcap, "sinks": sinks}
+        result = reference.paged(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, self.family.mask,
+                                 **options)
+        if not return_lse:
+            return result
+        k, cu_k = reference.gather_pages(k_cache, block_table, seqused_k)
+        lse = reference.varlen_logsumexp(q, k, cu_seqlens_q, cu_k, self.family.mask, **options)
+        return result, lse.masked_fill(lse == float("-inf"), float("inf")).float()   # the kernels' +inf
     monkeypatch.setattr(AttentionKernel, "__call__", call)
     monkeypatch.setattr(PagedAttentionKernel, "__call__", paged)
     return asked
@@ -196,6 +197,31 @@ def test_varlen_return_attn_probs_gives_the_log_sum_exp_head_major(kernels):
         torch.testing.assert_close(lse[:, q0:q1].double(), want_lse[0], atol=1e-6, rtol=1e-6)
 
 
+def test_paged_varlen_return_attn_probs_gives_the_log_sum_exp(kernels):
+    """Over a paged cache too: (out, softmax_lse (H, total_q), None), sinks included."""
+    torch.manual_seed(3)
+    lengths_q, lengths_k, page = [1, 6], [40, 6], 16
+    k_flat, v_flat = (torch.randn(sum(lengths_k), 2, 8, dtype=torch.float64) for _ in range(2))
+    table = reference.page_table(lengths_k, page, torch.randperm(8).to(torch.int32))
+    k_cache, v_cache = (reference.scatter_pages(t, lengths_k, table, 8, page) for t in (k_flat, v_flat))
+    q = torch.randn(sum(lengths_q), 4, 8, dtype=torch.float64)
+    cu_q = torch.tensor([0] + lengths_q).cumsum(0).to(torch.int32)
+    sinks = torch.randn(4, dtype=torch.float64)
+    out, lse, probs = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, None, 6, None, causal=True,
+                                             window_size=(9, 0), block_table=table, sinks=sinks,
+                                             seqused_k=torch.tensor(lengths_k, dtype=torch.int32),
+                                             return_attn_probs=True)
+    assert probs is None and lse.shape == (4, 7) and lse.is_contiguous()
+    starts = [0, lengths_k[0]]
+    for b in range(2):
+        q0, q1 = cu_q[b:b + 2].tolist()
+        keys = slice(starts[b], starts[b] + lengths_k[b])
+        want, want_lse = flash_definition(q[None, q0:q1], k_flat[None, keys], v_flat[None, keys], True, (9, 0),
+                                          sinks=sinks, lse=True)
+        assert torch.allclose(out[q0:q1], want[0], atol=1e-12)
+        torch.testing.assert_close(lse[:, q0:q1].double(), want_lse[0], atol=1e-6, rtol=1e-6)
+
+
 def test_window_size_maps_onto_masks():
     assert mask_of(True) == attngen.Mask(True)
     assert mask_of(True, (4095, 0)) == attngen.Mask.from_window(4096)
@@ -216,9 +242,6 @@ def test_what_attngen_does_not_compute_is_refused_by_name():
     for kwargs, name in [({"dropout_p": 0.1}, "dropout_p"), ({"alibi_slopes": torch.ones(4)}, "alibi_slopes")]:
         with pytest.raises(attngen.ArgumentError, match=name):
             flash_attn_func(q, k, v, **kwargs)
-    with pytest.raises(attngen.ArgumentError, match="paged kernels do not compute the log-sum-exp"):
-        flash_attn_varlen_func(q[0], torch.randn(1, 16, 4, 8), torch.randn(1, 16, 4, 8), cu, None, 4, None,
-                               causal=True, block_table=torch.zeros(1, 1, dtype=torch.int32), return_attn_probs=True)
     with pytest.raises(attngen.ArgumentError, match="paged cache"):
         flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(attngen.ArgumentError, match="seqused_k without block_table"):
@@ -289,9 +312,9 @@ def test_with_kvcache_appends_then_attends_as_flash_attention(kernels, paged, ca
     else:
         table, k_cache, v_cache = None, k_flat.clone(), v_flat.clone()
     seqlens = torch.tensor(cached, dtype=torch.int32)
-    out = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
-                                  block_table=table, causal=causal, window_size=window)
-    assert all(f.features.paged for f in kernels)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
+                                       block_table=table, causal=causal, window_size=window, return_softmax_lse=True)
+    assert all(f.features.paged for f in kernels) and lse.shape == (batch, heads, new + 2)
     for b, n in enumerate(cached):
         keys = torch.cat([k_flat[b, :n], k_new[b]])[None]
         values = torch.cat([v_flat[b, :n], v_new[b]])[None]
@@ -302,8 +325,9 @@ def test_with_kvcache_appends_then_attends_as_flash_attention(kernels, paged, ca
         assert torch.equal(got[:n + new], keys[0])
         if not causal and q.shape[1] > keys.shape[1]:
             continue      # FlashAttention's bidirectional rows past the keys: not checked here
-        expected = flash_definition(q[b:b + 1], keys, values, causal, window)
+        expected, expected_lse = flash_definition(q[b:b + 1], keys, values, causal, window, lse=True)
         torch.testing.assert_close(out[b:b + 1].double(), expected, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(lse[b:b + 1].double(), expected_lse, atol=1e-6, rtol=1e-6)
 
 
 def rotated(x, cos, sin, positions, interleaved):
@@ -378,7 +402,7 @@ def test_with_kvcache_refuses_what_attngen_does_not_take_by_name(kernels):
     k, table = torch.randn(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.int32)
     tables = {"rotary_cos": torch.ones(8, 4), "rotary_sin": torch.zeros(8, 4)}
     for kwargs, name in [({"cache_leftpad": torch.ones(1)}, "cache_leftpad"),
-                         ({"return_softmax_lse": True}, "return_softmax_lse"), ({"num_splits": -1}, "num_splits"),
+                         ({"num_splits": -1}, "num_splits"),
                          ({"k": k}, "pass both"), ({"rotary_cos": torch.ones(8, 4)}, "come together"),
                          (tables, "pass k and v"),
                          ({"k": k, "v": k, "rotary_cos": torch.ones(4, 4), "rotary_sin": torch.ones(4, 4)},

@@ -96,3 +96,24 @@ def test_row_stats_keep_every_stride_a_multiple_of_16_bytes(shape):
     assert all(s * 4 % 16 == 0 for s in rows.stride()[:-1]), rows.stride()
     padded = -(-shape[-1] // 4) * 4
     assert rows.stride(-2) == padded          # no more than the padding a row needs
+
+
+def test_merged_lse_is_the_log_sum_exp_over_every_slice():
+    """A split call's slices (log2 units, M_START where a row sees no key of the slice) merge
+    into the natural-log log-sum-exp over all of them; a row that sees no key anywhere gives
+    +inf, or with a sink, the sink's logit; the sink is one more term otherwise."""
+    empty = -1.0e30
+    scores = torch.randn(3, 5, 4, 7, dtype=torch.float64)            # slice, row, head, key
+    scores[:, 0] = float("-inf")                                      # row 0 sees no key at all
+    scores[1:, 2] = float("-inf")                                     # row 2 sees keys of slice 0 only
+    per_slice = torch.logsumexp(scores, dim=-1) * inputs.LOG2E        # log2 units
+    part = per_slice.masked_fill(per_slice == float("-inf"), empty).float()
+    got = inputs.merged_lse(part, None, empty)
+    want = torch.logsumexp(scores.permute(1, 2, 0, 3).flatten(2), dim=-1)
+    assert got[0].eq(float("inf")).all()
+    torch.testing.assert_close(got[1:].double(), want[1:], atol=1e-5, rtol=1e-6)
+    sinks = torch.randn(4)
+    with_sinks = inputs.merged_lse(part, sinks, empty)
+    torch.testing.assert_close(with_sinks[0], sinks)
+    torch.testing.assert_close(with_sinks[1:].double(), torch.logaddexp(want[1:], sinks.double()), atol=1e-5,
+                               rtol=1e-6)

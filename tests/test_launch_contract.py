@@ -160,6 +160,11 @@ def test_paged_launches_satisfy_the_built_signatures(launches, splits):
     ops.paged_attention(module.NAME, q, k_cache, v_cache, cu_q, used, table, sinks=torch.randn(8),
                         splits=splits)
     _check(launches, module, [""] if splits == 1 else ["_split", "_combine"])
+    # the log-sum-exp asked for comes from the slices: the split kernel runs even for one slice
+    _, lse = ops.paged_attention(module.NAME, q, k_cache, v_cache, cu_q, used, table, sinks=torch.randn(8),
+                                 splits=splits, return_lse=True)
+    _check(launches, module, ["_split", "_combine"])
+    assert lse.shape == (sum(q_lens), 8) and lse.dtype == torch.float32
 
 
 @pytest.mark.parametrize("batch", ["plain", "padded", "packed rows"])

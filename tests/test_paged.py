@@ -150,6 +150,21 @@ def test_a_paged_decode_step_traces_into_attngen_ops():
     out = [n for n in exported.graph_module.graph.nodes if n.op == "output"][0]
     assert tuple(out.args[0][0].meta["val"].shape) == (3, 1, 8, 128)
 
+    class RotaryStep(torch.nn.Module):     # the rotation in the call, and the log-sum-exp asked for
+        def forward(self, q, k, v, k_cache, v_cache, seqlens, table, cos, sin):
+            return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+                                           cache_seqlens=seqlens, block_table=table, causal=True,
+                                           return_softmax_lse=True)
+
+    with FakeTensorMode():
+        cos, sin = torch.randn(208, 32), torch.randn(208, 32)
+        exported = torch.export.export(RotaryStep(), (q, k, v, k_cache, v_cache, seqlens, table, cos, sin),
+                                       strict=True)
+    ops = [str(n.target) for n in exported.graph_module.graph.nodes if n.op == "call_function"]
+    assert ops.count("attngen.paged_attention_lse.default") == 1, ops
+    out = [n for n in exported.graph_module.graph.nodes if n.op == "output"][0]
+    assert [tuple(o.meta["val"].shape) for o in out.args[0]] == [(3, 1, 8, 128), (3, 8, 1)]
+
 
 def test_scattered_pages_gather_back_and_test_caches_poison_the_rest():
     """reference.page_table / scatter_pages invert gather_pages; the generated suites' cache

@@ -124,6 +124,35 @@ def test_varlen_block_table_mixes_prefill_and_decode():
                                block_table=bad, seqused_k=used)
 
 
+@pytest.mark.parametrize("splits", [0, 1, 4], ids=["auto", "one-slice", "four-slices"])
+def test_log_sum_exp_over_a_paged_cache(splits):
+    """return_attn_probs over a paged cache (gpt-oss-shaped: sinks, window 128): the merged
+    slices' log-sum-exp against the float64 reference over the same (exactly representable)
+    inputs, sinks included; a mix of decode steps and a prefill chunk; the output unchanged."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    dtype, heads, heads_kv, d, page = torch.bfloat16, 16, 2, 64, 32
+    q_lens, k_lens = [1, 1, 50], [2000, 130, 50]
+    k_cache, v_cache, _, table = paged_cache(k_lens, page, heads_kv, d, dtype, gen)
+    q = torch.randn(sum(q_lens), heads, d, device="cuda", generator=gen).to(dtype)
+    sinks = torch.randn(heads, device="cuda", generator=gen)
+    cu_q = torch.tensor([0] + q_lens, device="cuda").cumsum(0).to(torch.int32)
+    used = torch.tensor(k_lens, dtype=torch.int32, device="cuda")
+    out, lse, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, None, max(q_lens), None, causal=True,
+                                         window_size=(127, 0), block_table=table, seqused_k=used, sinks=sinks,
+                                         num_splits=splits, return_attn_probs=True)
+    keys, cu_k = reference.gather_pages(k_cache, table, used)
+    exact = reference.varlen_logsumexp(q, keys, cu_q, cu_k, Mask(True, 127), sinks=sinks)
+    assert lse.shape == (heads, sum(q_lens))
+    torch.testing.assert_close(lse.double(), exact.t(), atol=2e-3, rtol=1e-4)
+    alone = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, None, max(q_lens), None, causal=True,
+                                   window_size=(127, 0), block_table=table, seqused_k=used, sinks=sinks,
+                                   num_splits=splits)
+    args = (q, k_cache, v_cache, cu_q, used, table, Mask(True, 127))
+    exact_out = reference.paged(*args, sinks=sinks, dtype=torch.float32)
+    _check(out, exact_out, reference.paged(*args, sinks=sinks, dtype=dtype))
+    _check(alone, exact_out, reference.paged(*args, sinks=sinks, dtype=dtype))
+
+
 def test_decode_step_captures_in_a_cuda_graph_and_compiles():
     gen = torch.Generator(device="cuda").manual_seed(3)
     dtype, batch, heads, heads_kv, d, page = torch.bfloat16, 4, 32, 8, 128, 16

@@ -163,6 +163,16 @@ def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, mask: Mask, **kwargs) -> torch.T
     return out
 
 
+def varlen_logsumexp(q, k, cu_seqlens_q, cu_seqlens_k, mask: Mask, **kwargs) -> torch.Tensor:
+    """:func:`logsumexp` of packed sequences (as :func:`varlen` lays them out): (total_q, H)."""
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = torch.empty(q.shape[:2], dtype=kwargs.get("dtype", torch.float64), device=q.device)
+    for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
+        out[q0:q1] = logsumexp(q[None, q0:q1], k[None, k0:k1], mask, layout="bshd",
+                               q_offset=(k1 - k0) - (q1 - q0), **kwargs)[0].t()
+    return out
+
+
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor,
                  seqused_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys (or values) of each sequence of a paged cache, packed as ``varlen`` takes them.

@@ -25,10 +25,11 @@ The functions take FlashAttention's arguments and give its results:
   ``cache_batch_idx``, as FlashAttention does.
 
 * ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``, what FlashAttention
-  returns without dropout (contiguous keys only).
+  returns without dropout; ``flash_attn_with_kvcache(..., return_softmax_lse=True)``
+  ``(out, softmax_lse)``.
 
 What attngen does not compute raises :class:`attngen.ArgumentError` naming it: dropout,
-ALiBi, ``cache_leftpad``, the log-sum-exp over a paged cache, and one-sided windows
+ALiBi, ``cache_leftpad``, and one-sided windows
 without causality (``(left, -1)`` or ``(-1, right)`` with ``causal=False``).  Calls
 differentiate (except over a paged cache) and trace like every attngen call
 (``torch.compile``, CUDA graphs).
@@ -166,22 +167,20 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cache only, as ``flash_attn_with_kvcache`` takes it): 0 picks how many programs share a
     sequence's keys, n forces n.  ``out``, as serving engines pass it: the output is written
     there (q's shape and dtype) and returned.  ``return_attn_probs``: ``(out, softmax_lse,
-    None)`` (:func:`_with_lse`), contiguous keys only."""
+    None)`` (:func:`_with_lse`)."""
     _refuse(dropout_p, alibi_slopes)
     _check_num_splits(num_splits)
     mask = mask_of(causal, window_size)
     if block_table is not None:
-        if return_attn_probs:
-            raise ArgumentError("return_attn_probs with block_table: attngen's paged kernels do not "
-                                "compute the log-sum-exp")
         if q.dim() != 3 or k.dim() != 4:
             raise ArgumentError(f"with block_table, q must be (total, H, D) and k a paged cache "
                                 f"(pages, page_size, H_kv, D), got {tuple(q.shape)} and {tuple(k.shape)}")
         if seqused_k is None:
             seqused_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
         kernel = _kernel(mask, _gqa(q, k), softcap or None, sinks is not None, paged=True)
-        return kernel(q, k, v, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, scale=softmax_scale,
-                      sinks=sinks, out=out, splits=num_splits or None)
+        result = kernel(q, k, v, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, scale=softmax_scale,
+                        sinks=sinks, out=out, splits=num_splits or None, return_lse=return_attn_probs)
+        return _with_lse(result, packed=True) if return_attn_probs else result
     if seqused_k is not None:
         raise ArgumentError("seqused_k without block_table: attngen reads key lengths from "
                             "cu_seqlens_k for contiguous keys; pass block_table for a paged cache")
@@ -246,12 +245,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     pairs (0, 1), (2, 3), ... (GPT-J); False rotates (i, i + R / 2) (GPT-NeoX).  The rotation
     is computed in fp32 and rounded to q's dtype.
 
-    Refused (:class:`attngen.ArgumentError`): ``cache_leftpad``, ALiBi, ``return_softmax_lse``."""
+    ``return_softmax_lse``: ``(out, softmax_lse)``, the log-sum-exp (B, H, S_q) as
+    :func:`_with_lse` describes it.
+
+    Refused (:class:`attngen.ArgumentError`): ``cache_leftpad``, ALiBi."""
     for name, value in (("cache_leftpad", cache_leftpad), ("alibi_slopes", alibi_slopes)):
         if value is not None:
             raise ArgumentError(f"{name}: attngen's flash_attn_with_kvcache does not take it")
-    if return_softmax_lse:
-        raise ArgumentError("return_softmax_lse: attngen does not return the log-sum-exp here")
     _check_num_splits(num_splits)
     mask = mask_of(causal, window_size)
     if q.dim() != 4 or k_cache.dim() != 4 or tuple(k_cache.shape) != tuple(v_cache.shape):
@@ -289,9 +289,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqused_k = seqused_k + k.shape[1]
     cu_q = torch.arange(0, (batch + 1) * seq_q, seq_q, dtype=torch.int32, device=device)
     kernel = _kernel(mask, _gqa(q, k_cache), softcap or None, sinks is not None, paged=True)
-    out = kernel(q.reshape(batch * seq_q, *q.shape[2:]), k_cache, v_cache, cu_q, seqused_k, block_table,
-                 seq_q, scale=softmax_scale, sinks=sinks, splits=num_splits or None, check=False)
-    return out.view(q.shape[0], seq_q, *out.shape[1:])
+    result = kernel(q.reshape(batch * seq_q, *q.shape[2:]), k_cache, v_cache, cu_q, seqused_k, block_table,
+                    seq_q, scale=softmax_scale, sinks=sinks, splits=num_splits or None, check=False,
+                    return_lse=return_softmax_lse)
+    out, lse = result if return_softmax_lse else (result, None)
+    out = out.view(batch, seq_q, *out.shape[1:])
+    return (out, lse.view(batch, seq_q, -1).transpose(1, 2).contiguous()) if return_softmax_lse else out
 
 
 def _cache_rows(cache_batch_idx, batch: int, rows: int, device) -> torch.Tensor:

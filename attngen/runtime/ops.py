@@ -11,7 +11,8 @@ when the op runs):
   sinks; else empty) the output's rounding residual, with a registered autograd formula that
   runs ``attngen::attention_bwd`` (dq, dk, dv, dsinks);
 * ``attngen::paged_attention`` and ``attngen::paged_attention_out``: a paged variant over a
-  paged K/V cache (inference only), the shape of call a serving engine makes per layer.
+  paged K/V cache (inference only), the shape of call a serving engine makes per layer;
+  ``attngen::paged_attention_lse`` the same with each query row's log-sum-exp.
 
 The backward is the head dim's faster one, measured: at head_dim 256 a fused kernel that adds
 dQ atomically (the last bits of dQ may differ run to run), elsewhere two kernels that write
@@ -303,10 +304,11 @@ def natural_lse(lse: Tensor) -> Tensor:
 def _paged_infer(variant: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor,
                  seqused_k: Tensor, block_table: Tensor, sinks: Optional[Tensor],
                  max_seqlen_q: Optional[int], scale: Optional[float], splits: Optional[int],
-                 check: Optional[bool], out: Optional[Tensor] = None) -> Tensor:
+                 check: Optional[bool], out: Optional[Tensor] = None, return_lse: bool = False):
     module = _module(variant, q)
     return module.infer(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max_seqlen_q=max_seqlen_q,
-                        **_options(module, scale, sinks), out=out, splits=splits, check=check)
+                        **_options(module, scale, sinks), out=out, splits=splits, check=check,
+                        return_lse=return_lse)
 
 
 @torch.library.custom_op("attngen::paged_attention", mutates_args=())
@@ -337,13 +339,30 @@ def _(variant, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks,
     return None
 
 
+@torch.library.custom_op("attngen::paged_attention_lse", mutates_args=())
+def _paged_lse(variant: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor,
+               seqused_k: Tensor, block_table: Tensor, sinks: Optional[Tensor], max_seqlen_q: Optional[int],
+               scale: Optional[float], splits: Optional[int], check: Optional[bool]) -> tuple[Tensor, Tensor]:
+    return _paged_infer(variant, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks,
+                        max_seqlen_q, scale, splits, check, return_lse=True)
+
+
+@_paged_lse.register_fake
+def _(variant, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks, max_seqlen_q, scale,
+      splits, check):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:2], dtype=torch.float32))
+
+
 def paged_attention(variant: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor,
                     seqused_k: Tensor, block_table: Tensor, *, max_seqlen_q: int | None = None,
                     sinks: Tensor | None = None, scale: float | None = None, out: Tensor | None = None,
-                    splits: int | None = None, check: bool | None = None) -> Tensor:
+                    splits: int | None = None, check: bool | None = None,
+                    return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Run the paged ``variant`` (see its launcher's ``launch``) through ``attngen::paged_attention``
-    (or ``attngen::paged_attention_out`` into ``out``); in eager mode on plain tensors without
-    the ops' dispatch.  Inference only: an input that requires grad is refused."""
+    (or ``attngen::paged_attention_out`` into ``out``, ``attngen::paged_attention_lse`` for
+    ``return_lse``); in eager mode on plain tensors without the ops' dispatch.  Inference
+    only: an input that requires grad is refused."""
     if wants_grad(q, k_cache, v_cache, sinks):
         raise InputError(f"{variant}: a paged cache has no backward; call under torch.no_grad() "
                          f"(or detach the inputs)")
@@ -351,7 +370,10 @@ def paged_attention(variant: str, q: Tensor, k_cache: Tensor, v_cache: Tensor, c
     args = (variant, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks, max_seqlen_q, scale,
             splits, check)
     if _direct(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, sinks, out):
-        return _paged_infer(*args, out)
+        return _paged_infer(*args, out, return_lse)
+    if return_lse:
+        result, lse = torch.ops.attngen.paged_attention_lse(*args)
+        return (result if out is None else out.copy_(result)), lse
     if out is None:
         return torch.ops.attngen.paged_attention(*args)
     torch.ops.attngen.paged_attention_out(*args, out)

@@ -266,12 +266,12 @@ class PagedAttentionKernel(AttentionKernel):
 
     def __call__(self, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, max_seqlen_q=None, *,
                  scale: float | None = None, sinks=None, out=None, splits: int | None = None,
-                 check: bool | None = None):
+                 check: bool | None = None, return_lse: bool = False):
         """Packed queries ``q`` (total_q, H, D), sequence b's rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``,
         over the first ``seqused_k[b]`` positions of its pages ``block_table[b]`` in ``k_cache,
         v_cache`` (pages, page_size, H_kv, D); its queries are the last of them.  See a paged
         launcher's ``launch`` for ``check`` (host checks, skipped while a CUDA graph is
-        captured) and ``splits``."""
+        captured), ``splits`` and ``return_lse`` ((out, lse), lse (total_q, H) fp32, natural log)."""
         import torch
 
         def fail(message):
@@ -283,7 +283,7 @@ class PagedAttentionKernel(AttentionKernel):
         self._check_sinks(sinks, fail)
         return paged_attention(self.key, q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table,
                                max_seqlen_q=max_seqlen_q, sinks=sinks, scale=self.scale if scale is None else scale,
-                               out=out, splits=splits, check=check)
+                               out=out, splits=splits, check=check, return_lse=return_lse)
 
 
 default_registry = Registry()
