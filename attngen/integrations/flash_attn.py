@@ -116,7 +116,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             return torch.cat([head, tail], dim=1)
         out, lse, _ = tail        # the rows that see no key: +inf, or their sink's logit alone
         unseen = (lse.new_full((*lse.shape[:2], extra), float("inf")) if sinks is None
-                  else sinks.float()[None, :, None].expand(lse.shape[0], -1, extra))
+                  else sinks.detach().float()[None, :, None].expand(lse.shape[0], -1, extra))
         return torch.cat([head, out], dim=1), torch.cat([unseen, lse], dim=2), None
     kernel = _kernel(mask, _gqa(q, k), softcap or None, sinks is not None, seq_q < seq_k, False)
     result = kernel(q, k, v, layout="bshd", scale=softmax_scale, sinks=sinks,
@@ -128,8 +128,8 @@ def _with_lse(result, packed: bool = False):
     """FlashAttention's ``return_attn_probs`` answer without dropout: ``(out, softmax_lse,
     None)``, the log-sum-exp of each query row's scaled (and capped) scores, natural log,
     fp32, (B, H, S_q), or (H, total_q) for packed sequences; sinks are included, and a row
-    that sees no key has +inf, as FlashAttention 2 writes (with sinks, its sink's logit).  It carries no gradient (neither
-    does FlashAttention's: its backward ignores it)."""
+    that sees no key has +inf, as FlashAttention 2 writes (with sinks, its sink's logit).  It
+    carries no gradient (neither does FlashAttention's: its backward ignores it)."""
     out, lse = result
     return out, (lse.t().contiguous() if packed else lse), None
 
