@@ -84,9 +84,12 @@ def _inputs(spec: KernelSpec, case: Case, gen):
         def call(launch, q, k, v, sinks, **kw):
             return launch(q, k, v, cu_q, seqused_k, table, splits=case.splits, **options(sinks), **kw)
 
-        def ref(q, k, v, sinks, dtype=torch.float64):
-            return reference.paged(q, k, v, cu_q, seqused_k, table, mask, scale=case.scale,
-                                   softcap=f.softcap, sinks=sinks, dtype=dtype)
+        def ref(q, k, v, sinks, dtype=torch.float64, lse=False):   # lse: each row's log-sum-exp
+            options = {"scale": case.scale, "softcap": f.softcap, "sinks": sinks, "dtype": dtype}
+            if lse:
+                keys, cu_k = reference.gather_pages(k, table, seqused_k)
+                return reference.varlen_logsumexp(q, keys, cu_q, cu_k, mask, **options)
+            return reference.paged(q, k, v, cu_q, seqused_k, table, mask, **options)
     elif f.varlen:
         cu_q = torch.tensor([0] + [q for q, _ in case.lengths], device="cuda").cumsum(0).to(torch.int32)
         cu_k = torch.tensor([0] + [k for _, k in case.lengths], device="cuda").cumsum(0).to(torch.int32)
@@ -178,7 +181,32 @@ def check_case(launch, spec_dict: dict, case: Case) -> float:
     fresh = call(launch, q, k, v, sinks)
     assert fresh.shape == q.shape and fresh.is_contiguous()
     assert torch.equal(fresh, out), f"{where}: a second launch gave different bits"
+    if spec.features.paged:
+        _check_paged_lse(launch, call, ref_fn, q, k, v, sinks, ref, bound, spec.name, case.id, where)
     return err
+
+
+def _check_paged_lse(launch, call, ref_fn, q, k, v, sinks, ref, bound: float, kernel: str, case_id: str,
+                     where: str) -> None:
+    """A paged call with ``return_lse`` (the split kernel, even for one slice, and the merge):
+    its output by :func:`check_case`'s rule (``bound``), and its log-sum-exp against the
+    float64 reference's: the largest error at most 2 x that of the same computation by
+    PyTorch in fp32 (the kernels' arithmetic on these exactly representable inputs), plus
+    1e-3 (the softmax's normalizer to 0.1 %).  A row that sees no key gives +inf, or with
+    sinks its sink's logit (the reference's -inf or sink).  The dense kernels' log-sum-exp
+    is the training forward's, which the gradient checks already hold to account."""
+    out, lse = call(launch, q, k, v, sinks, return_lse=True)
+    err = _rel(out, ref)
+    assert err <= bound, f"{where}: return_lse: relative error {err:.3g} of the output > {bound:.3g}"
+    exact = ref_fn(q, k, v, sinks, lse=True)
+    seen = exact.isfinite()
+    assert torch.all(lse[~seen] == float("inf")), f"{where}: a row that sees no key: lse is not +inf"
+    eager = ref_fn(q, k, v, sinks, dtype=torch.float32, lse=True).double()
+    lse_err = (lse.double() - exact)[seen].abs().max().item() if seen.any() else 0.0
+    eager_err = (eager - exact)[seen].abs().max().item() if seen.any() else 0.0
+    _log({"kernel": kernel, "case": case_id, "lse_err": lse_err, "lse_eager_err": eager_err})
+    assert lse_err <= 2 * eager_err + 1e-3, \
+        f"{where}: log-sum-exp error {lse_err:.3g} > 2 x fp32 PyTorch's {eager_err:.3g} + 1e-3"
 
 
 def check_grad_case(launch, spec_dict: dict, case: Case) -> dict:

@@ -30,11 +30,14 @@ for step in "$@"; do
       tail -n 15 "$OUT/pytest.log"
       python - "$OUT/errs.jsonl" <<'PY'
 import json, sys
-fwd, grad, count = {}, {}, {}
+fwd, grad, count, lse = {}, {}, {}, {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     k = r["kernel"]
-    if "grad" in r:
+    if "lse_err" in r:     # a paged variant's log-sum-exp (max abs error, and eager's)
+        ours, eager = lse.get(k, (0.0, 0.0))
+        lse[k] = (max(ours, r["lse_err"]), max(eager, r["lse_eager_err"]))
+    elif "grad" in r:
         g = grad.setdefault((k, r["mode"]), {})
         ours, eager = g.get(r["grad"], (0.0, 0.0))
         g[r["grad"]] = (max(ours, r["rel_err"]), max(eager, r["eager_err"]))
@@ -46,6 +49,8 @@ for k in sorted(fwd):
     for mode in ("default", "deterministic"):
         g = "  ".join(f"d{n} {o:.1e} ({e:.1e})" for n, (o, e) in sorted(grad.get((k, mode), {}).items()))
         print(f"{k:<60} {count[k]:>5}  {fwd[k]:.2e}  {mode[:5]}  {g}")
+for k, (ours, eager) in sorted(lse.items()):
+    print(f"{k:<60} log-sum-exp max abs err {ours:.1e} (eager's {eager:.1e})")
 PY
       ;;
     bench) python -m attngen.bench run --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/bench.log" ;;
