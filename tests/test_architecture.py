@@ -69,7 +69,8 @@ def test_no_import_cycles():
 LAYERS = ["attngen.core", "attngen.generate", "attngen.runtime", "attngen.integrations",
           "attngen.bench", "attngen.cli", "attngen.testing"]
 #: modules outside the layers: the package's entry points, which re-export the public API
-ENTRY_POINTS = {"attngen", "attngen.__main__", "attngen.distributed", "attngen.flash_attn"}
+ENTRY_POINTS = {"attngen", "attngen.__main__", "attngen.distributed", "attngen.flash_attn",
+                "attngen.flash_attn_interface"}
 
 
 def _layer(name: str) -> int:

@@ -1,8 +1,9 @@
-"""attngen.flash_attn on the CPU: FlashAttention's arguments map onto the right attngen kernel
-and semantics.  The kernels run only on CUDA, so here each AttentionKernel call is answered by
-attngen's float64 reference for that kernel's mask and features; the results are checked
-against FlashAttention's own definition of the window, written out below (bottom-right
-aligned queries, rows that see no key give 0)."""
+"""attngen.flash_attn (and attngen.flash_attn_interface, FlashAttention 3's API) on the CPU:
+FlashAttention's arguments map onto the right attngen kernel and semantics.  The kernels run
+only on CUDA, so here each AttentionKernel call is answered by attngen's float64 reference
+for that kernel's mask and features; the results are checked against FlashAttention's own
+definition of the window, written out below (bottom-right aligned queries, rows that see no
+key give 0)."""
 import pytest
 import torch
 
@@ -441,3 +442,82 @@ def test_varlen_hands_out_and_num_splits_to_the_kernel(monkeypatch):
     for bad, why in [(2, "only for a paged cache"), (-1, "num_splits must be"), (True, "num_splits must be")]:
         with pytest.raises(attngen.ArgumentError, match=why):
             flash_attn_varlen_func(q, k, k, cu, cu, 3, 3, causal=True, num_splits=bad)
+
+
+# -- FlashAttention 3's API (attngen.flash_attn_interface) ----------------------------------
+def test_flash_attn_3_signatures_compute_the_same_as_flash_attention(kernels):
+    """FlashAttention 3's argument order (softmax_scale, causal third and fourth; no dropout)
+    and answers: out, or (out, softmax_lse) with return_attn_probs."""
+    from attngen import flash_attn_interface as fa3
+    q, k, v = qkv(2, 20, 20)
+    want, want_lse = flash_definition(q, k, v, True, (6, 0), scale=0.3, softcap=5.0, lse=True)
+    got = fa3.flash_attn_func(q, k, v, 0.3, True, window_size=(6, 0), softcap=5.0, pack_gqa=True, num_splits=1)
+    assert torch.allclose(got, want, atol=1e-12)
+    out, lse = fa3.flash_attn_func(q, k, v, 0.3, True, window_size=(6, 0), softcap=5.0, return_attn_probs=True)
+    assert torch.allclose(out, want, atol=1e-12)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-6, rtol=1e-6)
+    q4, k4, v4 = qkv(2, 16, 16, heads=4, kv_heads=4)
+    assert torch.allclose(fa3.flash_attn_qkvpacked_func(torch.stack([q4, k4, v4], dim=2), causal=True),
+                          flash_definition(q4, k4, v4, True, (-1, -1)), atol=1e-12)
+    stacked = torch.cat([q, k, v], dim=2)           # (B, S, H + 2 H_kv, D): GQA heads in one tensor
+    assert torch.allclose(fa3.flash_attn_qkvpacked_func(stacked, causal=True, num_heads_q=4),
+                          flash_definition(q, k, v, True, (-1, -1)), atol=1e-12)
+
+
+def test_flash_attn_3_varlen_and_kvcache(kernels):
+    """Packed sequences, and flash_attn_with_kvcache with page_table: over a cache that already
+    holds the keys, with packed queries (cu_seqlens_q) too, as a serving engine calls it."""
+    from attngen import flash_attn_interface as fa3
+    lengths_q, lengths_k = [5, 1, 12], [9, 20, 12]
+    q = torch.randn(sum(lengths_q), 4, 8, dtype=torch.float64)
+    k, v = (torch.randn(sum(lengths_k), 2, 8, dtype=torch.float64) for _ in range(2))
+    cu_q = torch.tensor([0] + lengths_q).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lengths_k).cumsum(0).to(torch.int32)
+    out, lse = fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 20, causal=True, window_size=(6, 0),
+                                          return_attn_probs=True)
+    assert lse.shape == (4, sum(lengths_q))
+    page = 16
+    table = reference.page_table(lengths_k, page, torch.randperm(6).to(torch.int32))
+    k_cache, v_cache = (reference.scatter_pages(t, lengths_k, table, 6, page) for t in (k, v))
+    used = torch.tensor(lengths_k, dtype=torch.int32)
+    served, served_lse = fa3.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=used, page_table=table,
+                                                     cu_seqlens_q=cu_q, max_seqlen_q=12, causal=True,
+                                                     window_size=(6, 0), return_softmax_lse=True)
+    for b in range(3):
+        (q0, q1), (k0, k1) = cu_q[b:b + 2].tolist(), cu_k[b:b + 2].tolist()
+        want, want_lse = flash_definition(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], True, (6, 0), lse=True)
+        for got, got_lse in [(out, lse), (served, served_lse)]:
+            assert torch.allclose(got[q0:q1], want[0], atol=1e-12)
+            torch.testing.assert_close(got_lse[:, q0:q1].double(), want_lse[0], atol=1e-6, rtol=1e-6)
+    # one decode token per sequence, the new keys appended, pages named page_table
+    dec = torch.randn(3, 1, 4, 8, dtype=torch.float64)
+    k_new, v_new = torch.randn(3, 1, 2, 8, dtype=torch.float64), torch.randn(3, 1, 2, 8, dtype=torch.float64)
+    got = fa3.flash_attn_with_kvcache(dec, k_cache, v_cache, k_new, v_new, cache_seqlens=used, page_table=table,
+                                      causal=True)
+    for b in range(3):
+        k0, k1 = cu_k[b:b + 2].tolist()
+        keys, values = torch.cat([k[k0:k1], k_new[b]])[None], torch.cat([v[k0:k1], v_new[b]])[None]
+        assert torch.allclose(got[b:b + 1], flash_definition(dec[b:b + 1], keys, values, True, (-1, -1)), atol=1e-12)
+
+
+def test_flash_attn_3_arguments_attngen_does_not_compute_are_refused_by_name():
+    from attngen import flash_attn_interface as fa3
+    q, k, v = qkv(1, 4, 4)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    one = torch.ones(1)
+    for kwargs, name in [({"qv": q}, "qv"), ({"q_descale": one}, "q_descale"), ({"v_descale": one}, "v_descale"),
+                         ({"attention_chunk": 8}, "attention_chunk")]:
+        with pytest.raises(attngen.ArgumentError, match=name):
+            fa3.flash_attn_func(q, k, v, **kwargs)
+    for kwargs, name in [({"seqused_q": cu}, "seqused_q"), ({"seqused_k": cu}, "seqused_k")]:
+        with pytest.raises(attngen.ArgumentError, match=name):
+            fa3.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, **kwargs)
+    with pytest.raises(attngen.ArgumentError, match="two equal groups"):
+        fa3.flash_attn_qkvpacked_func(torch.randn(1, 4, 7, 8), num_heads_q=4)
+    cache = torch.randn(1, 16, 4, 8)
+    for kwargs, name in [({"cache_leftpad": cu}, "cache_leftpad"), ({"cu_seqlens_k_new": cu}, "cu_seqlens_k_new"),
+                         ({"rotary_seqlens": cu}, "rotary_seqlens"),
+                         ({"cu_seqlens_q": cu, "k": k, "v": v}, "write the new keys into the cache first"),
+                         ({"cu_seqlens_q": cu}, "needs cache_seqlens")]:
+        with pytest.raises(attngen.ArgumentError, match=name):
+            fa3.flash_attn_with_kvcache(q[0] if "cu_seqlens_q" in kwargs else q, cache, cache.clone(), **kwargs)

@@ -260,7 +260,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     batch, seq_q = q.shape[:2]
     device = q.device
     if block_table is None:          # a contiguous cache: sequence b's one page is its row
-        block_table = _cache_rows(cache_batch_idx, batch, k_cache.shape[0], device)
+        block_table = contiguous_cache_table(cache_batch_idx, batch, k_cache.shape[0], device)
     elif cache_batch_idx is not None:
         raise ArgumentError("cache_batch_idx with block_table: a paged cache finds each sequence's "
                             "pages through block_table alone")
@@ -297,7 +297,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (out, lse.view(batch, seq_q, -1).transpose(1, 2).contiguous()) if return_softmax_lse else out
 
 
-def _cache_rows(cache_batch_idx, batch: int, rows: int, device) -> torch.Tensor:
+def contiguous_cache_table(cache_batch_idx, batch: int, rows: int, device) -> torch.Tensor:
     """The block table of a contiguous cache, whose rows are one page each: sequence b reads
     row ``cache_batch_idx[b]`` (trusted), or row b."""
     if cache_batch_idx is None:
