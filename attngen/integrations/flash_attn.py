@@ -17,22 +17,18 @@ The functions take FlashAttention's arguments and give its results:
   extension, ``sinks`` (one logit per query head, gpt-oss).
 
 * A paged KV cache: ``flash_attn_varlen_func(..., block_table=, seqused_k=)`` and
-  ``flash_attn_with_kvcache`` (contiguous or paged cache, new keys appended in place), the
-  calls serving engines make; inference only.
-
-* ``flash_attn_with_kvcache`` also rotates the new keys and the queries (``rotary_cos``,
-  ``rotary_sin``, ``rotary_interleaved``) and reads a contiguous cache's rows through
-  ``cache_batch_idx``, as FlashAttention does.
-
+  ``flash_attn_with_kvcache`` (contiguous or paged cache, new keys appended in place, rotated
+  when given ``rotary_cos``/``rotary_sin``; a contiguous cache's rows picked by
+  ``cache_batch_idx``), the calls serving engines make; inference only.
 * ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``, what FlashAttention
   returns without dropout; ``flash_attn_with_kvcache(..., return_softmax_lse=True)``
   ``(out, softmax_lse)``.
 
 What attngen does not compute raises :class:`attngen.ArgumentError` naming it: dropout,
-ALiBi, ``cache_leftpad``, and one-sided windows
-without causality (``(left, -1)`` or ``(-1, right)`` with ``causal=False``).  Calls
-differentiate (except over a paged cache) and trace like every attngen call
-(``torch.compile``, CUDA graphs).
+ALiBi, ``cache_leftpad``, and one-sided windows without causality (``(left, -1)`` or
+``(-1, right)`` with ``causal=False``).  Calls differentiate (except over a paged cache) and
+trace like every attngen call (``torch.compile``, CUDA graphs).  FlashAttention 3's argument
+order is :mod:`attngen.integrations.flash_attn3`'s.
 """
 
 from __future__ import annotations
