@@ -255,15 +255,18 @@ def test_what_attngen_does_not_compute_is_refused_by_name():
 
 def test_dynamo_traces_flash_attn_calls_into_attngen_ops():
     """torch.export(strict=True) runs torch.compile's tracer: the FlashAttention-signature calls
-    become attngen's ops, no graph break (fake tensors: no kernel runs)."""
+    become attngen's ops, no graph break (fake tensors: no kernel runs); FlashAttention 3's too."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from attngen import flash_attn_interface as fa3
 
     class Layer(torch.nn.Module):
         def forward(self, q, k, v, qp, kp, vp, cu_q, cu_k):
             a = flash_attn_func(q, k, v, causal=True, window_size=(31, 0))
             b = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 30, 40, causal=True, window_size=(31, 0))
             c, lse, _ = flash_attn_func(q, k, v, causal=True, window_size=(31, 0), return_attn_probs=True)
-            return a.float().sum() + b.float().sum() + c.float().sum() + lse.sum()
+            d = fa3.flash_attn_qkvpacked_func(torch.cat([q, k, v], dim=2), causal=True, num_heads_q=4)
+            return a.float().sum() + b.float().sum() + c.float().sum() + lse.sum() + d.float().sum()
 
     with FakeTensorMode():
         q = torch.randn(2, 96, 4, 64, dtype=torch.bfloat16)
@@ -274,7 +277,7 @@ def test_dynamo_traces_flash_attn_calls_into_attngen_ops():
         cu_k = torch.tensor([0, 30, 70], dtype=torch.int32)
         exported = torch.export.export(Layer(), (q, k, v, qp, kp, vp, cu_q, cu_k), strict=True)
     ops = [str(n.target) for n in exported.graph_module.graph.nodes if n.op == "call_function"]
-    assert ops.count("attngen.attention.default") == 2 and ops.count("attngen.attention_fwd.default") == 1, ops
+    assert ops.count("attngen.attention.default") == 3 and ops.count("attngen.attention_fwd.default") == 1, ops
 
 
 def test_deterministic_follows_flash_attention(kernels, monkeypatch):
