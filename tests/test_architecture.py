@@ -70,7 +70,7 @@ LAYERS = ["attngen.core", "attngen.generate", "attngen.runtime", "attngen.integr
           "attngen.bench", "attngen.cli", "attngen.testing"]
 #: modules outside the layers: the package's entry points, which re-export the public API
 ENTRY_POINTS = {"attngen", "attngen.__main__", "attngen.distributed", "attngen.flash_attn",
-                "attngen.flash_attn_interface"}
+                "attngen.flash_attn.cute", "attngen.flash_attn_interface"}
 
 
 def _layer(name: str) -> int:

@@ -1,9 +1,9 @@
-"""attngen.flash_attn (and attngen.flash_attn_interface, FlashAttention 3's API) on the CPU:
-FlashAttention's arguments map onto the right attngen kernel and semantics.  The kernels run
-only on CUDA, so here each AttentionKernel call is answered by attngen's float64 reference
-for that kernel's mask and features; the results are checked against FlashAttention's own
-definition of the window, written out below (bottom-right aligned queries, rows that see no
-key give 0)."""
+"""attngen.flash_attn (and FlashAttention 3's and 4's APIs, attngen.flash_attn_interface and
+attngen.flash_attn.cute) on the CPU: FlashAttention's arguments map onto the right attngen
+kernel and semantics.  The kernels run only on CUDA, so here each AttentionKernel call is
+answered by attngen's float64 reference for that kernel's mask and features; the results are
+checked against FlashAttention's own definition of the window, written out below
+(bottom-right aligned queries, rows that see no key give 0)."""
 import pytest
 import torch
 
@@ -255,10 +255,12 @@ def test_what_attngen_does_not_compute_is_refused_by_name():
 
 def test_dynamo_traces_flash_attn_calls_into_attngen_ops():
     """torch.export(strict=True) runs torch.compile's tracer: the FlashAttention-signature calls
-    become attngen's ops, no graph break (fake tensors: no kernel runs); FlashAttention 3's too."""
+    become attngen's ops, no graph break (fake tensors: no kernel runs); FlashAttention 3's and
+    4's too."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from attngen import flash_attn_interface as fa3
+    from attngen.flash_attn import cute
 
     class Layer(torch.nn.Module):
         def forward(self, q, k, v, qp, kp, vp, cu_q, cu_k):
@@ -266,7 +268,8 @@ def test_dynamo_traces_flash_attn_calls_into_attngen_ops():
             b = flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 30, 40, causal=True, window_size=(31, 0))
             c, lse, _ = flash_attn_func(q, k, v, causal=True, window_size=(31, 0), return_attn_probs=True)
             d = fa3.flash_attn_qkvpacked_func(torch.cat([q, k, v], dim=2), causal=True, num_heads_q=4)
-            return a.float().sum() + b.float().sum() + c.float().sum() + lse.sum() + d.float().sum()
+            e, _ = cute.flash_attn_func(q, k, v, causal=True, window_size=(31, None))
+            return a.float().sum() + b.float().sum() + c.float().sum() + lse.sum() + d.float().sum() + e.float().sum()
 
     with FakeTensorMode():
         q = torch.randn(2, 96, 4, 64, dtype=torch.bfloat16)
@@ -277,7 +280,7 @@ def test_dynamo_traces_flash_attn_calls_into_attngen_ops():
         cu_k = torch.tensor([0, 30, 70], dtype=torch.int32)
         exported = torch.export.export(Layer(), (q, k, v, qp, kp, vp, cu_q, cu_k), strict=True)
     ops = [str(n.target) for n in exported.graph_module.graph.nodes if n.op == "call_function"]
-    assert ops.count("attngen.attention.default") == 3 and ops.count("attngen.attention_fwd.default") == 1, ops
+    assert ops.count("attngen.attention.default") == 4 and ops.count("attngen.attention_fwd.default") == 1, ops
 
 
 def test_deterministic_follows_flash_attention(kernels, monkeypatch):
@@ -524,3 +527,74 @@ def test_flash_attn_3_arguments_attngen_does_not_compute_are_refused_by_name():
                          ({"cu_seqlens_q": cu}, "needs cache_seqlens")]:
         with pytest.raises(attngen.ArgumentError, match=name):
             fa3.flash_attn_with_kvcache(q[0] if "cu_seqlens_q" in kwargs else q, cache, cache.clone(), **kwargs)
+
+
+# -- FlashAttention 4's API (attngen.flash_attn.cute) ------------------------------------------
+def test_flash_attn_4_signatures_compute_the_same_as_flash_attention(kernels):
+    """FlashAttention 4's arguments (window bounds None for unbounded, learnable_sink) and
+    answer, always (out, lse): lse None unless asked for or autograd records the call."""
+    from attngen.flash_attn import cute
+    q, k, v = qkv(2, 20, 20)
+    sinks = torch.randn(4, dtype=torch.float64)
+    want, want_lse = flash_definition(q, k, v, True, (6, 0), scale=0.3, softcap=5.0, sinks=sinks, lse=True)
+    out, lse = cute.flash_attn_func(q, k, v, 0.3, True, (6, None), sinks, softcap=5.0, pack_gqa=True)
+    assert torch.allclose(out, want, atol=1e-12) and lse is None
+    out, lse = cute.flash_attn_func(q, k, v, 0.3, True, (6, None), sinks, softcap=5.0, return_lse=True)
+    assert torch.allclose(out, want, atol=1e-12)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-6, rtol=1e-6)
+    for window, fa2_window in [((None, None), (-1, -1)), ((5, 3), (5, 3))]:
+        out, _ = cute.flash_attn_func(q, k, v, window_size=window)
+        assert torch.allclose(out, flash_definition(q, k, v, False, fa2_window), atol=1e-12)
+    trained = [t.clone().requires_grad_() for t in (q, k, v)]
+    assert cute.flash_attn_func(*trained, causal=True)[1] is not None      # computed for the backward anyway
+
+
+def test_flash_attn_4_varlen_packed_batched_and_paged(kernels):
+    from attngen.flash_attn import cute
+    lengths_q, lengths_k = [5, 1, 12], [9, 20, 12]
+    q = torch.randn(sum(lengths_q), 4, 8, dtype=torch.float64)
+    k, v = (torch.randn(sum(lengths_k), 2, 8, dtype=torch.float64) for _ in range(2))
+    cu_q = torch.tensor([0] + lengths_q).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lengths_k).cumsum(0).to(torch.int32)
+    packed, packed_lse = cute.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 20, causal=True,
+                                                     window_size=(6, 0), return_lse=True)
+    page = 16
+    table = reference.page_table(lengths_k, page, torch.randperm(6).to(torch.int32))
+    k_cache, v_cache = (reference.scatter_pages(t, lengths_k, table, 6, page) for t in (k, v))
+    used = torch.tensor(lengths_k, dtype=torch.int32)
+    paged, paged_lse = cute.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, max_seqlen_q=12, seqused_k=used,
+                                                   page_table=table, causal=True, window_size=(6, 0),
+                                                   return_lse=True)
+    for b in range(3):
+        (q0, q1), (k0, k1) = cu_q[b:b + 2].tolist(), cu_k[b:b + 2].tolist()
+        want, want_lse = flash_definition(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], True, (6, 0), lse=True)
+        for got, got_lse in [(packed, packed_lse), (paged, paged_lse)]:
+            assert torch.allclose(got[q0:q1], want[0], atol=1e-12)
+            torch.testing.assert_close(got_lse[:, q0:q1].double(), want_lse[0], atol=1e-6, rtol=1e-6)
+    decode = torch.randn(3, 1, 4, 8, dtype=torch.float64)      # batched queries over the pages
+    out, lse = cute.flash_attn_varlen_func(decode, k_cache, v_cache, seqused_k=used, page_table=table,
+                                           causal=True, return_lse=True)
+    assert out.shape == (3, 1, 4, 8) and lse.shape == (3, 4, 1)
+    for b in range(3):
+        k0, k1 = cu_k[b:b + 2].tolist()
+        want, want_lse = flash_definition(decode[b:b + 1], k[None, k0:k1], v[None, k0:k1], True, (-1, -1), lse=True)
+        assert torch.allclose(out[b:b + 1], want, atol=1e-12)
+        torch.testing.assert_close(lse[b:b + 1].double(), want_lse, atol=1e-6, rtol=1e-6)
+    dense_q, dense_k, dense_v = qkv(2, 10, 10)                  # no offsets: flash_attn_func
+    assert torch.allclose(cute.flash_attn_varlen_func(dense_q, dense_k, dense_v, causal=True)[0],
+                          flash_definition(dense_q, dense_k, dense_v, True, (-1, -1)), atol=1e-12)
+
+
+def test_flash_attn_4_arguments_attngen_does_not_compute_are_refused_by_name():
+    from attngen.flash_attn import cute
+    q, k, v = qkv(1, 4, 4)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    for kwargs, name in [({"mask_mod": print}, "mask_mod"), ({"block_size": (64, 64)}, "block_size"),
+                         ({"window_size": 5}, "window_size must be")]:
+        with pytest.raises(attngen.ArgumentError, match=name):
+            cute.flash_attn_func(q, k, v, **kwargs)
+    for kwargs, name in [({"score_mod": print}, "score_mod"), ({"seqused_q": cu}, "seqused_q"),
+                         ({"aux_tensors": [cu]}, "aux_tensors"), ({"seqused_k": cu}, "seqused_k over contiguous"),
+                         ({"page_table": cu[None]}, "seqused_k, not cu_seqlens_k")]:
+        with pytest.raises(attngen.ArgumentError, match=name):
+            cute.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, **kwargs)

@@ -27,8 +27,8 @@ The functions take FlashAttention's arguments and give its results:
 What attngen does not compute raises :class:`attngen.ArgumentError` naming it: dropout,
 ALiBi, ``cache_leftpad``, and one-sided windows without causality (``(left, -1)`` or
 ``(-1, right)`` with ``causal=False``).  Calls differentiate (except over a paged cache) and
-trace like every attngen call (``torch.compile``, CUDA graphs).  FlashAttention 3's argument
-order is :mod:`attngen.integrations.flash_attn3`'s.
+trace like every attngen call (``torch.compile``, CUDA graphs).  FlashAttention 3's and 4's
+arguments are :mod:`attngen.integrations.flash_attn3`'s and :mod:`~attngen.integrations.flash_attn4`'s.
 """
 
 from __future__ import annotations
