@@ -67,6 +67,14 @@ def _refuse(dropout_p, alibi_slopes) -> None:
         raise ArgumentError("alibi_slopes: attngen has no ALiBi bias")
 
 
+def refuse_given(api: str, **arguments) -> None:
+    """Each of ``api``'s ``arguments`` that attngen does not compute, refused by name when
+    given (not None)."""
+    for name, value in arguments.items():
+        if value is not None:
+            raise ArgumentError(f"{name}: attngen's {api} does not take it")
+
+
 _kernels: dict[tuple, AttentionKernel] = {}
 
 
@@ -245,9 +253,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     :func:`_with_lse` describes it.
 
     Refused (:class:`attngen.ArgumentError`): ``cache_leftpad``, ALiBi."""
-    for name, value in (("cache_leftpad", cache_leftpad), ("alibi_slopes", alibi_slopes)):
-        if value is not None:
-            raise ArgumentError(f"{name}: attngen's flash_attn_with_kvcache does not take it")
+    refuse_given("flash_attn_with_kvcache", cache_leftpad=cache_leftpad, alibi_slopes=alibi_slopes)
     _check_num_splits(num_splits)
     mask = mask_of(causal, window_size)
     if q.dim() != 4 or k_cache.dim() != 4 or tuple(k_cache.shape) != tuple(v_cache.shape):

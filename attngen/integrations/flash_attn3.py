@@ -29,9 +29,7 @@ def _refuse(attention_chunk, **given) -> None:
     """Each FlashAttention 3 argument attngen does not compute, refused by name when given."""
     if attention_chunk:
         raise ArgumentError(f"attention_chunk={attention_chunk}: attngen has no chunked local attention")
-    for name, value in given.items():
-        if value is not None:
-            raise ArgumentError(f"{name}: attngen's FlashAttention 3 functions do not take it")
+    fa2.refuse_given("FlashAttention 3 API", **given)
 
 
 def _out_and_lse(result, return_attn_probs: bool):

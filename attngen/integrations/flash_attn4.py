@@ -31,6 +31,8 @@ from . import flash_attn as fa2
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
+API = "FlashAttention 4 API"      # how refusals name it
+
 
 def _window(window_size) -> tuple[int, int]:
     """FlashAttention 4's ``(left, right)``, None unbounded, as FlashAttention 2's (-1)."""
@@ -38,12 +40,6 @@ def _window(window_size) -> tuple[int, int]:
         raise ArgumentError(f"window_size must be (left, right), each None (unbounded) or >= 0, "
                             f"got {window_size!r}")
     return tuple(-1 if w is None else w for w in window_size)
-
-
-def _refuse(**given) -> None:
-    for name, value in given.items():
-        if value is not None:
-            raise ArgumentError(f"{name}: attngen's FlashAttention 4 functions do not take it")
 
 
 def _lse_wanted(return_lse: bool, *tensors) -> bool:
@@ -63,8 +59,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(None
                     block_size=None, return_lse=False):
     """FlashAttention 4's ``flash_attn_func``: q (B, S_q, H, D), k, v (B, S_k, H_kv, D) ->
     ``(out, lse)``."""
-    _refuse(mask_mod=mask_mod, full_block_cnt=full_block_cnt, full_block_idx=full_block_idx,
-            mask_block_cnt=mask_block_cnt, mask_block_idx=mask_block_idx, block_size=block_size)
+    fa2.refuse_given(API, mask_mod=mask_mod, full_block_cnt=full_block_cnt, full_block_idx=full_block_idx,
+                     mask_block_cnt=mask_block_cnt, mask_block_idx=mask_block_idx, block_size=block_size)
     with_lse = _lse_wanted(return_lse, q, k, v, learnable_sink)
     return _pair(fa2.flash_attn_func(q, k, v, 0.0, softmax_scale, causal, _window(window_size), softcap, None,
                                      deterministic, with_lse, sinks=learnable_sink), with_lse)
@@ -82,8 +78,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
     k, v (pages, page_size, H_kv, D), sequence b's keys its first ``seqused_k[b]``) under
     queries packed by ``cu_seqlens_q`` or batched (B, S_q, H, D); without offsets,
     ``flash_attn_func``.  Over a paged cache, inference only."""
-    _refuse(seqused_q=seqused_q, score_mod=score_mod, mask_mod=mask_mod, block_sparse_tensors=block_sparse_tensors,
-            cu_total_m_blocks=cu_total_m_blocks, cu_total_n_blocks=cu_total_n_blocks, aux_tensors=aux_tensors)
+    fa2.refuse_given(API, seqused_q=seqused_q, score_mod=score_mod, mask_mod=mask_mod,
+                     block_sparse_tensors=block_sparse_tensors, cu_total_m_blocks=cu_total_m_blocks,
+                     cu_total_n_blocks=cu_total_n_blocks, aux_tensors=aux_tensors)
     window = _window(window_size)
     if page_table is not None:
         if cu_seqlens_k is not None or seqused_k is None:
