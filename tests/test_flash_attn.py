@@ -95,6 +95,37 @@ def qkv(batch, seq_q, seq_k, heads=4, kv_heads=2, dim=8):
     return make(batch, seq_q, heads, dim), make(batch, seq_k, kv_heads, dim), make(batch, seq_k, kv_heads, dim)
 
 
+LENGTHS_Q, LENGTHS_K = [5, 1, 12], [9, 20, 12]      # packed sequences: one decode step, one chunk
+
+
+def packed_sequences():
+    """Fresh packed sequences of LENGTHS_Q queries over LENGTHS_K keys: q, k, v, cu_q, cu_k."""
+    q = torch.randn(sum(LENGTHS_Q), 4, 8, dtype=torch.float64)
+    k, v = (torch.randn(sum(LENGTHS_K), 2, 8, dtype=torch.float64) for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0] + n).cumsum(0).to(torch.int32) for n in (LENGTHS_Q, LENGTHS_K))
+    return q, k, v, cu_q, cu_k
+
+
+def paged_cache_of(k, v, page: int = 16):
+    """packed_sequences()'s keys and values in a cache of shuffled pages: k_cache, v_cache, block table,
+    each sequence's key count."""
+    pages = sum(-(-n // page) for n in LENGTHS_K)
+    table = reference.page_table(LENGTHS_K, page, torch.randperm(pages).to(torch.int32))
+    k_cache, v_cache = (reference.scatter_pages(t, LENGTHS_K, table, pages, page) for t in (k, v))
+    return k_cache, v_cache, table, torch.tensor(LENGTHS_K, dtype=torch.int32)
+
+
+def check_packed(answers, q, k, v, cu_q, cu_k, window):
+    """Each (out (total_q, H, D), lse (H, total_q)) of ``answers`` is FlashAttention's, causal
+    with ``window``, sequence by sequence."""
+    for b in range(len(cu_q) - 1):
+        (q0, q1), (k0, k1) = cu_q[b:b + 2].tolist(), cu_k[b:b + 2].tolist()
+        want, want_lse = flash_definition(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], True, window, lse=True)
+        for out, lse in answers:
+            assert torch.allclose(out[q0:q1], want[0], atol=1e-12)
+            torch.testing.assert_close(lse[:, q0:q1].double(), want_lse[0], atol=1e-6, rtol=1e-6)
+
+
 CASES = [(False, (-1, -1)), (True, (-1, -1)), (True, (6, 0)), (True, (6, -1)), (False, (6, 0)),
          (False, (5, 3)), (False, (0, 0))]
 
@@ -183,19 +214,11 @@ def test_return_attn_probs_gives_out_and_flash_attentions_log_sum_exp(kernels, c
 
 def test_varlen_return_attn_probs_gives_the_log_sum_exp_head_major(kernels):
     """Packed sequences: softmax_lse is (H, total_q), as FlashAttention's varlen call returns it."""
-    lengths_q, lengths_k = [5, 1, 12], [9, 20, 12]
-    q = torch.randn(sum(lengths_q), 4, 8, dtype=torch.float64)
-    k, v = (torch.randn(sum(lengths_k), 2, 8, dtype=torch.float64) for _ in range(2))
-    cu_q = torch.tensor([0] + lengths_q).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor([0] + lengths_k).cumsum(0).to(torch.int32)
+    q, k, v, cu_q, cu_k = packed_sequences()
     out, lse, probs = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 20, causal=True, window_size=(6, 0),
                                              return_attn_probs=True)
-    assert probs is None and lse.shape == (4, sum(lengths_q)) and lse.is_contiguous()
-    for b in range(3):
-        (q0, q1), (k0, k1) = cu_q[b:b + 2].tolist(), cu_k[b:b + 2].tolist()
-        want, want_lse = flash_definition(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], True, (6, 0), lse=True)
-        assert torch.allclose(out[q0:q1], want[0], atol=1e-12)
-        torch.testing.assert_close(lse[:, q0:q1].double(), want_lse[0], atol=1e-6, rtol=1e-6)
+    assert probs is None and lse.shape == (4, sum(LENGTHS_Q)) and lse.is_contiguous()
+    check_packed([(out, lse)], q, k, v, cu_q, cu_k, (6, 0))
 
 
 def test_paged_varlen_return_attn_probs_gives_the_log_sum_exp(kernels):
@@ -474,27 +497,15 @@ def test_flash_attn_3_varlen_and_kvcache(kernels):
     """Packed sequences, and flash_attn_with_kvcache with page_table: over a cache that already
     holds the keys, with packed queries (cu_seqlens_q) too, as a serving engine calls it."""
     from attngen import flash_attn_interface as fa3
-    lengths_q, lengths_k = [5, 1, 12], [9, 20, 12]
-    q = torch.randn(sum(lengths_q), 4, 8, dtype=torch.float64)
-    k, v = (torch.randn(sum(lengths_k), 2, 8, dtype=torch.float64) for _ in range(2))
-    cu_q = torch.tensor([0] + lengths_q).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor([0] + lengths_k).cumsum(0).to(torch.int32)
+    q, k, v, cu_q, cu_k = packed_sequences()
     out, lse = fa3.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 20, causal=True, window_size=(6, 0),
                                           return_attn_probs=True)
-    assert lse.shape == (4, sum(lengths_q))
-    page = 16
-    table = reference.page_table(lengths_k, page, torch.randperm(6).to(torch.int32))
-    k_cache, v_cache = (reference.scatter_pages(t, lengths_k, table, 6, page) for t in (k, v))
-    used = torch.tensor(lengths_k, dtype=torch.int32)
+    assert lse.shape == (4, sum(LENGTHS_Q))
+    k_cache, v_cache, table, used = paged_cache_of(k, v)
     served, served_lse = fa3.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=used, page_table=table,
                                                      cu_seqlens_q=cu_q, max_seqlen_q=12, causal=True,
                                                      window_size=(6, 0), return_softmax_lse=True)
-    for b in range(3):
-        (q0, q1), (k0, k1) = cu_q[b:b + 2].tolist(), cu_k[b:b + 2].tolist()
-        want, want_lse = flash_definition(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], True, (6, 0), lse=True)
-        for got, got_lse in [(out, lse), (served, served_lse)]:
-            assert torch.allclose(got[q0:q1], want[0], atol=1e-12)
-            torch.testing.assert_close(got_lse[:, q0:q1].double(), want_lse[0], atol=1e-6, rtol=1e-6)
+    check_packed([(out, lse), (served, served_lse)], q, k, v, cu_q, cu_k, (6, 0))
     # one decode token per sequence, the new keys appended, pages named page_table
     dec = torch.randn(3, 1, 4, 8, dtype=torch.float64)
     k_new, v_new = torch.randn(3, 1, 2, 8, dtype=torch.float64), torch.randn(3, 1, 2, 8, dtype=torch.float64)
@@ -551,26 +562,14 @@ def test_flash_attn_4_signatures_compute_the_same_as_flash_attention(kernels):
 
 def test_flash_attn_4_varlen_packed_batched_and_paged(kernels):
     from attngen.flash_attn import cute
-    lengths_q, lengths_k = [5, 1, 12], [9, 20, 12]
-    q = torch.randn(sum(lengths_q), 4, 8, dtype=torch.float64)
-    k, v = (torch.randn(sum(lengths_k), 2, 8, dtype=torch.float64) for _ in range(2))
-    cu_q = torch.tensor([0] + lengths_q).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor([0] + lengths_k).cumsum(0).to(torch.int32)
+    q, k, v, cu_q, cu_k = packed_sequences()
     packed, packed_lse = cute.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 20, causal=True,
                                                      window_size=(6, 0), return_lse=True)
-    page = 16
-    table = reference.page_table(lengths_k, page, torch.randperm(6).to(torch.int32))
-    k_cache, v_cache = (reference.scatter_pages(t, lengths_k, table, 6, page) for t in (k, v))
-    used = torch.tensor(lengths_k, dtype=torch.int32)
+    k_cache, v_cache, table, used = paged_cache_of(k, v)
     paged, paged_lse = cute.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, max_seqlen_q=12, seqused_k=used,
                                                    page_table=table, causal=True, window_size=(6, 0),
                                                    return_lse=True)
-    for b in range(3):
-        (q0, q1), (k0, k1) = cu_q[b:b + 2].tolist(), cu_k[b:b + 2].tolist()
-        want, want_lse = flash_definition(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], True, (6, 0), lse=True)
-        for got, got_lse in [(packed, packed_lse), (paged, paged_lse)]:
-            assert torch.allclose(got[q0:q1], want[0], atol=1e-12)
-            torch.testing.assert_close(got_lse[:, q0:q1].double(), want_lse[0], atol=1e-6, rtol=1e-6)
+    check_packed([(packed, packed_lse), (paged, paged_lse)], q, k, v, cu_q, cu_k, (6, 0))
     decode = torch.randn(3, 1, 4, 8, dtype=torch.float64)      # batched queries over the pages
     out, lse = cute.flash_attn_varlen_func(decode, k_cache, v_cache, seqused_k=used, page_table=table,
                                            causal=True, return_lse=True)
