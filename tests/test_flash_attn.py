@@ -107,8 +107,8 @@ def packed_sequences():
 
 
 def paged_cache_of(k, v, page: int = 16):
-    """packed_sequences()'s keys and values in a cache of shuffled pages: k_cache, v_cache, block table,
-    each sequence's key count."""
+    """packed_sequences()'s keys and values in a cache of shuffled pages: k_cache, v_cache,
+    block table, each sequence's key count."""
     pages = sum(-(-n // page) for n in LENGTHS_K)
     table = reference.page_table(LENGTHS_K, page, torch.randperm(pages).to(torch.int32))
     k_cache, v_cache = (reference.scatter_pages(t, LENGTHS_K, table, pages, page) for t in (k, v))
