@@ -597,3 +597,34 @@ def test_flash_attn_4_arguments_attngen_does_not_compute_are_refused_by_name():
                          ({"page_table": cu[None]}, "seqused_k, not cu_seqlens_k")]:
         with pytest.raises(attngen.ArgumentError, match=name):
             cute.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 4, 4, **kwargs)
+
+
+def test_flash_attn_combine_merges_attention_over_split_keys():
+    """FlashAttention 3's and 4's flash_attn_combine: attention over three slices of the keys,
+    merged by their log-sum-exps, is attention over all of them; a slice where a row sees no
+    key (lse -inf, its partial output anything) weighs nothing; a row that sees none at all
+    gives 0 and +inf."""
+    from attngen import flash_attn_interface as fa3
+    from attngen.flash_attn import cute
+    q, k, v = qkv(2, 6, 30)
+    whole, whole_lse = flash_definition(q, k, v, False, (-1, -1), lse=True)
+    parts, lses = [], []
+    for keys in (slice(0, 7), slice(7, 20), slice(20, 30)):
+        out, lse = flash_definition(q, k[:, keys], v[:, keys], False, (-1, -1), lse=True)
+        parts.append(out)
+        lses.append(lse.transpose(1, 2))                   # (B, S, H)
+    parts.append(torch.full_like(parts[0], float("nan")))  # a slice no row sees
+    lses.append(torch.full_like(lses[0], float("-inf")))
+    out_partial, lse_partial = torch.stack(parts).float(), torch.stack(lses).float()
+    lse_partial[:, 1, 2, 0] = float("-inf")                # one row that sees no key at all
+    for combine in (fa3.flash_attn_combine, cute.flash_attn_combine):
+        out, lse = combine(out_partial, lse_partial, out_dtype=torch.float64)
+        assert out.dtype == torch.float64 and lse.shape == (2, 6, 4)
+        assert torch.all(out[1, 2, 0] == 0) and lse[1, 2, 0] == float("inf")
+        out[1, 2, 0], lse[1, 2, 0] = whole[1, 2, 0], whole_lse[1, 0, 2]
+        torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse.double(), whole_lse.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    packed, packed_lse = fa3.flash_attn_combine(out_partial.flatten(1, 2), lse_partial.flatten(1, 2))
+    assert packed.shape == (12, 4, 8) and packed_lse.shape == (12, 4)
+    with pytest.raises(attngen.ArgumentError, match="lse_partial its shape"):
+        fa3.flash_attn_combine(out_partial, lse_partial[:, :, :, :2])

@@ -201,6 +201,28 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return _with_lse(result, packed=True) if return_attn_probs else result
 
 
+def flash_attn_combine(out_partial, lse_partial, out=None, out_dtype=None):
+    """Attention over split keys merged, as FlashAttention 3's and 4's ``flash_attn_combine``:
+    ``out_partial`` (splits, B, S, H, D) or (splits, total_q, H, D), each split's normalized
+    output, and ``lse_partial`` (splits, B, S, H) or (splits, total_q, H) fp32, its log-sum-exp
+    (natural log; -inf where a row sees no key of the split).  Returns ``(out, lse)``: the
+    splits weighted by ``exp(lse_s - lse)`` (into ``out`` when given, else ``out_dtype``,
+    default out_partial's), and ``lse`` (B, S, H) or (total_q, H), +inf for a row that sees no
+    key at all (its output 0)."""
+    if lse_partial.shape != out_partial.shape[:-1] or out_partial.dim() not in (4, 5):
+        raise ArgumentError(f"out_partial must be (splits, B, S, H, D) or (splits, total_q, H, D) and "
+                            f"lse_partial its shape without D, got {tuple(out_partial.shape)} and "
+                            f"{tuple(lse_partial.shape)}")
+    lse = torch.logsumexp(lse_partial.float(), dim=0)
+    seen = lse > float("-inf")
+    weights = torch.exp(lse_partial.float() - torch.where(seen, lse, 0.0)).unsqueeze(-1)
+    # a split in which a row sees no key has weight 0, whatever its partial output holds
+    merged = torch.where(weights > 0, weights * out_partial.float(), 0.0).sum(dim=0)
+    if out is None:
+        return merged.to(out_dtype or out_partial.dtype), lse.masked_fill(~seen, float("inf"))
+    return out.copy_(merged), lse.masked_fill(~seen, float("inf"))
+
+
 def _check_num_splits(num_splits) -> None:
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ArgumentError(f"num_splits must be 0 (automatic) or a positive int, got {num_splits!r}")

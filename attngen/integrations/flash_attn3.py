@@ -22,7 +22,10 @@ from __future__ import annotations
 from ..core.support import ArgumentError
 from . import flash_attn as fa2
 
-__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+__all__ = ["flash_attn_combine", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_with_kvcache"]
+
+flash_attn_combine = fa2.flash_attn_combine
 
 
 def _refuse(attention_chunk, **given) -> None:

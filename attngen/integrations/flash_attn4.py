@@ -29,7 +29,9 @@ from ..core.support import ArgumentError
 from ..runtime.inputs import wants_grad
 from . import flash_attn as fa2
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func"]
+__all__ = ["flash_attn_combine", "flash_attn_func", "flash_attn_varlen_func"]
+
+flash_attn_combine = fa2.flash_attn_combine
 
 API = "FlashAttention 4 API"      # how refusals name it
 
