@@ -9,6 +9,7 @@ its arguments and run the FlashAttention 2-shaped implementations of
 :mod:`attngen.integrations.flash_attn`, with the same window convention, more-queries-than-keys
 rule, log-sum-exp and ``sinks`` extension.
 
+* ``flash_attn_combine`` merges outputs over split keys by their log-sum-exps.
 * Speed hints (``num_splits`` except over a KV cache, ``pack_gqa``, ``sm_margin``,
   ``scheduler_metadata``) are accepted and left to attngen: they do not change the result.
 * What attngen does not compute raises :class:`attngen.ArgumentError` naming it: ``qv``,

@@ -13,7 +13,8 @@ rule and log-sum-exp):
   (H, total_q), when ``return_lse=True`` or when autograd records the call (as FlashAttention 4
   computes it then), else None; no gradient flows through it;
 * ``flash_attn_varlen_func`` takes a paged cache (``page_table`` with ``seqused_k``),
-  queries packed by ``cu_seqlens_q`` or batched (B, S_q, H, D).
+  queries packed by ``cu_seqlens_q`` or batched (B, S_q, H, D);
+* ``flash_attn_combine`` merges outputs over split keys by their log-sum-exps.
 
 Speed hints (``num_splits`` for contiguous keys, ``pack_gqa``) are accepted and left to
 attngen.  What attngen does not compute raises :class:`attngen.ArgumentError` naming it:
