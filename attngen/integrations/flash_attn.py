@@ -311,14 +311,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         k_cache[pages, positions % page] = k
         v_cache[pages, positions % page] = v
         seqused_k = seqused_k + k.shape[1]
-    cu_q = torch.arange(0, (batch + 1) * seq_q, seq_q, dtype=torch.int32, device=device)
     kernel = _kernel(mask, _gqa(q, k_cache), softcap or None, sinks is not None, paged=True)
-    result = kernel(q.reshape(batch * seq_q, *q.shape[2:]), k_cache, v_cache, cu_q, seqused_k, block_table,
-                    seq_q, scale=softmax_scale, sinks=sinks, splits=num_splits or None, check=False,
-                    return_lse=return_softmax_lse)
+    rows, cu_q = as_packed(q)
+    result = kernel(rows, k_cache, v_cache, cu_q, seqused_k, block_table, seq_q, scale=softmax_scale,
+                    sinks=sinks, splits=num_splits or None, check=False, return_lse=return_softmax_lse)
     out, lse = result if return_softmax_lse else (result, None)
     out = out.view(batch, seq_q, *out.shape[1:])
     return (out, lse.view(batch, seq_q, -1).transpose(1, 2).contiguous()) if return_softmax_lse else out
+
+
+def as_packed(q):
+    """Batched queries (B, S_q, H, D) as packed sequences of S_q rows each, the form the paged
+    kernels take: (q (B * S_q, H, D), cu_seqlens_q)."""
+    batch, seq_q = q.shape[:2]
+    cu_q = torch.arange(0, (batch + 1) * seq_q, seq_q, dtype=torch.int32, device=q.device)
+    return q.reshape(batch * seq_q, *q.shape[2:]), cu_q
 
 
 def contiguous_cache_table(cache_batch_idx, batch: int, rows: int, device) -> torch.Tensor:

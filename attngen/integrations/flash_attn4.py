@@ -24,8 +24,6 @@ attngen.  What attngen does not compute raises :class:`attngen.ArgumentError` na
 
 from __future__ import annotations
 
-import torch
-
 from ..core.support import ArgumentError
 from ..runtime.inputs import wants_grad
 from . import flash_attn as fa2
@@ -91,8 +89,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_se
         batched = cu_seqlens_q is None
         if batched:         # (B, S_q, H, D) queries: the same call, packed
             batch, seq_q = q.shape[:2]
-            cu_seqlens_q = torch.arange(0, (batch + 1) * seq_q, seq_q, dtype=torch.int32, device=q.device)
-            max_seqlen_q, q = seq_q, q.reshape(batch * seq_q, *q.shape[2:])
+            (q, cu_seqlens_q), max_seqlen_q = fa2.as_packed(q), seq_q
         out, lse = _pair(fa2.flash_attn_varlen_func(q, k, v, cu_seqlens_q, None, max_seqlen_q, None, 0.0,
                                                     softmax_scale, causal, window, softcap, None, False,
                                                     return_lse, page_table, seqused_k=seqused_k,
