@@ -384,13 +384,19 @@ def key_splits(programs: int, key_blocks: int, device: torch.device, asked: int 
     return max(1, min(-(-target // programs), key_blocks // min_blocks, most))
 
 
+def natural_lse(lse: torch.Tensor) -> torch.Tensor:
+    """A log-sum-exp as the kernels write it (log2 units: they work in exp2) in the natural-log
+    units callers take."""
+    return lse / LOG2E
+
+
 def merged_lse(part_lse: torch.Tensor, sinks: torch.Tensor | None, empty: float) -> torch.Tensor:
     """Each query row's log-sum-exp, natural log, from a split paged call's slices: ``part_lse``
     (slices, total_q, H) in log2 units, ``empty`` (the kernels' M_START, -1e30) where the row
     sees no key of the slice.  The sink's logit is one more term; a row that sees no key and
     has no sink gets +inf, as FlashAttention writes.  Device work only (a captured graph takes
     it)."""
-    lse = torch.logsumexp(part_lse / LOG2E, dim=0)
+    lse = torch.logsumexp(natural_lse(part_lse), dim=0)
     if sinks is not None:
         return torch.logaddexp(lse, sinks.to(torch.float32))
     return lse.masked_fill(part_lse.amax(dim=0) < empty / 2, float("inf"))   # no real sum is near -1e30

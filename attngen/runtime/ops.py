@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ..core.support import LOG2E, at_least_fp32, bhsd, check_positive_number, dtype_name
-from .inputs import InputError, no_out_with_grad, row_stats, wants_grad
+from .inputs import InputError, natural_lse, no_out_with_grad, row_stats, wants_grad
 
 _targets: dict[str, ModuleType | Callable[[int, str], ModuleType]] = {}
 
@@ -270,8 +270,11 @@ def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | 
     (``out=`` is then refused), else inference; in eager mode without the ops' dispatch.  The
     backward is deterministic when ``deterministic`` is true, or when it is None and
     ``torch.use_deterministic_algorithms(True)`` is on; ``deterministic=False`` asks for the
-    default backward whatever the global setting.  ``return_lse``: (out, lse), see
-    :func:`natural_lse`; the call then runs the training forward, which computes it."""
+    default backward whatever the global setting.  ``return_lse``: (out, lse), each query row's
+    log-sum-exp over the scaled (and capped) scores it sees, sinks included, fp32, (B, H, S_q)
+    or (total_q, H) for packed sequences (:func:`~attngen.runtime.inputs.natural_lse`); the
+    call then runs the training forward, which computes it.  Gradients do not flow through it
+    (the kernels save it for the backward, which does not differentiate it)."""
     _check_scale(variant, scale)
     args = (variant, q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, layout)
     direct = _direct(q, k, v, sinks, cu_seqlens_q, cu_seqlens_k, out)
@@ -290,14 +293,6 @@ def attention(variant: str, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | 
         return (_infer if direct else torch.ops.attngen.attention)(*args)
     (_infer_out if direct else torch.ops.attngen.attention_out)(*args, out)
     return out
-
-
-def natural_lse(lse: Tensor) -> Tensor:
-    """The training forward's log-sum-exp as callers take it: each query row's
-    ``log(sum_j exp(s_j))`` over the scaled (and capped) scores it sees, sinks included, in
-    natural-log units, fp32, (B, H, S_q) or (total_q, H) for packed sequences.  Gradients do
-    not flow through it (the kernels save it for the backward, which does not differentiate it)."""
-    return lse / LOG2E
 
 
 # -- a paged K/V cache (serving) ------------------------------------------------------------
