@@ -107,4 +107,11 @@ def cases_for(spec: KernelSpec) -> list[Case]:
         if span is not None:
             cases.append(case("prefix-within-window", 1, 2, bm + 3, seq_k=bm + 3 + max(1, span // 3)))
             cases.append(case("prefix-past-window", 1, 1, bm + 3, seq_k=bm + 3 + span + bn + 1))
+        # prefixes that put a block boundary one key inside the causal diagonal of every query
+        # tile's first row, and (windows) one key inside the far edge of its last row's window:
+        # the blocks on either side of the boundary must be masked or not exactly as they are seen
+        cases.append(case("diagonal-edge-after-prefix", 1, 1, 2 * bm + 3, seq_k=2 * bm + 3 + bn - 2))
+        if mask.causal and mask.left is not None:
+            edge = (mask.left + 2 - bm) % bn + bn
+            cases.append(case("window-edge-after-prefix", 1, 1, 2 * bm + 3, seq_k=2 * bm + 3 + edge))
     return cases
