@@ -1,11 +1,14 @@
 """What the generated test suites run: the checks on one case of one variant.
 
 :func:`check_case` runs a case (:mod:`attngen.generate.cases`) against the float64 reference with
-fresh random inputs and a poisoned output; :func:`check_aot` compiles without a GPU.
+fresh random inputs and a poisoned output; :func:`check_aot` compiles without a GPU.  With
+``ATTNGEN_EMULATE=1`` the cases run on the CPU instead, in :mod:`attngen.emulator` (slowly: a
+generated suite's GPU tests on a machine without one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -14,13 +17,33 @@ import random
 import pytest
 import torch
 
+from . import emulator
 from .core import reference
 from .core.mask import Mask
 from .core.support import DTYPES
 from .core.variant import KernelSpec, compiled_by_default
 from .generate.cases import Case
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+EMULATE_VARIABLE = "ATTNGEN_EMULATE"
+
+
+def emulating() -> bool:
+    """Whether ``ATTNGEN_EMULATE`` asks for the kernels to run in the CPU emulator."""
+    return os.environ.get(EMULATE_VARIABLE, "").strip() not in ("", "0")
+
+
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() or emulating()),
+                               reason=f"needs a CUDA GPU (or {EMULATE_VARIABLE}=1: the CPU emulator)")
+
+
+@contextlib.contextmanager
+def _kernel_device():
+    """The device the checks run the kernels on: the GPU, or the CPU inside the emulator."""
+    if emulating():
+        with emulator.emulated():
+            yield torch.device("cpu")
+    else:
+        yield torch.device("cuda")
 
 
 def _tensor(shape, dtype, generator, gain=1.0):
@@ -47,10 +70,11 @@ def case_seed() -> int:
     return seed
 
 
-def _generator():
-    """A CUDA generator seeded by :func:`case_seed` (fresh inputs every run unless fixed)."""
+def _generator(device: torch.device):
+    """A generator on ``device`` seeded by :func:`case_seed` (fresh inputs every run unless
+    fixed)."""
     seed = case_seed()
-    return seed, torch.Generator(device="cuda").manual_seed(seed)
+    return seed, torch.Generator(device=device).manual_seed(seed)
 
 
 def _where(case: Case, seed: int) -> str:
@@ -59,6 +83,10 @@ def _where(case: Case, seed: int) -> str:
 
 def _rel(x, ref) -> float:
     return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def _max_err(x, ref) -> float:
+    return (x.double() - ref).abs().max().item() if ref.numel() else 0.0
 
 
 def _inputs(spec: KernelSpec, case: Case, gen):
@@ -70,13 +98,14 @@ def _inputs(spec: KernelSpec, case: Case, gen):
     heads, d = case.heads_kv * spec.gqa, spec.head_dim
     mask = Mask(spec.mask.causal) if case.versus_full else spec.mask
     q_gain = 1.0 if f.softcap is None else f.softcap / 4   # scores large enough for the cap to bite
-    sinks = torch.randn(heads, device="cuda", generator=gen) * 2 if f.sinks else None
+    device = gen.device
+    sinks = torch.randn(heads, device=device, generator=gen) * 2 if f.sinks else None
 
     def options(sinks):
         return {"scale": case.scale, **({"sinks": sinks} if f.sinks else {})}
 
     if f.paged:
-        cu_q = torch.tensor([0] + [q for q, _ in case.lengths], device="cuda").cumsum(0).to(torch.int32)
+        cu_q = torch.tensor([0] + [q for q, _ in case.lengths], device=device).cumsum(0).to(torch.int32)
         q = _tensor((int(cu_q[-1]), heads, d), dtype, gen, q_gain)
         k, v, seqused_k, table = paged_cache([n for _, n in case.lengths], case.page, case.heads_kv, d, dtype,
                                              gen, shared=case.shared)
@@ -91,8 +120,8 @@ def _inputs(spec: KernelSpec, case: Case, gen):
                 return reference.varlen_logsumexp(q, keys, cu_q, cu_k, mask, **options)
             return reference.paged(q, k, v, cu_q, seqused_k, table, mask, **options)
     elif f.varlen:
-        cu_q = torch.tensor([0] + [q for q, _ in case.lengths], device="cuda").cumsum(0).to(torch.int32)
-        cu_k = torch.tensor([0] + [k for _, k in case.lengths], device="cuda").cumsum(0).to(torch.int32)
+        cu_q = torch.tensor([0] + [q for q, _ in case.lengths], device=device).cumsum(0).to(torch.int32)
+        cu_k = torch.tensor([0] + [k for _, k in case.lengths], device=device).cumsum(0).to(torch.int32)
         q = _tensor((int(cu_q[-1]), heads, d), dtype, gen, q_gain)
         k = _tensor((int(cu_k[-1]), case.heads_kv, d), dtype, gen)
         v = _tensor((int(cu_k[-1]), case.heads_kv, d), dtype, gen)
@@ -155,28 +184,38 @@ FLOOR = {"fp16": 5e-4, "bf16": 1e-3}
 def check_case(launch, spec_dict: dict, case: Case) -> float:
     """Run one case on the GPU against the float64 reference.  Rule (the gradients' too, see
     :func:`check_grad_case`): the relative error ||o - ref|| / ||ref|| is at most 2 x the error
-    of the same computation by PyTorch eager math in the kernel's dtype, plus ``FLOOR``.  The
-    output is poisoned first (every element must be written) and a second launch must give the
+    of the same computation by PyTorch eager math in the kernel's dtype, plus ``FLOOR``; and,
+    FlashAttention's rule, so that one wrong row cannot hide in the norm, so is the largest
+    error of one element.  The output is poisoned first (every element must be written) and a second launch must give the
     same bits.  Returns the error."""
-    spec = KernelSpec.from_dict(spec_dict)
-    seed, gen = _generator()
+    with _kernel_device() as device:
+        return _check_case(launch, KernelSpec.from_dict(spec_dict), case, device)
+
+
+def _check_case(launch, spec: KernelSpec, case: Case, device: torch.device) -> float:
+    seed, gen = _generator(device)
     tensors, call, ref_fn = _inputs(spec, case, gen)
     q, sinks = tensors["q"], tensors.get("sinks")
     k, v = tensors["k"], tensors["v"]
     out = torch.full_like(q, float("nan"))      # poisoned: every element must be written
     result = call(launch, q, k, v, sinks, out=out)
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     where = _where(case, seed)
     assert result is out, f"{where}: launch did not return out="
     unwritten = torch.isnan(out).sum().item()
     assert unwritten == 0, f"{where}: {unwritten} output elements not written (or NaN)"
 
     ref = ref_fn(q, k, v, sinks)
-    err = _rel(out, ref)
-    eager = _rel(ref_fn(q, k, v, sinks, dtype=getattr(torch, DTYPES[spec.dtype])), ref)
-    _log({"kernel": spec.name, "case": case.id, "rel_err": err, "eager_err": eager})
+    eager_out = ref_fn(q, k, v, sinks, dtype=getattr(torch, DTYPES[spec.dtype]))
+    err, eager = _rel(out, ref), _rel(eager_out, ref)
+    worst, eager_worst = _max_err(out, ref), _max_err(eager_out, ref)
+    _log({"kernel": spec.name, "case": case.id, "rel_err": err, "eager_err": eager, "max_err": worst,
+          "eager_max_err": eager_worst})
     bound = 2 * eager + FLOOR[spec.dtype]
     assert err <= bound, f"{where}: relative error {err:.3g} > 2 x eager {eager:.3g} + floor"
+    assert worst <= 2 * eager_worst + FLOOR[spec.dtype], \
+        f"{where}: largest element error {worst:.3g} > 2 x eager's {eager_worst:.3g} + floor"
 
     fresh = call(launch, q, k, v, sinks)
     assert fresh.shape == q.shape and fresh.is_contiguous()
@@ -218,8 +257,12 @@ def check_grad_case(launch, spec_dict: dict, case: Case) -> dict:
     except for a gradient that is exactly zero (a window of one key), measured against dv's
     scale.  A second deterministic backward must give the same bits.  Returns the errors by
     mode: {"default": {name: (ours, eager's)}, "deterministic": {...}}."""
-    spec = KernelSpec.from_dict(spec_dict)
-    seed, gen = _generator()
+    with _kernel_device() as device:
+        return _check_grad_case(launch, KernelSpec.from_dict(spec_dict), case, device)
+
+
+def _check_grad_case(launch, spec: KernelSpec, case: Case, device: torch.device) -> dict:
+    seed, gen = _generator(device)
     tensors, call, ref_fn = _inputs(spec, case, gen)
     names = list(tensors)
     where = _where(case, seed)

@@ -67,7 +67,7 @@ def test_no_import_cycles():
 
 #: the layers, lowest first: a module may import from its own layer and the ones before it
 LAYERS = ["attngen.core", "attngen.generate", "attngen.runtime", "attngen.integrations",
-          "attngen.bench", "attngen.cli", "attngen.testing"]
+          "attngen.bench", "attngen.cli", "attngen.emulator", "attngen.testing"]
 #: modules outside the layers: the package's entry points, which re-export the public API
 ENTRY_POINTS = {"attngen", "attngen.__main__", "attngen.distributed", "attngen.flash_attn",
                 "attngen.flash_attn.cute", "attngen.flash_attn_interface"}

@@ -6,18 +6,16 @@ dtype, index width, unit last stride, every other stride a multiple of 16 bytes,
 rows a multiple of 16, aligned bases.  A launch that broke them would not run the built cubin
 on the GPU (cuTile would compile the kernel then).  The calls go through attngen's entry
 points (attngen.runtime.ops.attention and paged_attention, autograd included)."""
-import contextlib
-
 import pytest
 import torch
 
-import cuda.tile as ct
 from cuda.tile.compilation import ArrayConstraint, ScalarConstraint
 
 from attngen.core.mask import Mask
 from attngen.core.variant import Features, KernelSpec
 from attngen.core.reference import page_table, scatter_pages
-from attngen.runtime import inputs, ops
+from attngen.emulator import host_patches
+from attngen.runtime import ops
 from attngen.runtime.registry import default_registry
 
 TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int32": torch.int32}
@@ -25,16 +23,11 @@ GRID_YZ_MAX = 65535
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    """Launches recorded as (grid, kernel, args); CUDA device and stream calls made no-ops."""
+def launches():
+    """Launches recorded as (grid, kernel, args), on the emulator's CPU host side."""
     made = []
-    monkeypatch.setattr(inputs, "_check_devices", lambda tensors, fail: None)
-    monkeypatch.setattr(inputs, "_multiprocessors", lambda device: 132)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: None)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(ct, "launch", lambda stream, grid, kernel, args: made.append((grid, kernel, args)))
-    return made
+    with host_patches(lambda stream, grid, kernel, args: made.append((grid, kernel, args))):
+        yield made
 
 
 def _unmet(arg, constraint) -> str:

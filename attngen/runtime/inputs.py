@@ -9,6 +9,10 @@ from ..core.reference import resolve_scale
 from ..core.support import LOG2E, PAGE_ROWS, STRIDE_BYTES, bhsd, check_layout, check_positive_number
 
 
+#: the device types the kernels run on (attngen.emulator adds the CPU's while it runs them there)
+KERNEL_DEVICES = ("cuda",)
+
+
 class InputError(ValueError):
     """Tensors a kernel cannot take; the message names the kernel and the problem."""
 
@@ -133,7 +137,7 @@ def _check_tensors(tensors: dict, ndim: int, dims: str, dtype: torch.dtype, fail
 
 def _check_devices(tensors: dict, fail) -> None:
     for label, t in tensors.items():
-        if not t.is_cuda:
+        if t.device.type not in KERNEL_DEVICES:
             fail(f"{label} is on {t.device}; this kernel runs on CUDA tensors")
     if len({t.device for t in tensors.values()}) != 1:
         fail("q, k, v must be on one device, got " + ", ".join(str(t.device) for t in tensors.values()))

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..core.support import LOG2E, at_least_fp32, bhsd, check_positive_number, dtype_name
+from . import inputs
 from .inputs import InputError, natural_lse, no_out_with_grad, row_stats, wants_grad
 
 _targets: dict[str, ModuleType | Callable[[int, str], ModuleType]] = {}
@@ -66,7 +67,7 @@ def _module(variant: str, q: Tensor) -> ModuleType:
     if target is None:
         raise InputError(f"no attngen variant {variant!r} in this process: get its callable with "
                          f"attngen.get_kernel (or import its generated launcher) first")
-    if not isinstance(target, ModuleType) and not q.is_cuda:
+    if not isinstance(target, ModuleType) and q.device.type not in inputs.KERNEL_DEVICES:
         # before the resolver picks (and maybe generates) a kernel that could not run here
         raise InputError(f"{variant}: q is on {q.device}; this kernel runs on CUDA tensors")
     return target if isinstance(target, ModuleType) else target(q.shape[-1], dtype_name(q.dtype))
