@@ -36,9 +36,14 @@ needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() or emulating()),
                                reason=f"needs a CUDA GPU (or {EMULATE_VARIABLE}=1: the CPU emulator)")
 
 
+#: for GPU tests that need the GPU itself (CUDA graphs, the compiler, its memory): no emulation
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @contextlib.contextmanager
-def _kernel_device():
-    """The device the checks run the kernels on: the GPU, or the CPU inside the emulator."""
+def kernel_device():
+    """The device the checks run the kernels on: the GPU, or with ``ATTNGEN_EMULATE=1`` the
+    CPU, inside the emulator."""
     if emulating():
         with emulator.emulated():
             yield torch.device("cpu")
@@ -188,7 +193,7 @@ def check_case(launch, spec_dict: dict, case: Case) -> float:
     FlashAttention's rule, so that one wrong row cannot hide in the norm, so is the largest
     error of one element.  The output is poisoned first (every element must be written) and a second launch must give the
     same bits.  Returns the error."""
-    with _kernel_device() as device:
+    with kernel_device() as device:
         return _check_case(launch, KernelSpec.from_dict(spec_dict), case, device)
 
 
@@ -257,7 +262,7 @@ def check_grad_case(launch, spec_dict: dict, case: Case) -> dict:
     except for a gradient that is exactly zero (a window of one key), measured against dv's
     scale.  A second deterministic backward must give the same bits.  Returns the errors by
     mode: {"default": {name: (ours, eager's)}, "deterministic": {...}}."""
-    with _kernel_device() as device:
+    with kernel_device() as device:
         return _check_grad_case(launch, KernelSpec.from_dict(spec_dict), case, device)
 
 

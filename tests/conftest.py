@@ -15,6 +15,16 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("ATTNGEN_JIT", raising=False)
 
 
+@pytest.fixture
+def device():
+    """Where a GPU test runs attngen's kernels: the GPU, or with ATTNGEN_EMULATE=1 the CPU,
+    in attngen's emulator of them (attngen.emulator)."""
+    from attngen.testing import kernel_device
+
+    with kernel_device() as where:
+        yield where
+
+
 def write(tmp_path, text, name="spec.yaml"):
     path = tmp_path / name
     path.write_text(text)

@@ -7,29 +7,29 @@ import torch
 
 import attngen
 from attngen.bench.timing import cuda_graph
-from attngen.testing import long_context_errors, needs_gpu
+from attngen.testing import long_context_errors, needs_cuda, needs_gpu
 
 pytestmark = [pytest.mark.gpu, needs_gpu]
 
 
-def _rand(*shape, dtype=torch.bfloat16, requires_grad=False):
-    return torch.randn(*shape, device="cuda", dtype=dtype).requires_grad_(requires_grad)
+def _rand(*shape, dtype=torch.bfloat16, requires_grad=False, device="cuda"):
+    return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(requires_grad)
 
 
-def _dense(requires_grad=False):
+def _dense(device, requires_grad=False):
     attn = attngen.get_kernel(window=48, gqa=2, softcap=20.0)
-    q = _rand(2, 200, 4, 64, requires_grad=requires_grad)
-    k, v = (_rand(2, 200, 2, 64, requires_grad=requires_grad) for _ in range(2))
+    q = _rand(2, 200, 4, 64, requires_grad=requires_grad, device=device)
+    k, v = (_rand(2, 200, 2, 64, requires_grad=requires_grad, device=device) for _ in range(2))
     return attn, (q, k, v), {"layout": "bshd"}
 
 
-def _packed(requires_grad=False):
+def _packed(device, requires_grad=False):
     attn = attngen.get_kernel(window=48, gqa=2, sinks=True, varlen=True, chunked=True)
-    cu_q = torch.tensor([0, 1, 70, 150], dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0, 40, 130, 230], dtype=torch.int32, device="cuda")
-    q = _rand(150, 4, 64, requires_grad=requires_grad)
-    k, v = (_rand(230, 2, 64, requires_grad=requires_grad) for _ in range(2))
-    sinks = torch.randn(4, device="cuda").requires_grad_(requires_grad)
+    cu_q = torch.tensor([0, 1, 70, 150], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 40, 130, 230], dtype=torch.int32, device=device)
+    q = _rand(150, 4, 64, requires_grad=requires_grad, device=device)
+    k, v = (_rand(230, 2, 64, requires_grad=requires_grad, device=device) for _ in range(2))
+    sinks = torch.randn(4, device=device).requires_grad_(requires_grad)
     return attn, (q, k, v, cu_q, cu_k), {"max_seqlen_q": 80, "max_seqlen_k": 100, "sinks": sinks}
 
 
@@ -44,17 +44,18 @@ def _op_args(attn, args, kw):
 
 
 @pytest.mark.parametrize("call", sorted(CALLS))
-def test_opcheck(call):
-    attn, args, kw = CALLS[call]()
+def test_opcheck(call, device):
+    attn, args, kw = CALLS[call](device)
     attn(*args, **kw)                                          # build and load the kernels
     torch.library.opcheck(torch.ops.attngen.attention.default, _op_args(attn, args, kw))
-    attn, args, kw = CALLS[call](requires_grad=True)
+    attn, args, kw = CALLS[call](device, requires_grad=True)
     torch.library.opcheck(torch.ops.attngen.attention_fwd.default, _op_args(attn, args, kw))
 
 
+@needs_cuda
 @pytest.mark.parametrize("call", sorted(CALLS))
 def test_cuda_graph_replays_with_new_inputs(call):
-    attn, args, kw = CALLS[call]()
+    attn, args, kw = CALLS[call]("cuda")
     tensors = [t for t in args if t.is_floating_point()]
     graph, out = cuda_graph(lambda: attn(*args, **kw))
     for _ in range(2):
@@ -65,18 +66,19 @@ def test_cuda_graph_replays_with_new_inputs(call):
         assert torch.equal(out, attn(*args, **kw))             # same kernels: identical bits
 
 
+@needs_cuda
 @pytest.mark.parametrize("call", sorted(CALLS))
 def test_compile_reduce_overhead_replays_with_new_inputs(call):
     """torch.compile(mode="reduce-overhead"), inductor's CUDA graph trees (what serving and
     training code compile with to take host time out): the graphs replay on new inputs with the
     eager call's output bits, and a compiled loss's backward gives the eager gradients."""
-    attn, args, kw = CALLS[call]()
+    attn, args, kw = CALLS[call]("cuda")
     torch._dynamo.reset()
     infer = torch.compile(lambda *a: attn(*a, **kw), mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
         fresh = [torch.randn_like(t) if t.is_floating_point() else t for t in args]
         torch.testing.assert_close(infer(*fresh), attn(*fresh, **kw), rtol=0, atol=0)
-    attn, args, kw = CALLS[call](requires_grad=True)
+    attn, args, kw = CALLS[call]("cuda", requires_grad=True)
     loss = torch.compile(lambda *a: attn(*a, **kw).float().square().sum(), mode="reduce-overhead")
     leaves = [t for t in (*args, kw.get("sinks")) if t is not None and t.requires_grad]
     for _ in range(3):
@@ -89,11 +91,12 @@ def test_compile_reduce_overhead_replays_with_new_inputs(call):
             torch.testing.assert_close(g, w)
 
 
+@needs_cuda
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
 def test_cuda_graph_captures_forward_and_backward(deterministic):
     """Replays compute what eager calls compute: the same bits, but for dq of the fused
     backward, whose atomic adds may round in another order (then within 1e-3)."""
-    attn, (q, k, v), kw = _dense(requires_grad=True)
+    attn, (q, k, v), kw = _dense("cuda", requires_grad=True)
     dout = torch.randn_like(q)
 
     def step():
@@ -114,11 +117,11 @@ def test_cuda_graph_captures_forward_and_backward(deterministic):
 
 
 @pytest.mark.parametrize("call", sorted(CALLS))
-def test_deterministic_algorithms_give_identical_gradients(call):
+def test_deterministic_algorithms_give_identical_gradients(call, device):
     """With torch.use_deterministic_algorithms(True) the backward is the deterministic one:
     two backwards give identical bits, the same bits as deterministic=True asks for, and
     agree with the default fused backward to rounding."""
-    attn, args, kw = CALLS[call](requires_grad=True)
+    attn, args, kw = CALLS[call](device, requires_grad=True)
     leaves = [t for t in (*args, kw.get("sinks")) if t is not None and t.requires_grad]
     dout = torch.randn_like(args[0])
 
@@ -142,12 +145,12 @@ def _rel(x, ref):
 
 
 @pytest.mark.parametrize("call", sorted(CALLS))
-def test_return_lse_is_each_rows_log_sum_exp(call):
+def test_return_lse_is_each_rows_log_sum_exp(call, device):
     """``return_lse=True``: the forward's log-sum-exp in natural log, against the float64
     reference over the same (exactly representable) inputs; the output stays differentiable,
     the log-sum-exp carries no gradient."""
     from attngen.core import reference
-    attn, args, kw = CALLS[call](requires_grad=True)
+    attn, args, kw = CALLS[call](device, requires_grad=True)
     q, k, v, *offsets = args
     out, lse = attn(*args, **kw, return_lse=True)
     assert out.requires_grad and not lse.requires_grad and lse.dtype == torch.float32
@@ -162,6 +165,7 @@ def test_return_lse_is_each_rows_log_sum_exp(call):
     torch.autograd.grad(out.float().sum(), (q, k, v))
 
 
+@needs_cuda
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt-oss"])
 def test_compiled_model_fullgraph_matches_eager(family, capsys, attngen_runs):
     """torch.compile(fullgraph=True) of a whole model on attngen, inference and a training
@@ -214,6 +218,7 @@ def test_compiled_model_fullgraph_matches_eager(family, capsys, attngen_runs):
               f"{_rel(eager, ref):.2e}); worst gradient {worst[0]:.2e} (eager {worst[1]:.2e}) at {worst[2]}")
 
 
+@needs_cuda
 @pytest.mark.parametrize("layout", ["bhsd", "bshd", "packed"])
 def test_tensors_past_2_31_elements(layout, capsys):
     """A 524 416-token prefill of shape A (q past 2^31 elements) and its backward, against the
@@ -224,6 +229,7 @@ def test_tensors_past_2_31_elements(layout, capsys):
     assert all(e < 2e-3 for e in errors.values()), errors
 
 
+@needs_cuda
 @pytest.mark.parametrize("packed", [False, True])
 def test_more_than_65535_batch_head_pairs(packed, capsys):
     """1100 sequences x 64 heads: more (sequence, head) pairs than a grid's second axis holds.

@@ -37,10 +37,24 @@ def _rel(x, ref) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def _pooled_sinks(grads: dict) -> dict:
+    """``grads`` with every layer's sink logits (a few scalars each) as one vector: alone,
+    their errors scatter from 0.03 to 0.6 between random draws, for bf16 eager and attngen
+    alike (each a sum over rows with cancellation, downstream of every bf16 layer)."""
+    sinks = sorted(n for n in grads if n.endswith(".sinks"))
+    if not sinks:
+        return grads
+    pooled = {n: g for n, g in grads.items() if n not in sinks}
+    pooled["sinks (all layers)"] = torch.cat([grads[n].flatten() for n in sinks])
+    return pooled
+
+
 def _gradients_within_rule(family: str, exact: dict, peer: dict, got: dict, peer_name: str):
-    """Every parameter's gradient error against ``exact`` is within 2 x the ``peer`` model's
-    + 5e-3; returns the worst (attngen's error, the peer's, parameter)."""
+    """Every parameter's gradient error against ``exact`` (the sinks of all layers pooled) is
+    within 2 x the ``peer`` model's + 5e-3; returns the worst (attngen's error, the peer's,
+    parameter)."""
     assert set(got) == set(peer) == set(exact)
+    exact, peer, got = (_pooled_sinks(g) for g in (exact, peer, got))
     worst = (0.0, 0.0, "")
     for name, ref in exact.items():
         ours, theirs = _rel(got[name], ref), _rel(peer[name], ref)
@@ -51,15 +65,15 @@ def _gradients_within_rule(family: str, exact: dict, peer: dict, got: dict, peer
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_logits_and_greedy_generation_match_eager(family, caplog, capsys, attngen_runs):
+def test_logits_and_greedy_generation_match_eager(family, caplog, capsys, attngen_runs, device):
     ag.register()
     ag._said.clear()
     torch.manual_seed(0)
     # gpt-oss routes each token to all its experts here: with top-2 of 4, bf16 noise flips the
     # discrete routing, and a flipped token's logits then move by more than attention's rounding
     overrides = {"num_experts_per_tok": 4} if family == "gpt-oss" else {}
-    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1, **overrides).cuda()
-    ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device="cuda")
+    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1, **overrides).to(device)
+    ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device=device)
     with torch.no_grad():
         eager = model(input_ids=ids).logits.float()
         model.set_attn_implementation("attngen")
@@ -106,7 +120,7 @@ def test_logits_and_greedy_generation_match_eager(family, caplog, capsys, attnge
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_training_step_keeps_attention_gradients(family, deterministic, caplog, capsys, attngen_runs):
+def test_training_step_keeps_attention_gradients(family, deterministic, caplog, capsys, attngen_runs, device):
     """train() mode runs attngen's generated backward (no fallback), the fused one by default
     and the deterministic one under torch.use_deterministic_algorithms.  Rule for every
     parameter: against the float32 eager model with the same weights, the attngen model's
@@ -119,9 +133,9 @@ def test_training_step_keeps_attention_gradients(family, deterministic, caplog, 
     # gpt-oss routes each token to all its experts here: with top-2 of 4, bf16 noise flips the
     # discrete routing of some tokens, which then dominates every gradient's error
     overrides = {"num_experts_per_tok": 4} if family == "gpt-oss" else {}
-    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1, **overrides).cuda().train()
+    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1, **overrides).to(device).train()
     exact_model = copy.deepcopy(model).float()            # the same (bf16) weights in float32
-    ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device="cuda")
+    ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device=device)
 
     def grads(m):
         m.zero_grad()
@@ -149,7 +163,7 @@ def test_training_step_keeps_attention_gradients(family, deterministic, caplog, 
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_mixed_precision_training_runs_on_attngen(family, caplog, capsys, attngen_runs):
+def test_mixed_precision_training_runs_on_attngen(family, caplog, capsys, attngen_runs, device):
     """fp32 weights under torch.autocast(bf16), as transformers' Trainer runs with bf16=True:
     rotary embeddings hand attention fp32 queries and keys, and every layer still runs on
     attngen's kernels, forward and backward, in bf16.  Rule for every parameter: against the
@@ -159,12 +173,12 @@ def test_mixed_precision_training_runs_on_attngen(family, caplog, capsys, attnge
     ag._said.clear()
     torch.manual_seed(0)
     overrides = {"num_experts_per_tok": 4} if family == "gpt-oss" else {}
-    model = tiny_model(family, "eager", torch.float32, initializer_range=0.1, **overrides).cuda().train()
-    ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device="cuda")
+    model = tiny_model(family, "eager", torch.float32, initializer_range=0.1, **overrides).to(device).train()
+    ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device=device)
 
     def grads(autocast: bool):
         model.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(input_ids=ids).logits.float().square().mean()
         loss.backward()
         return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -185,7 +199,7 @@ def test_mixed_precision_training_runs_on_attngen(family, caplog, capsys, attnge
 
 @pytest.mark.parametrize("family, how", [(f, h) for f in sorted(MODELS) for h in ("position_ids", "offsets")
                                          if (f, h) != ("modernbert", "position_ids")])
-def test_packed_rows_train_on_the_packed_kernels(family, how, caplog, capsys, attngen_runs):
+def test_packed_rows_train_on_the_packed_kernels(family, how, caplog, capsys, attngen_runs, device):
     """A padding-free training batch (several sequences along each row: restarting position
     ids, or FlashAttention's cu_seq_lens/max_length) runs on attngen's packed kernels with its
     sequences kept apart.  Reference: the float32 eager model run on each sequence alone (its
@@ -197,11 +211,11 @@ def test_packed_rows_train_on_the_packed_kernels(family, how, caplog, capsys, at
     ag._said.clear()
     torch.manual_seed(0)
     overrides = {"num_experts_per_tok": 4} if family == "gpt-oss" else {}
-    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1, **overrides).cuda().train()
+    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1, **overrides).to(device).train()
     exact = copy.deepcopy(model).float()
-    ids = torch.randint(1, model.config.vocab_size, (2, 28), device="cuda")
-    cu = torch.tensor([0, 12, 22, 28, 49, 56], dtype=torch.int32, device="cuda")
-    extra = {"position_ids": torch.tensor(PACKED_ROWS, device="cuda")}
+    ids = torch.randint(1, model.config.vocab_size, (2, 28), device=device)
+    cu = torch.tensor([0, 12, 22, 28, 49, 56], dtype=torch.int32, device=device)
+    extra = {"position_ids": torch.tensor(PACKED_ROWS, device=device)}
     if how == "offsets":
         extra.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=21, max_length_k=21)
 
@@ -218,7 +232,7 @@ def test_packed_rows_train_on_the_packed_kernels(family, how, caplog, capsys, at
     attngen_runs.clear()
     with caplog.at_level(logging.WARNING, logger="attngen"):
         packed = model(input_ids=ids, use_cache=False, **extra).logits.float()
-        packed.square().mean().backward()
+        (packed.square().sum() / ids.numel()).backward()       # the loss ``alone`` takes
     fell_back = [r.message for r in caplog.records if "falling back" in r.message]
     assert not fell_back, fell_back
     _ran_on_every_layer(model, attngen_runs, 2)                 # forward and backward
@@ -231,7 +245,7 @@ def test_packed_rows_train_on_the_packed_kernels(family, how, caplog, capsys, at
               f"{_rel(eager, ref):.2e}); worst gradient {worst[0]:.2e} (eager {worst[1]:.2e}) at {worst[2]}")
 
 
-def test_image_tokens_fall_back_with_transformers_mask(caplog, capsys, attngen_runs):
+def test_image_tokens_fall_back_with_transformers_mask(caplog, capsys, attngen_runs, device):
     """Gemma 3 with images (image tokens see each other both ways): those calls fall back to
     PyTorch with transformers' own mask, logits as close to the float32 eager model as bf16
     eager's; without images the same model runs on attngen's kernels."""
@@ -242,9 +256,9 @@ def test_image_tokens_fall_back_with_transformers_mask(caplog, capsys, attngen_r
     ag.register()
     ag._said.clear()
     torch.manual_seed(0)
-    model = tiny_gemma3_vision("eager", torch.bfloat16, initializer_range=0.1).cuda()
+    model = tiny_gemma3_vision("eager", torch.bfloat16, initializer_range=0.1).to(device)
     exact = copy.deepcopy(model).float()
-    ids, token_types, pixels = image_batch("cuda", torch.bfloat16)
+    ids, token_types, pixels = image_batch(device, torch.bfloat16)
 
     def call(m, pixel_values=None):
         if pixel_values is None:        # text only
@@ -270,13 +284,13 @@ def test_image_tokens_fall_back_with_transformers_mask(caplog, capsys, attngen_r
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])
-def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant, attngen_runs):
+def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant, attngen_runs, device):
     """transformers' gradient checkpointing runs each layer's forward again in the backward:
     with attngen's deterministic backward, the gradients are the bits of the run without it."""
     ag.register()
     torch.manual_seed(0)
-    model = tiny_model(family, "attngen", torch.bfloat16, initializer_range=0.1).cuda().train()
-    ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device="cuda")
+    model = tiny_model(family, "attngen", torch.bfloat16, initializer_range=0.1).to(device).train()
+    ids = torch.randint(1, model.config.vocab_size, (2, SEQ), device=device)
 
     def grads():
         model.zero_grad()
@@ -300,7 +314,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant, attn
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_twenty_optimizer_steps_track_eager(family, capsys, attngen_runs):
+def test_twenty_optimizer_steps_track_eager(family, capsys, attngen_runs, device):
     """20 AdamW steps from the same weights on the same batch: the attngen model's loss curve
     stays as close to the float32 eager model's as the bf16 eager model's does (2 x its largest
     relative deviation + 1e-2, at every step)."""
@@ -309,8 +323,8 @@ def test_twenty_optimizer_steps_track_eager(family, capsys, attngen_runs):
     ag.register()
     torch.manual_seed(0)
     overrides = {"num_experts_per_tok": 4} if family == "gpt-oss" else {}
-    start = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1, **overrides).cuda().train()
-    ids = torch.randint(1, start.config.vocab_size, (2, SEQ), device="cuda")
+    start = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1, **overrides).to(device).train()
+    ids = torch.randint(1, start.config.vocab_size, (2, SEQ), device=device)
 
     def curve(dtype, implementation):
         model = copy.deepcopy(start).to(dtype)
@@ -339,14 +353,14 @@ def test_twenty_optimizer_steps_track_eager(family, capsys, attngen_runs):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_padded_batch_runs_on_packed_kernels(family, side, caplog, capsys, attngen_runs):
+def test_padded_batch_runs_on_packed_kernels(family, side, caplog, capsys, attngen_runs, device):
     """A padded batch is packed to its valid tokens and runs on the varlen kernels (no
     fallback); logits at the valid positions follow the logits rule against float32 eager."""
     ag.register()
     ag._said.clear()
     torch.manual_seed(0)
-    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1).cuda()
-    ids = torch.randint(1, model.config.vocab_size, (3, SEQ), device="cuda")
+    model = tiny_model(family, "eager", torch.bfloat16, initializer_range=0.1).to(device)
+    ids = torch.randint(1, model.config.vocab_size, (3, SEQ), device=device)
     mask = torch.ones_like(ids)
     for row, count in ((1, 37), (2, 1)):               # much shorter, and one token shorter
         if side == "left":

@@ -46,6 +46,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..core.mask import Mask
 from ..core.reference import attend, probabilities, resolve_scale
 from ..core.support import HEAD_DIMS, dtype_name
+from ..runtime import inputs
 from ..runtime.inputs import autocast
 from ..runtime.ops import attention
 from ..runtime.registry import get_kernel
@@ -153,7 +154,7 @@ def _weights_dtype(module, *tensors):
 
 
 def _fallback_reason(module, query, unpackable: bool, dropout) -> str | None:
-    if not query.is_cuda:
+    if query.device.type not in inputs.KERNEL_DEVICES:
         return f"tensors on {query.device.type}"
     if dtype_name(query.dtype) is None:
         return f"dtype {query.dtype}"
