@@ -187,12 +187,12 @@ FLOOR = {"fp16": 5e-4, "bf16": 1e-3}
 
 
 def check_case(launch, spec_dict: dict, case: Case) -> float:
-    """Run one case on the GPU against the float64 reference.  Rule (the gradients' too, see
-    :func:`check_grad_case`): the relative error ||o - ref|| / ||ref|| is at most 2 x the error
-    of the same computation by PyTorch eager math in the kernel's dtype, plus ``FLOOR``; and,
-    FlashAttention's rule, so that one wrong row cannot hide in the norm, so is the largest
-    error of one element.  The output is poisoned first (every element must be written) and a second launch must give the
-    same bits.  Returns the error."""
+    """Run one case on the GPU (or in the emulator) against the float64 reference.  Rule (the
+    gradients' too, see :func:`check_grad_case`): the relative error ||o - ref|| / ||ref|| is
+    at most 2 x the error of the same computation by PyTorch eager math in the kernel's dtype,
+    plus ``FLOOR``; and, FlashAttention's rule, so that one wrong row cannot hide in the norm,
+    so is the largest error of one element.  The output is poisoned first (every element must
+    be written) and a second launch must give the same bits.  Returns the error."""
     with kernel_device() as device:
         return _check_case(launch, KernelSpec.from_dict(spec_dict), case, device)
 

@@ -9,7 +9,7 @@ from ..core.reference import resolve_scale
 from ..core.support import LOG2E, PAGE_ROWS, STRIDE_BYTES, bhsd, check_layout, check_positive_number
 
 
-#: the device types the kernels run on (attngen.emulator adds the CPU's while it runs them there)
+#: the device types the kernels run on (the CPU instead while attngen.emulator runs them there)
 KERNEL_DEVICES = ("cuda",)
 
 
