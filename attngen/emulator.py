@@ -118,8 +118,8 @@ def _binary(op):
     return forward, reverse
 
 
-class Tile:
-    """A tile: an immutable torch tensor with cuTile's operators."""
+class _Held:
+    """A torch tensor held as a tile or an array: its shape, dtype and rank."""
 
     __slots__ = ("t",)
 
@@ -137,6 +137,12 @@ class Tile:
     @property
     def ndim(self) -> int:
         return self.t.dim()
+
+
+class Tile(_Held):
+    """A tile: an immutable torch tensor with cuTile's operators."""
+
+    __slots__ = ()
 
     def reshape(self, shape) -> "Tile":
         shape = _shape(shape)
@@ -211,25 +217,10 @@ class Tile:
     __hash__ = None
 
 
-class Array:
+class Array(_Held):
     """A kernel's array argument: a view of a CPU tensor."""
 
-    __slots__ = ("t",)
-
-    def __init__(self, t: torch.Tensor):
-        self.t = t
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.t.shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.t.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.t.dim()
+    __slots__ = ()
 
     @property
     def strides(self) -> tuple:
