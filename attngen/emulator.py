@@ -10,8 +10,9 @@ CPU tensors.  The operations follow cuTile's documented semantics (tile spaces, 
 padding, floor division, NaN-ignoring ``max``), and the emulator stops with a
 :class:`KernelFault` where a GPU would silently do something undefined or racy:
 
-- a load or store whose tile lies entirely outside its array, or an ``Array.slice`` outside
-  the documented bounds (undefined in cuTile);
+- a load or store whose tile lies entirely outside its array (or partly, with
+  ``check_bounds=False``), or an ``Array.slice`` outside the documented bounds (undefined in
+  cuTile);
 - a load that reaches past its array with the padding left undetermined reads NaN (or, for
   integers, -2**30), so a result that depends on it shows;
 - two programs of one launch writing the same element, or one reading an element that
@@ -286,9 +287,10 @@ def _perm(order, ndim: int) -> tuple:
     return order
 
 
-def _region(t: torch.Tensor, index, shape: tuple, what: str, order="C"):
+def _region(t: torch.Tensor, index, shape: tuple, what: str, order="C", check_bounds=True):
     """The part of tile ``index`` (tile space of ``shape`` over ``t`` permuted by ``order``)
-    inside the array, as slices of that permuted view; the view; the permutation."""
+    inside the array, as slices of that permuted view; the view; the permutation.  Without
+    ``check_bounds`` the tile must lie wholly inside."""
     perm = _perm(order, t.dim())
     view = t.permute(*perm)
     index = _index(index, f"{what} index")
@@ -300,6 +302,9 @@ def _region(t: torch.Tensor, index, shape: tuple, what: str, order="C"):
         if hi <= 0 or lo >= n:
             raise KernelFault(f"{what}: tile {index} of shape {shape} lies entirely outside an array of "
                               f"shape {tuple(view.shape)} (undefined in cuTile)")
+        if not check_bounds and (lo < 0 or hi > n):
+            raise KernelFault(f"{what}: tile {index} of shape {shape} reaches past an array of shape "
+                              f"{tuple(view.shape)} with check_bounds=False (undefined in cuTile)")
         region.append(builtins.slice(builtins.max(lo, 0), builtins.min(hi, n)))
     return tuple(region), view, perm
 
@@ -329,7 +334,7 @@ def load(array: Array, index, shape, *, order="C", padding_mode=ct.PaddingMode.U
             raise KernelFault(f"scalar load at {index} of an array of shape {tuple(t.shape)}")
         _current().check_read(t, tuple(range(t.dim())), tuple(builtins.slice(i, i + 1) for i in index))
         return Tile(t[index].clone())
-    region, view, perm = _region(t, index, shape, "load", order)
+    region, view, perm = _region(t, index, shape, "load", order, check_bounds)
     _current().check_read(t, perm, region)
     out = torch.full(shape, _pad_value(t.dtype, padding_mode), dtype=t.dtype)
     out[tuple(builtins.slice(0, r.stop - r.start) for r in region)] = view[region]
@@ -354,7 +359,7 @@ def store(array: Array, index, tile, *, order="C", check_bounds=True, latency=No
     if len(shape) != t.dim():
         raise KernelFault(f"store of a {len(shape)}-D tile into a {t.dim()}-D array")
     tile = _as_tile(tile, shape, t.dtype)
-    region, view, perm = _region(t, index, shape, "store", order)
+    region, view, perm = _region(t, index, shape, "store", order, check_bounds)
     _current().claim(t, perm, region)
     inside = tuple(builtins.slice(0, r.stop - r.start) for r in region)
     view[region] = tile.t.reshape(shape)[inside].to(t.dtype)

@@ -180,13 +180,21 @@ def load_at(X, Out, i: int):
     ct.store(Out, index=(0,), tile=ct.load(X, index=(i,), shape=(TM,), padding_mode=ZERO))
 
 
-def test_a_tile_entirely_outside_its_array_is_a_fault():
+@ct.kernel
+def load_unchecked(X, Out):
+    ct.store(Out, index=(0,), tile=ct.load(X, index=(1,), shape=(TM,), check_bounds=False))
+
+
+def test_a_tile_outside_its_array_is_a_fault():
     x, out = torch.zeros(8), torch.zeros(4)
     run(load_at, (1,), x, out, 1)
     with pytest.raises(KernelFault, match="entirely outside"):
         run(load_at, (1,), x, out, 2)
     with pytest.raises(KernelFault, match="entirely outside"):
         run(load_at, (1,), x, out, -1)
+    run(load_unchecked, (1,), x, out)
+    with pytest.raises(KernelFault, match="check_bounds=False"):
+        run(load_unchecked, (1,), torch.zeros(6), out)
 
 
 def test_a_slice_outside_the_array_is_a_fault():
