@@ -69,6 +69,11 @@ def cases_for(spec: KernelSpec) -> list[Case]:
             pack("long-pages", 2, [(1, long), (rows - 1, long // 2)], page=256),
             pack("shared-pages", 2, [(3, 200), (5, 230)], page=16, shared=True),
             pack("explicit-scale", 1, [(rows + 1, rows + 60), (2, 9)], page=32, scale=0.3),
+            # a sharp softmax (logits of ~100): the running max and the sinks' stabilizers matter
+            pack("sharp-softmax", 1, [(rows + 1, rows + 60), (1, 30)], page=16, scale=4.0),
+            # a sequence ending on a page boundary inside a KV block, a longer one after it: the
+            # block table's next entry (-1) must not be read
+            pack("ends-on-a-page", 1, [(2, 48), (1, 100)], page=16),
         ]
         if mask.causal:      # FlashAttention's rule: rows before the first key see none, give 0
             cases.append(pack("more-queries-than-keys", 1, [(5, 2), (3, 3)], page=16))
@@ -79,6 +84,9 @@ def cases_for(spec: KernelSpec) -> list[Case]:
             pack("single-tokens", 1, [(1, 1)] * 5),
             pack("long-and-short", 2, [(1, 1), (bm // 2 + 3, bm // 2 + 3), (long, long), (17, 17)]),
             pack("explicit-scale", 2, [(bm + 1, bm + 1), (5, 5)], scale=0.3),
+            pack("sharp-softmax", 1, [(bm + 1, bm + 1), (9, 9)], scale=4.0),
+            # a sequence of whole tiles before a longer one: no program may start at its end
+            pack("whole-tiles-then-longer", 1, [(2 * bm, 2 * bm), (2 * bm + 9, 2 * bm + 9)]),
         ]
         if f.chunked:
             cases.append(pack("after-prefixes", 2, [(1, 300), (bm + 5, bm + 5), (2 * bm + 1, 2 * bm + 101)]))
@@ -91,6 +99,7 @@ def cases_for(spec: KernelSpec) -> list[Case]:
         case("ragged-batch2", 2, 2, 2 * bm + 17),
         case("bshd-views", 2, 2, bm + 9, layout="bshd"),
         case("explicit-scale", 1, 2, bm + 1, scale=0.3),
+        case("sharp-softmax", 1, 2, bm + 7, scale=4.0),
     ]
     if span is None:
         cases.append(case("many-blocks", 1, 2, long))
