@@ -21,8 +21,9 @@ from . import emulator
 from .core import reference
 from .core.mask import Mask
 from .core.support import DTYPES
-from .core.variant import KernelSpec, compiled_by_default
-from .generate.cases import Case
+from .core.variant import Features, KernelSpec, compiled_by_default
+from .generate import codegen
+from .generate.cases import Case, cases_for
 
 EMULATE_VARIABLE = "ATTNGEN_EMULATE"
 
@@ -381,3 +382,65 @@ def long_context_errors(seq: int, layout: str, *, backward: bool = True, heads: 
                       dv_last=rel(rows_of(dv, last), rv[:, -rows:]))
     say("  " + ", ".join(f"{name} {err:.2e}" for name, err in errors.items()))
     return errors
+
+
+# -- the emulator's variants, and mutants of them -------------------------------------------------
+#: one small variant of every kind (window shapes, GQA, head dims 64, 128 and 256 with the fused
+#: backward, softcap, sinks, chunked, packed and paged sequences, fp16 and bf16), windows small
+#: enough that their generated cases run in the emulator in minutes
+EMULATED_VARIANTS = {
+    "causal-window-gqa2-d64-bf16": (Mask(True, 31), 2, 64, "bf16", {}),
+    "bidir-window-d64-fp16": (Mask(False, 40, 23), 1, 64, "fp16", {}),
+    "causal-full-d128-fp16": (Mask(True), 1, 128, "fp16", {}),
+    "causal-window-softcap-d256-fused": (Mask(True, 70), 2, 256, "bf16", {"softcap": 30.0}),
+    "causal-window-sinks-gqa8": (Mask(True, 47), 8, 64, "bf16", {"sinks": True}),
+    "causal-window-chunked": (Mask(True, 150), 2, 64, "bf16", {"chunked": True}),
+    "causal-window-varlen-chunked-d128": (Mask(True, 90), 4, 128, "bf16", {"varlen": True, "chunked": True}),
+    "bidir-varlen-sinks": (Mask(False, 20, 35), 2, 64, "fp16", {"varlen": True, "sinks": True}),
+    "paged-window-gqa4-d128": (Mask(True, 100), 4, 128, "bf16", {"paged": True}),
+    "paged-full-sinks-gqa8": (Mask(True), 8, 64, "bf16", {"paged": True, "sinks": True}),
+    "paged-window-softcap": (Mask(True, 40), 2, 64, "fp16", {"paged": True, "softcap": 20.0}),
+}
+
+
+def emulated_variant(name: str) -> KernelSpec:
+    """The spec of :data:`EMULATED_VARIANTS` ``name``."""
+    mask, gqa, head_dim, dtype, features = EMULATED_VARIANTS[name]
+    return KernelSpec.tuned(mask, gqa, head_dim, dtype, Features(**features))
+
+
+def check_variant(module, spec: KernelSpec, cases=None) -> None:
+    """Both checks of every case (``cases``, default the spec's generated ones) on a variant's
+    launcher ``module``: :func:`check_case` and, but for a paged variant, :func:`check_grad_case`."""
+    for case in cases_for(spec) if cases is None else cases:
+        check_case(module.launch, module.SPEC, case)
+        if not spec.features.paged:
+            check_grad_case(module.launch, module.SPEC, case)
+
+
+def render_mutant(spec: KernelSpec, sources: dict, tag: str, directory):
+    """``spec`` rendered from the template ``sources`` (a mutation of them) into a package
+    named ``<spec.name>_<tag>`` under ``directory``, imported: its launcher registers under
+    that name, so the real variant stays untouched.  None when the mutation leaves the
+    variant's kernels as they are."""
+    from pathlib import Path
+
+    def rendered(template_sources):
+        saved = codegen.template_sources
+        codegen.template_sources = lambda: template_sources
+        codegen._environment.cache_clear()
+        try:
+            return codegen.render(spec)
+        finally:
+            codegen.template_sources = saved
+            codegen._environment.cache_clear()
+
+    files = rendered(sources)
+    if files == rendered(codegen.template_sources()):
+        return None
+    mutant = f"{spec.name}_{tag}"
+    package = Path(directory) / mutant
+    package.mkdir(parents=True)
+    for file, text in files.items():
+        (package / file.replace(spec.name, mutant)).write_text(text.replace(spec.name, mutant))
+    return codegen.load_package(package)

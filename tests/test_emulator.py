@@ -10,13 +10,11 @@ import torch
 import cuda.tile as ct
 
 from attngen import emulator
-from attngen.core.mask import Mask
-from attngen.core.variant import Features, KernelSpec
 from attngen.emulator import KernelFault
 from attngen.generate import codegen
 from attngen.generate.cases import cases_for
 from attngen.runtime.registry import default_registry
-from attngen.testing import check_case, check_grad_case
+from attngen.testing import EMULATED_VARIANTS, check_variant, emulated_variant, render_mutant
 
 ZERO = ct.PaddingMode.ZERO
 TM = 4
@@ -264,39 +262,16 @@ def test_emulated_launchers_take_cpu_tensors_and_restore_the_hooks():
 
 
 # -- every kind of variant, its generated suite's cases, under the emulator -------------------
-VARIANTS = {
-    "causal-window-gqa2-d64-bf16": (Mask(True, 31), 2, 64, "bf16", {}),
-    "bidir-window-d64-fp16": (Mask(False, 40, 23), 1, 64, "fp16", {}),
-    "causal-full-d128-fp16": (Mask(True), 1, 128, "fp16", {}),
-    "causal-window-softcap-d256-fused": (Mask(True, 70), 2, 256, "bf16", {"softcap": 30.0}),
-    "causal-window-sinks-gqa8": (Mask(True, 47), 8, 64, "bf16", {"sinks": True}),
-    "causal-window-chunked": (Mask(True, 150), 2, 64, "bf16", {"chunked": True}),
-    "causal-window-varlen-chunked-d128": (Mask(True, 90), 4, 128, "bf16", {"varlen": True, "chunked": True}),
-    "bidir-varlen-sinks": (Mask(False, 20, 35), 2, 64, "fp16", {"varlen": True, "sinks": True}),
-    "paged-window-gqa4-d128": (Mask(True, 100), 4, 128, "bf16", {"paged": True}),
-    "paged-full-sinks-gqa8": (Mask(True), 8, 64, "bf16", {"paged": True, "sinks": True}),
-    "paged-window-softcap": (Mask(True, 40), 2, 64, "fp16", {"paged": True, "softcap": 20.0}),
-}
-
-
-def _suite(name):
-    mask, gqa, head_dim, dtype, features = VARIANTS[name]
-    spec = KernelSpec.tuned(mask, gqa, head_dim, dtype, Features(**features))
-    return [(name, case) for case in cases_for(spec)]
-
-
-@pytest.mark.parametrize("name, case", [c for name in VARIANTS for c in _suite(name)],
+@pytest.mark.parametrize("name, case", [(name, case) for name in EMULATED_VARIANTS
+                                        for case in cases_for(emulated_variant(name))],
                          ids=lambda x: x if isinstance(x, str) else x.id)
 def test_generated_cases_pass_under_the_emulator(name, case, monkeypatch):
     """The generated suite's two GPU tests of one case, run on the CPU: the output (and for a
     paged variant the returned log-sum-exp) and, for the others, every gradient in both
     backward modes against the float64 reference, by the suites' own rules."""
     monkeypatch.setenv("ATTNGEN_EMULATE", "1")
-    mask, gqa, head_dim, dtype, features = VARIANTS[name]
-    module = default_registry.module(KernelSpec.tuned(mask, gqa, head_dim, dtype, Features(**features)))
-    check_case(module.launch, module.SPEC, case)
-    if not features.get("paged"):
-        check_grad_case(module.launch, module.SPEC, case)
+    spec = emulated_variant(name)
+    check_variant(default_registry.module(spec), spec, [case])
 
 
 # -- and the emulated cases fail a kernel that is wrong ---------------------------------------
@@ -330,29 +305,11 @@ def test_a_broken_kernel_fails_its_emulated_cases(mutation, tmp_path, monkeypatc
     the cases the emulated suites run: those checks can fail."""
     template, old, new, name = MUTATIONS[mutation]
     sources = dict(codegen.template_sources())
-    assert sources[template].count(old) >= 1, f"{mutation}: the template no longer has {old!r}"
+    assert old in sources[template], f"{mutation}: the template no longer has {old!r}"
     sources[template] = sources[template].replace(old, new)
-    mask, gqa, head_dim, dtype, features = VARIANTS[name]
-    spec = KernelSpec.tuned(mask, gqa, head_dim, dtype, Features(**features))
-    with monkeypatch.context() as patched:
-        patched.setattr(codegen, "template_sources", lambda: sources)
-        codegen._environment.cache_clear()
-        try:
-            files = codegen.render(spec)
-        finally:
-            codegen._environment.cache_clear()
-    mutant = f"{spec.name}_{mutation.replace('-', '_')}"
-    directory = tmp_path / mutant
-    directory.mkdir()
-    for file, text in files.items():
-        (directory / file.replace(spec.name, mutant)).write_text(text.replace(spec.name, mutant))
-    module = codegen.load_package(directory)
+    spec = emulated_variant(name)
+    module = render_mutant(spec, sources, mutation.replace("-", "_"), tmp_path)
+    assert module is not None, f"{mutation} changes nothing of {name}"
     monkeypatch.setenv("ATTNGEN_EMULATE", "1")
-    for case in cases_for(spec):
-        try:
-            check_case(module.launch, module.SPEC, case)
-            if not features.get("paged"):
-                check_grad_case(module.launch, module.SPEC, case)
-        except (AssertionError, KernelFault):
-            return
-    pytest.fail(f"{mutation}: every emulated case of {name} passed")
+    with pytest.raises((AssertionError, KernelFault)):
+        check_variant(module, spec)
