@@ -3,7 +3,7 @@ and every ``min(`` / ``max(`` of templates/kernel.py.j2's kernel code is flipped
 mutant rendered for the emulator's variants it changes (attngen.testing.EMULATED_VARIANTS),
 and their generated cases run in the CPU emulator until one fails.  A mutant that survives
 is either equivalent (it only masks more than needed, a docstring) or a case the suites
-lack.  No GPU needed; a few minutes on two cores.
+lack.  No GPU needed; about a quarter of an hour on two cores.
 
     python scripts/mutation_sweep.py --jobs 2 --out sweep.jsonl
 """
