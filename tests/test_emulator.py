@@ -3,7 +3,7 @@ cuTile's documented semantics, it stops where a GPU would do something undefined
 under it every kind of generated variant (window shapes, GQA, head dims 64 / 128 / 256 with
 the fused backward, softcap, sinks, chunked, packed and paged sequences, split keys) passes
 its generated suite's cases, forward and gradients in both backward modes, against the
-float64 reference."""
+float64 reference, and fails one when the templates carry a one-token bug."""
 import pytest
 import torch
 
