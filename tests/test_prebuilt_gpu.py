@@ -13,9 +13,10 @@ import textwrap
 
 import pytest
 
+from attngen.testing import needs_cuda
+
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, needs_cuda]
 
 SPEC = """name: mistral-like
 window: 4096
