@@ -474,7 +474,7 @@ def max(x, axis=None, *, keepdims=False, flush_to_zero=False, propagate_nan=Fals
             return t.amax(dim=d, keepdim=k)
         # NaN ignored (a row of only NaN stays NaN), as cuTile's max
         m = torch.where(t.isnan(), float("-inf"), t).amax(dim=d, keepdim=k)
-        return torch.where(t.isnan().all(dim=d, keepdim=k) if k else t.isnan().all(dim=d), float("nan"), m)
+        return torch.where(t.isnan().all(dim=d, keepdim=k), float("nan"), m)
     return _reduce(x, axis, keepdims, amax)
 
 
