@@ -12,7 +12,8 @@ the calls; the median round is printed with all rounds.  docs/performance.md, "H
 CUDA allocation, the device/stream lookup, each kernel launch of the step replayed with the
 arguments it had, the launcher's forward and backward called from the main thread, autograd's
 cost for a Function that launches nothing, and the launcher's backward run from inside such a
-Function (on autograd's device thread), so that a reading says where the call's host time goes.
+Function (on autograd's device thread) once a step and many times in a row, so that a reading
+says where the call's host time goes.
 """
 import argparse
 import time
@@ -114,6 +115,23 @@ def breakdown(attn, q, k, v, dout, calls: int) -> None:
                 return (None, *module.backward(*plain, out, lse, res, dout)[:3])
             return None, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
+    class Loop(torch.autograd.Function):
+        """A Function whose backward times the launcher's backward run many times in a row on
+        autograd's device thread (the thread stays busy between the calls)."""
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            Loop.reading = host_us(lambda: module.backward(*plain, out, lse, res, dout), calls)
+            return grad
+
+    def in_a_row_on_autograds_thread():
+        x = torch.zeros(1, device=q.device, requires_grad=True)
+        torch.autograd.grad(Loop.apply(x), x, torch.ones_like(x))
+        return Loop.reading
+
     def on(device):
         with torch.cuda.device(device):
             return torch.cuda.current_stream()
@@ -137,6 +155,7 @@ def breakdown(attn, q, k, v, dout, calls: int) -> None:
     print(f"\nparts of one training call, median of {calls} calls each (us)")
     for name, fn in parts.items():
         print(f"{name:<60} {host_us(fn, calls):7.1f}")
+    print(f"{'  the launcher backward, in a row on autograd thread':<60} {in_a_row_on_autograds_thread():7.1f}")
 
 
 if __name__ == "__main__":
