@@ -28,6 +28,9 @@ from attngen.core.mask import Mask
 from attngen.core.variant import Features, KernelSpec
 from attngen.runtime.registry import default_registry
 
+#: the shape timed: the shipped paged variant, and the contiguous (varlen) one beside it
+PAGED = KernelSpec.tuned(Mask(True, 4095), 4, 128, "bf16", Features(paged=True))
+CONTIGUOUS = KernelSpec.tuned(Mask(True, 4095), 4, 128, "bf16", Features(chunked=True, varlen=True))
 AHEAD = 4  # blocks between a page's read and the load it addresses
 LOOP = "    for j in range(first, last):\n"
 PIECE_K = ("ct.load(K, index=(0, hp, {p}), shape=(HEAD_DIM, 1, PAGE_ROWS), order=(2, 1, 0), "
@@ -100,7 +103,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compile", action="store_true", help="only compile each variant for sm_90 (no GPU)")
     args = ap.parse_args()
-    spec = KernelSpec.tuned(Mask(True, 4095), 4, 128, "bf16", Features(paged=True))
+    spec = PAGED
     launcher = default_registry.module(spec)
     src = Path(launcher.__file__).with_name("kernel.py").read_text()
     where = tempfile.mkdtemp(prefix="paged-loops")
@@ -118,8 +121,7 @@ def main() -> None:
     from attngen.bench.paged import _median, paged_inputs
     from attngen.runtime.inputs import launch_grid, scale_arg
     print(torch.cuda.get_device_name(), spec.name, flush=True)
-    contiguous = default_registry.module(KernelSpec.tuned(Mask(True, 4095), 4, 128, "bf16",
-                                                          Features(chunked=True, varlen=True)))
+    contiguous = default_registry.module(CONTIGUOUS)
     for what, lengths, q_lens, page_sizes in (("prefill 4 x 8192", [8192] * 4, [8192] * 4, (256, 64, 16)),
                                               ("decode 64 x 8k", [8192] * 64, [1] * 64, (64, 16))):
         for page in page_sizes:

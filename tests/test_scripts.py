@@ -29,14 +29,12 @@ def test_paged_loop_variants_still_find_the_loop_they_rewrite():
     import ast
     import importlib.util
 
-    from attngen.core.mask import Mask
-    from attngen.core.variant import Features, KernelSpec
     from attngen.generate.codegen import render
 
     spec = importlib.util.spec_from_file_location("paged_loop_variants", ROOT / "scripts" / "paged_loop_variants.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    src = render(KernelSpec.tuned(Mask(True, 4095), 4, 128, "bf16", Features(paged=True)))["kernel.py"]
+    src = render(script.PAGED)["kernel.py"]
     variants = dict(script.sources(src))
     assert set(variants) == {"low_hints", "v_first", "one_load", "one_load_ahead", "pieces_ahead", "affine_bound"}
     for label, text in variants.items():
