@@ -137,12 +137,15 @@ def test_packed_sequences_with_sinks_launch_satisfy_the_built_signatures(launche
     _check(launches, module, ["_dq", "_dkdv"])
 
 
+@pytest.mark.parametrize("page", [16, 64])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_paged_launches_satisfy_the_built_signatures(launches, splits):
-    """A paged cache of shuffled 16-key pages, decode steps and a prefill chunk in one call:
-    one kernel, or the split keys' kernel and their merge."""
+def test_paged_launches_satisfy_the_built_signatures(launches, splits, page):
+    """A paged cache of shuffled pages, decode steps and a prefill chunk in one call: one
+    kernel, or the split keys' kernel and their merge; pages holding whole KV blocks (64 keys)
+    take the kernels that load a block at once, smaller pages the ones that load it in pieces."""
     module = _module(Mask(True, 127), 4, 128, "bf16", paged=True, sinks=True)
-    lengths, q_lens, page = [300, 47, 1], [1, 20, 1], 16
+    lengths, q_lens = [300, 47, 1], [1, 20, 1]
+    pieces = "" if page % module.BLOCK_N == 0 else "_pieces"
     pages = sum(-(-n // page) for n in lengths)
     table = page_table(lengths, page, torch.randperm(pages).to(torch.int32))
     k_cache, v_cache = (scatter_pages(torch.randn(sum(lengths), 2, 128).to(torch.bfloat16), lengths, table,
@@ -152,11 +155,11 @@ def test_paged_launches_satisfy_the_built_signatures(launches, splits):
     used = torch.tensor(lengths, dtype=torch.int32)
     ops.paged_attention(module.NAME, q, k_cache, v_cache, cu_q, used, table, sinks=torch.randn(8),
                         splits=splits)
-    _check(launches, module, [""] if splits == 1 else ["_split", "_combine"])
+    _check(launches, module, [pieces] if splits == 1 else ["_split" + pieces, "_combine"])
     # the log-sum-exp asked for comes from the slices: the split kernel runs even for one slice
     _, lse = ops.paged_attention(module.NAME, q, k_cache, v_cache, cu_q, used, table, sinks=torch.randn(8),
                                  splits=splits, return_lse=True)
-    _check(launches, module, ["_split", "_combine"])
+    _check(launches, module, ["_split" + pieces, "_combine"])
     assert lse.shape == (sum(q_lens), 8) and lse.dtype == torch.float32
 
 

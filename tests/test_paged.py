@@ -24,7 +24,8 @@ def test_paged_implies_packed_queries_after_cached_keys_and_has_no_backward():
     f = Features(paged=True)
     assert f.varlen and f.chunked and f.tag == "_paged"
     spec = _spec(sinks=True)
-    assert set(spec.kernels) == {"", "_split", "_combine", "_i64", "_split_i64", "_combine_i64"}
+    narrow = {"", "_split", "_combine", "_pieces", "_split_pieces"}
+    assert set(spec.kernels) == narrow | {s + "_i64" for s in narrow}
     assert spec.tiles.pack == 4          # the GQA group shares each tile
     files = render(spec)
     tree = ast.parse(files["kernel.py"])
@@ -35,8 +36,9 @@ def test_paged_implies_packed_queries_after_cached_keys_and_has_no_backward():
     assert entries == {"launch", "infer"}
     assert "test_gradients" not in files[f"test_{spec.name}.py"]
     # the sinks join the merge, not the slices
-    split = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == spec.name + "_split")
-    assert "Sinks" not in [a.arg for a in split.args.args]
+    for suffix in ("_split", "_split_pieces"):
+        split = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == spec.name + suffix)
+        assert "Sinks" not in [a.arg for a in split.args.args]
 
 
 def test_paged_cases_cover_every_page_size_mixed_batches_and_splits():

@@ -274,7 +274,10 @@ class KernelSpec:
         its first ``SeqK[b]`` cache positions; ``"_split"`` does the same over one of
         ``splits`` slices of each query tile's key range, writing an fp32 partial output and
         its log-sum-exp (for few, long sequences: decode); ``"_combine"`` merges the slices
-        (and the sinks) into the output.  Each has its ``_i64`` twin."""
+        (and the sinks) into the output.  Those two read a KV block in one load, so they take
+        pages that hold whole blocks (a multiple of BLOCK_N keys); ``"_pieces"`` and
+        ``"_split_pieces"``, the same over any page size (a multiple of PAGE_ROWS), read a
+        block in pieces of PAGE_ROWS keys.  Each has its ``_i64`` twin."""
         cache = (Param("Q", "io", "q"), Param("K", "io", "k_rows"), Param("V", "io", "v_rows"))
         where = (Param("CuQ", "i32[]", "cu_q"), Param("SeqK", "i32[]", "seqused_k"),
                  Param("Pages", "i32[,]", "block_table"), Param("page", "i32", "page"))
@@ -284,6 +287,7 @@ class KernelSpec:
             "_split": (*cache, *partial, *where, qk_scale),
             "_combine": (*partial, Param("Out", "io", "out"), *sinks, Param("CuQ", "i32[]", "cu_q")),
         }
+        narrow.update({"_pieces": narrow[""], "_split_pieces": narrow["_split"]})
         return {**narrow, **_wide_twins(narrow)}
 
     def as_dict(self) -> dict:
