@@ -119,7 +119,7 @@ def test_a_call_that_does_not_fit_compiles_and_says_so_once(built, no_compiler, 
 # Memory Accelerator when the tile compiler may assume 16-byte strides (what cuTile assumes of
 # a call whose tensors have them).  A build that leaves an assumption out gets kernels that
 # load every tile through registers: 3-5x the code, far slower, though every answer is right.
-STREAMING = ("", "_fwd", "_dq", "_dkdv", "_bwd", "_split")
+STREAMING = ("", "_fwd", "_dq", "_dkdv", "_bwd", "_split", "_pieces", "_split_pieces")
 SPECS = """name: plain
 window: 16
 gqa: 2
@@ -170,3 +170,61 @@ def test_built_kernels_load_their_tiles_through_tma(streaming_cubins):
         sass = subprocess.run([nvdisasm(), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
         assert "HGMMA" in sass, f"{cubin.name}: no SASS read"
         assert sass.count("UTMALDG") >= 2, f"{kernel.name}{suffix} loads its tiles without TMA"
+
+
+def key_loop(sass: str) -> list[str]:
+    """The instructions of the innermost loop of a kernel's SASS (``nvdisasm -c``) that runs a
+    matmul (HGMMA): the kernel's key loop."""
+    import re
+
+    instructions, labels, loops = [], {}, []
+    for line in sass.splitlines():
+        if label := re.match(r"\s*\.L_x_(\d+):", line):
+            labels[label.group(1)] = len(instructions)
+        elif op := re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line):
+            instructions.append(op.group(1))
+            back = re.search(r"BRA\s+`\(\.L_x_(\d+)\)", op.group(1))
+            if back and back.group(1) in labels:       # a branch to a label above: a loop
+                body = instructions[labels[back.group(1)]:]
+                if any("HGMMA" in i for i in body):
+                    loops.append(body)
+    assert loops, "no loop that runs a matmul"
+    return min(loops, key=len)
+
+
+def opcode(instruction: str) -> str:
+    """An instruction's opcode, past its predicate (``@P0 STS.U16 [R3], R5`` -> ``STS.U16``)."""
+    words = instruction.split()
+    return words[1] if words[0].startswith("@") else words[0]
+
+
+def element_store(instruction: str) -> bool:
+    """Whether an instruction stores registers to shared memory a few elements at a time
+    (STS, STS.U16, STS.128), as a tile changed in registers goes back there; STSM, which
+    stores whole 8x8 matrices, is how the compiler hands the probabilities to a matmul."""
+    op = opcode(instruction)
+    return op.startswith("STS") and not op.startswith("STSM")
+
+
+#: forward kernels whose key loop must feed its matmuls straight from the loads ("_pieces"
+#: concatenates a block's four 16-key pieces, which goes through registers)
+DIRECT = ("", "_fwd", "_split")
+
+
+def test_forward_key_loops_feed_their_matmuls_from_the_loads(streaming_cubins):
+    """A forward kernel's key loop stores no element to shared memory: each block's K and V go
+    from their TMA loads into the matmuls.  A tile changed in registers (values masked, pieces
+    concatenated) is stored back element by element each block; the paged forward's loop did
+    that, for a mask on the values of the sequence's last block, and ran at a third of the
+    contiguous kernel's speed over the same keys.  That block now has its own code after
+    the loop."""
+    import subprocess
+
+    checked = 0
+    for kernel, suffix, cubin in streaming_cubins:
+        if suffix in DIRECT:
+            sass = subprocess.run([nvdisasm(), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+            stores = [i for i in key_loop(sass) if element_store(i)]
+            assert not stores, f"{kernel.name}{suffix}'s key loop stores to shared memory: {stores[:3]}"
+            checked += 1
+    assert checked >= 5, checked          # plain "" and "_fwd", fused "" and "_fwd", paged "" and "_split"
