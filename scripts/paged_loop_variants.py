@@ -1,26 +1,26 @@
-"""The paged forward's key loop, rewritten several ways (how a block's cache rows are found and
-loaded), each timed against the shipped paged kernel and the contiguous varlen kernel on the
-same keys, and checked against the shipped kernel's output (GPU).
+"""The paged forward's ways of reading a KV block, timed against each other and against the
+contiguous varlen kernel on the same keys, each output checked against the shipped kernel's
+(GPU); or, without a GPU, compiled for sm_90 with a count of what each kernel's key loop
+stores to shared memory (a loop that stores there has routed a tile through registers).
 
     python scripts/paged_loop_variants.py            # on the GPU
-    python scripts/paged_loop_variants.py --compile  # CPU: compile every variant for sm_90 only
+    python scripts/paged_loop_variants.py --compile  # CPU: compile, count the key loops' stores
 
 Shape: Mistral-7B's attention (32 query heads, 8 KV heads, D = 128, bf16, W = 4096), prefill
-of 4 x 8192 tokens and 64 decode steps at 8k keys, pages shuffled.  Variants:
+of 4 x 8192 tokens and 64 decode steps at 8k keys, pages shuffled.  Kernels:
 
-* ``low_hints``: the shipped pieces with a contiguous block's latency hints (2 and 4);
-* ``v_first``: a block's value pieces issued with its key pieces, before Q.K^T;
-* ``pieces_ahead``: each piece's page read four blocks ahead of its load;
-* ``one_load`` (pages a multiple of 64): one 64-key load a block; ``one_load_ahead`` with its
-  page read four blocks ahead;
-* ``affine_bound``: one load whose address is the loop index (wrong keys): what the kernel
-  costs with no page lookup at all;
-* ``gather + varlen``: the sequences' pages copied contiguous, then the varlen kernel.
+* ``whole`` (shipped, pages a multiple of 64 keys): one load each for a block's K and V;
+* ``pieces`` (shipped, any page size): the block read as four 16-key pieces, concatenated;
+* ``whole_ahead``: ``whole`` with each block's page read four blocks before its loads;
+* ``pieces_apart``: the four pieces never concatenated: each gets its own Q.K^T and P.V
+  matmul (16 keys wide), with one softmax step over the block;
+* ``pieces_low_hints``: ``pieces`` with a whole block's latency hints (2 and 4).
 
 docs/performance.md, "Serving from a paged cache", has a run.
 """
 import argparse
 import importlib.util
+import re
 import tempfile
 from pathlib import Path
 
@@ -31,63 +31,74 @@ from attngen.runtime.registry import default_registry
 #: the shape timed: the shipped paged variant, and the contiguous (varlen) one beside it
 PAGED = KernelSpec.tuned(Mask(True, 4095), 4, 128, "bf16", Features(paged=True))
 CONTIGUOUS = KernelSpec.tuned(Mask(True, 4095), 4, 128, "bf16", Features(chunked=True, varlen=True))
-AHEAD = 4  # blocks between a page's read and the load it addresses
-LOOP = "    for j in range(first, last):\n"
-PIECE_K = ("ct.load(K, index=(0, hp, {p}), shape=(HEAD_DIM, 1, PAGE_ROWS), order=(2, 1, 0), "
-           "padding_mode=ZERO, latency=8).reshape((HEAD_DIM, PAGE_ROWS))")
-PIECE_V = ("ct.load(V, index=({p}, hp, 0), shape=(PAGE_ROWS, 1, HEAD_DIM), padding_mode=ZERO, "
-           "latency=10).reshape((PAGE_ROWS, HEAD_DIM))")
-ONE_K = ("        k = ct.load(K, index=(0, hp, row // BLOCK_N), shape=(HEAD_DIM, 1, BLOCK_N), order=(2, 1, 0), "
-         "padding_mode=ZERO, latency=2).reshape((HEAD_DIM, BLOCK_N))\n")
-ONE_V = ("        v = ct.load(V, index=(row // BLOCK_N, hp, 0), shape=(BLOCK_N, 1, HEAD_DIM), padding_mode=ZERO, "
-         "latency=4).reshape((BLOCK_N, HEAD_DIM))\n")
-K_CAT = "        k = ct.cat((ct.cat((k0, k1), 1), ct.cat((k2, k3), 1)), 1)\n"
-V_CAT = "        v = ct.cat((ct.cat((v0, v1), 0), ct.cat((v2, v3), 0)), 0)\n"
+AHEAD = 4  # blocks between a page's read and the loads it addresses
+LOOP = "    for j in range(first, stop):\n"
+TAIL = "    if stop < last:\n"
+PIECES = 4  # 16-key pieces a block
 
 
-def page_of(block: str, piece: int = 0) -> str:
-    """The page holding piece ``piece`` of KV block ``block`` (clamped to the sequence)."""
-    return f"ct.gather(Pages, (b, min({block} * BLOCK_N + {16 * piece}, seq - 1) // page))"
+def kernel_source(src: str, suffix: str) -> tuple[int, int]:
+    """Where (start, end) the kernel of ``suffix`` ("" or "_pieces") is in the module ``src``."""
+    start = src.index(f"def {PAGED.name}{suffix}(")
+    end = src.find("\n@ct.kernel", start)
+    return start, len(src) if end < 0 else end
 
 
-def rewritten_loops() -> dict[str, tuple[str, str]]:
-    """Each variant's key part (loop head to the block's K) and value part (its V)."""
-    def pieces(head: str, address) -> tuple[str, str]:
-        body = LOOP + head + "".join(f"        n{i} = j * BLOCK_N + {16 * i}\n        piece{i} = {address(i)}\n"
-                                     for i in range(4))
-        body += "".join(f"        k{i} = {PIECE_K.format(p=f'piece{i}')}\n" for i in range(4)) + K_CAT
-        return body, "".join(f"        v{i} = {PIECE_V.format(p=f'piece{i}')}\n" for i in range(4)) + V_CAT
+def main_loop(src: str, suffix: str) -> tuple[int, int]:
+    """Where the main key loop of kernel ``suffix`` is (its ``for`` line to the tail block)."""
+    start, end = kernel_source(src, suffix)
+    loop = src.index(LOOP, start, end)
+    return loop, src.index(TAIL, loop, end)
 
-    out = {}
-    out["one_load"] = (LOOP + f"        row = {page_of('j')} * page + (j * BLOCK_N) % page\n" + ONE_K, ONE_V)
-    before = "".join(f"    w{r} = {page_of(f'(first + {r})')}\n" for r in range(AHEAD))
-    shift = "".join(f"        w{r} = w{r + 1}\n" for r in range(AHEAD - 1))
-    shift += f"        w{AHEAD - 1} = {page_of(f'(j + {AHEAD})')}\n"
-    out["one_load_ahead"] = (before + LOOP + "        pg = w0\n" + shift
-                             + "        row = pg * page + (j * BLOCK_N) % page\n" + ONE_K, ONE_V)
-    before = "".join(f"    w{r}_{i} = {page_of(f'(first + {r})', i)}\n" for r in range(AHEAD) for i in range(4))
-    head = "".join(f"        pg{i} = w0_{i}\n" for i in range(4))
-    head += "".join(f"        w{r}_{i} = w{r + 1}_{i}\n" for r in range(AHEAD - 1) for i in range(4))
-    head += "".join(f"        w{AHEAD - 1}_{i} = {page_of(f'(j + {AHEAD})', i)}\n" for i in range(4))
-    k, v = pieces(head, lambda i: f"(pg{i} * page + n{i} % page) // PAGE_ROWS")
-    out["pieces_ahead"] = (before + k, v)
-    out["affine_bound"] = (LOOP + "        row = j * BLOCK_N\n" + ONE_K, ONE_V)
-    return out
+
+def whole_ahead(loop: str) -> str:
+    """The whole-block kernel's loop with each block's page read AHEAD blocks before its loads
+    (a block past the loop reads the last whole block's page, unused)."""
+    page_of = lambda block: f"ct.gather(Pages, (b, min({block}, max(seq // BLOCK_N - 1, 0)) * BLOCK_N // page))"  # noqa: E731,E501
+    before = "".join(f"    w{r} = {page_of(f'first + {r}')}\n" for r in range(AHEAD))
+    shift = "        pg = w0\n" + "".join(f"        w{r} = w{r + 1}\n" for r in range(AHEAD - 1))
+    shift += f"        w{AHEAD - 1} = {page_of(f'j + {AHEAD}')}\n"
+    row = re.search(r"        row = ct\.gather\(Pages, \(b, j \* BLOCK_N // page\)\)", loop)
+    return before + loop[:row.start()] + shift + "        row = pg" + loop[row.end():]
+
+
+def pieces_apart(loop: str) -> str:
+    """The pieces kernel's loop with a matmul per piece: the block's scores stay four tiles."""
+    lines = re.sub(r",\n\s+padding_mode", ", padding_mode", loop).splitlines(True)  # a load a line
+    head = "".join(line for line in lines if re.match(r"\s+(for j|#|n\d|piece\d|k\d) ", line))
+    mask = next(line for line in lines if "s = ct.where(" in line)
+    visible = mask[mask.index("(") + 1:mask.rindex(", s, MASKED)")].split("ct.where(")[-1]
+    body = head
+    for i in range(PIECES):
+        body += f"        s{i} = ct.mma(q, k{i}, ct.full((BLOCK_M, PAGE_ROWS), 0.0, dtype=ct.float32))\n"
+    edge = next(line for line in lines if line.lstrip().startswith("if ") and "unmasked" in line)
+    body += edge
+    for i in range(PIECES):
+        body += f"            keys = j * BLOCK_N + {16 * i} + piece_cols\n"
+        body += f"            s{i} = ct.where({visible}, s{i}, MASKED)\n"
+    top = "max(max(ct.max(s0, axis=-1, keepdims=True), ct.max(s1, axis=-1, keepdims=True)), " \
+          "max(ct.max(s2, axis=-1, keepdims=True), ct.max(s3, axis=-1, keepdims=True)))"
+    body += f"        m_new = max(m_i, {top} * qk_scale_log2)\n"
+    body += "".join(f"        p{i} = ct.exp2(s{i} * qk_scale_log2 - m_new, flush_to_zero=True)\n" for i in range(PIECES))
+    body += "        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)\n"
+    body += "        l_i = l_i * alpha + " + " + ".join(f"ct.sum(p{i}, axis=-1, keepdims=True)" for i in range(PIECES)) + "\n"
+    body += "".join(line for line in lines if re.match(r"\s+v\d = ", line))
+    body += "        acc = acc * alpha\n"
+    body += "".join(f"        acc = ct.mma(p{i}.astype(Q.dtype), v{i}, acc)\n" for i in range(PIECES))
+    body += "        m_i = m_new\n"
+    return "    piece_cols = ct.arange(PAGE_ROWS, dtype=ct.int32)[None, :]\n" + body
 
 
 def sources(src: str):
-    """(label, kernel source) of every variant of the shipped kernel source ``src``."""
-    start = src.index(LOOP)
-    end = src.index("        s = ct.mma(q, k,", start)
-    v_start = src.index("        v0 = ct.load(V", end)
-    v_end = src.index("        if (j + 1) * BLOCK_N > seq:", v_start)
-    loop = src[start:v_end]
-    yield "low_hints", src[:start] + loop.replace("latency=8)", "latency=2)").replace("latency=10)", "latency=4)") \
-        + src[v_end:]
-    v_cat, k_cat = src.index("        v = ct.cat(", v_start), src.index("        k = ct.cat(", start)
-    yield "v_first", src[:k_cat] + src[v_start:v_cat] + src[k_cat:v_start] + src[v_cat:]
-    for label, (k_part, v_part) in rewritten_loops().items():
-        yield label, src[:start] + k_part + src[end:v_start] + v_part + src[v_end:]
+    """(label, kernel suffix, module source) of each variant of the shipped module ``src``."""
+    yield "whole", "", src
+    yield "pieces", "_pieces", src
+    a, b = main_loop(src, "")
+    yield "whole_ahead", "", src[:a] + whole_ahead(src[a:b]) + src[b:]
+    a, b = main_loop(src, "_pieces")
+    yield "pieces_apart", "_pieces", src[:a] + pieces_apart(src[a:b]) + src[b:]
+    loop = src[a:b].replace("latency=8)", "latency=2)").replace("latency=10)", "latency=4)")
+    yield "pieces_low_hints", "_pieces", src[:a] + loop + src[b:]
 
 
 def load(label: str, text: str, where: str):
@@ -99,6 +110,17 @@ def load(label: str, text: str, where: str):
     return module
 
 
+def key_loop_stores(cubin: str) -> tuple[int, int]:
+    """(instructions, element stores to shared memory) of the innermost loop of ``cubin`` that runs a
+    matmul: its key loop (tests/test_prebuilt.py asserts the shipped kernels' store nothing)."""
+    import subprocess
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_prebuilt import element_store, key_loop, nvdisasm
+    body = key_loop(subprocess.run([nvdisasm(), "-c", cubin], capture_output=True, text=True, check=True).stdout)
+    return len(body), sum(map(element_store, body))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compile", action="store_true", help="only compile each variant for sm_90 (no GPU)")
@@ -107,12 +129,15 @@ def main() -> None:
     launcher = default_registry.module(spec)
     src = Path(launcher.__file__).with_name("kernel.py").read_text()
     where = tempfile.mkdtemp(prefix="paged-loops")
-    modules = {label: load(label, text, where) for label, text in sources(src)}
+    variants = {label: (suffix, load(label, text, where)) for label, suffix, text in sources(src)}
     if args.compile:
         from attngen.generate.aot import export
-        for label, module in modules.items():
-            export(getattr(module, spec.name), spec, "sm_90", f"{where}/{label}.cubin", spec.kernels[""])
-            print(label, "compiled", flush=True)
+        for label, (suffix, module) in variants.items():
+            cubin = f"{where}/{label}.cubin"
+            export(getattr(module, spec.name + suffix), spec, "sm_90", cubin, spec.kernels[suffix])
+            size, stores = key_loop_stores(cubin)
+            print(f"{label:18} compiled; key loop {size} instructions, {stores} element stores to shared memory",
+                  flush=True)
         return
 
     import cuda.tile as ct
@@ -131,31 +156,22 @@ def main() -> None:
             want = shipped()
             flat = lambda: contiguous.infer(q, k, v, cu_q, cu_k, max_seqlen_q=max(q_lens),  # noqa: E731
                                             max_seqlen_k=max(lengths))
-            print(f"== {what}, page {page}: contiguous varlen {_median(flat):9.1f} us, shipped paged "
-                  f"{_median(shipped):9.1f} us", flush=True)
-            if what.startswith("prefill"):
-                used_pages = table[:, :-(-max(lengths) // page)]     # the table's columns that hold keys
-                copy = lambda: [c[used_pages].flatten(0, 2) for c in (kc, vc)]  # noqa: E731
-
-                def gathered():
-                    kg, vg = copy()
-                    return contiguous.infer(q, kg, vg, cu_q, cu_k, max_seqlen_q=max(q_lens), max_seqlen_k=max(lengths))
-                err = (gathered().float() - want.float()).abs().max().item()
-                print(f"   {'gather + varlen':16} {_median(gathered):9.1f} us (the copy {_median(copy):6.1f})"
-                      f"   max |diff| vs shipped {err:.2e}", flush=True)
+            err = (flat().float() - want.float()).abs().max().item()
+            print(f"== {what}, page {page}: contiguous varlen {_median(flat):9.1f} us (max |diff| vs shipped "
+                  f"{err:.2e}), shipped paged {_median(shipped):9.1f} us", flush=True)
             rows = lambda c: c.view(-1, *c.shape[2:])  # noqa: E731
             tiles, pairs = -(-max(q_lens) // launcher.POSITIONS), len(lengths) * q.shape[1] // launcher.PACK
-            for label, module in modules.items():
-                if page % 64 and "one_load" in label:
-                    continue
+            for label, (suffix, module) in variants.items():
+                if page % launcher.BLOCK_N and not suffix:
+                    continue                      # a whole-block kernel takes pages of whole blocks only
                 out = torch.empty_like(q)
-                kernel = getattr(module, spec.name)
+                kernel = getattr(module, spec.name + suffix)
                 run = lambda: ct.launch(torch.cuda.current_stream(), launch_grid(tiles, pairs), kernel,  # noqa: E731
                                         (q, rows(kc), rows(vc), out, cu_q, used, table, page, scale_arg(None, 128)))
                 run()
                 torch.cuda.synchronize()
                 err = (out.float() - want.float()).abs().max().item()
-                print(f"   {label:16} {_median(run):9.1f} us   max |diff| vs shipped {err:.2e}", flush=True)
+                print(f"   {label:18} {_median(run):9.1f} us   max |diff| vs shipped {err:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,20 +23,49 @@ def test_script_answers_help(script):
     assert "usage:" in done.stdout
 
 
-def test_paged_loop_variants_still_find_the_loop_they_rewrite():
-    """scripts/paged_loop_variants.py cuts today's paged kernel at fixed lines of its key loop:
-    each variant must still differ from the shipped source and parse."""
-    import ast
+def _paged_loop_variants():
     import importlib.util
-
-    from attngen.generate.codegen import render
 
     spec = importlib.util.spec_from_file_location("paged_loop_variants", ROOT / "scripts" / "paged_loop_variants.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_paged_loop_variants_compute_what_the_shipped_kernels_do(tmp_path):
+    """scripts/paged_loop_variants.py cuts today's paged kernels at fixed lines of their key
+    loop: each rewritten loop must still be found, and compute, in the CPU emulator, what the
+    shipped kernel does over a shuffled cache (a prefill chunk over whole and partial blocks,
+    a decode step), so that GPU time goes to timing them only."""
+    import torch
+
+    from attngen import emulator
+    from attngen.generate.codegen import render
+    from attngen.runtime.inputs import launch_grid, scale_arg
+    from attngen.runtime.registry import default_registry
+    from attngen.testing import paged_cache
+
+    script = _paged_loop_variants()
     src = render(script.PAGED)["kernel.py"]
-    variants = dict(script.sources(src))
-    assert set(variants) == {"low_hints", "v_first", "one_load", "one_load_ahead", "pieces_ahead", "affine_bound"}
-    for label, text in variants.items():
-        assert text != src, label
-        ast.parse(text)
+    variants = {label: (suffix, text) for label, suffix, text in script.sources(src)}
+    assert set(variants) == {"whole", "pieces", "whole_ahead", "pieces_apart", "pieces_low_hints"}
+    assert all(text != src for label, (_, text) in variants.items() if label not in ("whole", "pieces"))
+    launcher = default_registry.module(script.PAGED)
+    gen = torch.Generator().manual_seed(0)
+    lengths, q_lens = [300, 77], [130, 1]
+    q = torch.randn(sum(q_lens), 8, 128, generator=gen).to(torch.bfloat16)
+    cu_q = torch.tensor([0, *q_lens]).cumsum(0).to(torch.int32)
+    tiles, pairs = -(-max(q_lens) // launcher.POSITIONS), len(lengths) * q.shape[1] // launcher.PACK
+    for page in (16, 64):
+        k_cache, v_cache, used, table = paged_cache(lengths, page, 2, 128, torch.bfloat16, gen)
+        with emulator.emulated():
+            want = launcher.infer(q, k_cache, v_cache, cu_q, used, table, splits=1).float()
+        rows = lambda c: c.view(-1, *c.shape[2:])  # noqa: E731
+        for label, (suffix, text) in variants.items():
+            if page % launcher.BLOCK_N and not suffix:
+                continue
+            kernel = getattr(script.load(label, text, str(tmp_path)), script.PAGED.name + suffix)
+            out = torch.full_like(q, float("nan"))
+            emulator.launch(None, launch_grid(tiles, pairs), kernel,
+                            (q, rows(k_cache), rows(v_cache), out, cu_q, used, table, page, scale_arg(None, 128)))
+            assert torch.allclose(out.float(), want, atol=2e-2, rtol=0), (label, page)
