@@ -174,20 +174,22 @@ def test_built_kernels_load_their_tiles_through_tma(streaming_cubins):
 
 def key_loop(sass: str) -> list[str]:
     """The instructions of the innermost loop of a kernel's SASS (``nvdisasm -c``) that runs a
-    matmul (HGMMA): the kernel's key loop."""
+    matmul (HGMMA): the kernel's key loop.  The blocks past the kernel's last EXIT (barrier
+    waits' slow paths, which branch back into the code) are not loops."""
     import re
 
-    instructions, labels, loops = [], {}, []
+    instructions, labels, back_edges = [], {}, []
     for line in sass.splitlines():
         if label := re.match(r"\s*\.L_x_(\d+):", line):
             labels[label.group(1)] = len(instructions)
         elif op := re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line):
             instructions.append(op.group(1))
-            back = re.search(r"BRA\s+`\(\.L_x_(\d+)\)", op.group(1))
-            if back and back.group(1) in labels:       # a branch to a label above: a loop
-                body = instructions[labels[back.group(1)]:]
-                if any("HGMMA" in i for i in body):
-                    loops.append(body)
+            if branch := re.search(r"BRA\s+`\(\.L_x_(\d+)\)", op.group(1)):
+                back_edges.append((branch.group(1), len(instructions) - 1))
+    end = max(i for i, op in enumerate(instructions) if op == "EXIT")
+    loops = [instructions[labels[target]:i + 1] for target, i in back_edges
+             if i < end and labels.get(target, i) < i]
+    loops = [body for body in loops if any("HGMMA" in op for op in body)]
     assert loops, "no loop that runs a matmul"
     return min(loops, key=len)
 
