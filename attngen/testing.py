@@ -402,6 +402,7 @@ EMULATED_VARIANTS = {
     "paged-window-gqa4-d128": (Mask(True, 100), 4, 128, "bf16", {"paged": True}),
     "paged-full-sinks-gqa8": (Mask(True), 8, 64, "bf16", {"paged": True, "sinks": True}),
     "paged-window-softcap": (Mask(True, 40), 2, 64, "fp16", {"paged": True, "softcap": 20.0}),
+    "paged-bidir-d96": (Mask(False, 40, 8), 2, 96, "fp16", {"paged": True, "softcap": 30.0}),
 }
 
 

@@ -292,6 +292,8 @@ MUTATIONS = {
                                    "paged-window-gqa4-d128"),
     "whole-block-drops-its-place-in-the-page": ("kernel.py.j2", "* page + j * BLOCK_N % page", "* page",
                                                 "paged-window-gqa4-d128"),
+    "past-the-end-keys-seen-in-the-tail": ("kernel.py.j2", "if not m.causal and not inside", "if not m.causal and inside",
+                                           "paged-bidir-d96"),
     "key-splits-overlap": ("kernel.py.j2", "last = min(first + per_slice, last)",
                            "last = min(first + per_slice + 1, last)", "paged-window-gqa4-d128"),
     "merge-drops-a-weight": ("kernel.py.j2", "total = total + w", "total = max(total, w)",
