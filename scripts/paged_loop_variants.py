@@ -111,13 +111,11 @@ def load(label: str, text: str, where: str):
 
 
 def key_loop_stores(cubin: str) -> tuple[int, int]:
-    """(instructions, element stores to shared memory) of the innermost loop of ``cubin`` that runs a
-    matmul: its key loop (tests/test_prebuilt.py asserts the shipped kernels' store nothing)."""
-    import subprocess
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from test_prebuilt import element_store, key_loop, nvdisasm
-    body = key_loop(subprocess.run([nvdisasm(), "-c", cubin], capture_output=True, text=True, check=True).stdout)
+    """(instructions, element stores to shared memory) of ``cubin``'s key loop
+    (:mod:`attngen.generate.sass`; tests/test_prebuilt.py asserts the shipped whole-block
+    kernels' store nothing)."""
+    from attngen.generate.sass import disassemble, element_store, key_loop
+    body = key_loop(disassemble(cubin))
     return len(body), sum(map(element_store, body))
 
 

@@ -14,6 +14,7 @@ from cuda.tile._cext import default_tile_context  # noqa: E402
 from cuda.tile.compilation import ArrayConstraint, KernelSignature  # noqa: E402
 
 from attngen.generate.build import build  # noqa: E402
+from attngen.generate.sass import disassemble, element_store, key_loop  # noqa: E402
 from attngen.runtime.prebuilt import Prebuilt  # noqa: E402
 from attngen.runtime.registry import Registry  # noqa: E402
 from attngen.generate.spec import load_text  # noqa: E402
@@ -141,17 +142,6 @@ paged: true
 """
 
 
-def nvdisasm() -> str:
-    import shutil
-    from pathlib import Path
-
-    import nvidia
-    found = [str(p) for root in nvidia.__path__ for p in Path(root).glob("cu*/bin/nvdisasm")]
-    found = found or [shutil.which("nvdisasm")]
-    assert found[0], "nvdisasm not found: pip install nvidia-cuda-nvdisasm (in the [test] extra)"
-    return found[0]
-
-
 @pytest.fixture(scope="module")
 def streaming_cubins(tmp_path_factory):
     out = tmp_path_factory.mktemp("tma") / "out"
@@ -162,50 +152,12 @@ def streaming_cubins(tmp_path_factory):
 
 
 def test_built_kernels_load_their_tiles_through_tma(streaming_cubins):
-    import subprocess
-
     kinds = {s for _, s, _ in streaming_cubins}
     assert kinds == set(STREAMING), kinds                     # every kind of streaming kernel is here
     for kernel, suffix, cubin in streaming_cubins:
-        sass = subprocess.run([nvdisasm(), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+        sass = disassemble(cubin)
         assert "HGMMA" in sass, f"{cubin.name}: no SASS read"
         assert sass.count("UTMALDG") >= 2, f"{kernel.name}{suffix} loads its tiles without TMA"
-
-
-def key_loop(sass: str) -> list[str]:
-    """The instructions of the innermost loop of a kernel's SASS (``nvdisasm -c``) that runs a
-    matmul (HGMMA): the kernel's key loop.  The blocks past the kernel's last EXIT (barrier
-    waits' slow paths, which branch back into the code) are not loops."""
-    import re
-
-    instructions, labels, back_edges = [], {}, []
-    for line in sass.splitlines():
-        if label := re.match(r"\s*\.L_x_(\d+):", line):
-            labels[label.group(1)] = len(instructions)
-        elif op := re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line):
-            instructions.append(op.group(1))
-            if branch := re.search(r"BRA\s+`\(\.L_x_(\d+)\)", op.group(1)):
-                back_edges.append((branch.group(1), len(instructions) - 1))
-    end = max(i for i, op in enumerate(instructions) if op == "EXIT")
-    loops = [instructions[labels[target]:i + 1] for target, i in back_edges
-             if i < end and labels.get(target, i) < i]
-    loops = [body for body in loops if any("HGMMA" in op for op in body)]
-    assert loops, "no loop that runs a matmul"
-    return min(loops, key=len)
-
-
-def opcode(instruction: str) -> str:
-    """An instruction's opcode, past its predicate (``@P0 STS.U16 [R3], R5`` -> ``STS.U16``)."""
-    words = instruction.split()
-    return words[1] if words[0].startswith("@") else words[0]
-
-
-def element_store(instruction: str) -> bool:
-    """Whether an instruction stores registers to shared memory a few elements at a time
-    (STS, STS.U16, STS.128), as a tile changed in registers goes back there; STSM, which
-    stores whole 8x8 matrices, is how the compiler hands the probabilities to a matmul."""
-    op = opcode(instruction)
-    return op.startswith("STS") and not op.startswith("STSM")
 
 
 #: forward kernels whose key loop must feed its matmuls straight from the loads ("_pieces"
@@ -220,13 +172,10 @@ def test_forward_key_loops_feed_their_matmuls_from_the_loads(streaming_cubins):
     that, for a mask on the values of the sequence's last block, and ran at a third of the
     contiguous kernel's speed over the same keys.  That block now has its own code after
     the loop."""
-    import subprocess
-
     checked = 0
     for kernel, suffix, cubin in streaming_cubins:
         if suffix in DIRECT:
-            sass = subprocess.run([nvdisasm(), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-            stores = [i for i in key_loop(sass) if element_store(i)]
+            stores = [i for i in key_loop(disassemble(cubin)) if element_store(i)]
             assert not stores, f"{kernel.name}{suffix}'s key loop stores to shared memory: {stores[:3]}"
             checked += 1
     assert checked >= 5, checked          # plain "" and "_fwd", fused "" and "_fwd", paged "" and "_split"
