@@ -517,6 +517,32 @@ def test_flash_attn_3_varlen_and_kvcache(kernels):
         assert torch.allclose(got[b:b + 1], flash_definition(dec[b:b + 1], keys, values, True, (-1, -1)), atol=1e-12)
 
 
+def test_flash_attn_3_scheduler_metadata_is_none_and_checks_the_planned_call(kernels):
+    """get_scheduler_metadata, which serving engines call once a step before
+    flash_attn_with_kvcache: None (attngen's calls plan themselves), which the call takes as
+    scheduler_metadata; what that call would refuse is refused here already, by name."""
+    from attngen import flash_attn_interface as fa3
+    q, k, v, cu_q, cu_k = packed_sequences()
+    k_cache, v_cache, table, used = paged_cache_of(k, v)
+    plan = dict(batch_size=3, max_seqlen_q=12, max_seqlen_k=20, num_heads_q=4, num_heads_kv=2, headdim=64,
+                cache_seqlens=used, page_size=k_cache.shape[1], causal=True, window_size=(6, 0))
+    metadata = fa3.get_scheduler_metadata(**plan)
+    assert metadata is None
+    assert fa3.get_scheduler_metadata(**plan, qkv_dtype=torch.float16, headdim_v=64, has_softcap=True,
+                                      num_splits=2, pack_gqa=True, sm_margin=4) is None
+    out, lse = fa3.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=used, page_table=table,
+                                           cu_seqlens_q=cu_q, max_seqlen_q=12, causal=True, window_size=(6, 0),
+                                           scheduler_metadata=metadata, return_softmax_lse=True)
+    check_packed([(out, lse)], q, k, v, cu_q, cu_k, (6, 0))
+    for change, name in [({"headdim": 72}, "head_dim must be one of"), ({"headdim_v": 32}, "headdim_v"),
+                         ({"qkv_dtype": torch.float32}, "qkv_dtype"), ({"num_heads_kv": 3}, "multiple"),
+                         ({"page_size": 24}, "page_size=24"), ({"attention_chunk": 8}, "attention_chunk"),
+                         ({"cache_leftpad": used}, "cache_leftpad"), ({"cu_seqlens_k_new": used}, "cu_seqlens_k_new"),
+                         ({"causal": False, "window_size": (6, -1)}, "one side only")]:
+        with pytest.raises(attngen.ArgumentError, match=name):
+            fa3.get_scheduler_metadata(**{**plan, **change})
+
+
 def test_flash_attn_3_arguments_attngen_does_not_compute_are_refused_by_name():
     from attngen import flash_attn_interface as fa3
     q, k, v = qkv(1, 4, 4)

@@ -21,8 +21,9 @@ HEAD_DIMS = (64, 80, 96, 128, 256)
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}   # spec name -> torch / cuda.tile attribute
 LAYOUTS = ("bhsd", "bshd")
 LOG2E = 1.4426950408889634                          # the kernels work in exp2 / log2 units
-#: a paged kernel loads keys PAGE_ROWS at a time, each piece inside one page: page sizes are
-#: multiples of it (vLLM's default page holds 16 keys)
+#: a paged kernel over pages smaller than its KV block (the ``_pieces`` kernels) loads keys
+#: PAGE_ROWS at a time, each piece inside one page: page sizes are multiples of it (vLLM's
+#: default page holds 16 keys)
 PAGE_ROWS = 16
 #: every stride of the arrays the kernels load, but the unit last one, is a multiple of this
 #: many bytes: tensors of head_dim-long rows are so by construction, and attngen pads the

@@ -10,6 +10,8 @@ its arguments and run the FlashAttention 2-shaped implementations of
 rule, log-sum-exp and ``sinks`` extension.
 
 * ``flash_attn_combine`` merges outputs over split keys by their log-sum-exps.
+* ``get_scheduler_metadata`` checks a planned ``flash_attn_with_kvcache`` call's shape and
+  returns None: attngen's calls plan their own work, on the device, at no host cost.
 * Speed hints (``num_splits`` except over a KV cache, ``pack_gqa``, ``sm_margin``,
   ``scheduler_metadata``) are accepted and left to attngen: they do not change the result.
 * What attngen does not compute raises :class:`attngen.ArgumentError` naming it: ``qv``,
@@ -20,11 +22,13 @@ rule, log-sum-exp and ``sinks`` extension.
 
 from __future__ import annotations
 
-from ..core.support import ArgumentError
+import torch
+
+from ..core.support import PAGE_ROWS, ArgumentError, check_head_dim, dtype_name
 from . import flash_attn as fa2
 
 __all__ = ["flash_attn_combine", "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
-           "flash_attn_with_kvcache"]
+           "flash_attn_with_kvcache", "get_scheduler_metadata"]
 
 flash_attn_combine = fa2.flash_attn_combine
 
@@ -124,3 +128,35 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, qv=None, rotary
                                         return_softmax_lse, page_table, seqused_k=cache_seqlens, sinks=sinks,
                                         num_splits=num_splits)
     return _out_and_lse(result, return_softmax_lse)
+
+
+def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv, headdim,
+                           cache_seqlens, qkv_dtype=torch.bfloat16, headdim_v=None, cu_seqlens_q=None,
+                           cu_seqlens_k_new=None, cache_leftpad=None, page_size=None, max_seqlen_k_new=0,
+                           causal=False, window_size=(-1, -1), attention_chunk=0, has_softcap=False,
+                           num_splits=0, pack_gqa=None, sm_margin=0):
+    """FlashAttention 3's ``get_scheduler_metadata``: in FlashAttention, how a later
+    ``flash_attn_with_kvcache`` call of this shape divides its work, computed ahead (a serving
+    engine calls it once a step and passes the result as ``scheduler_metadata``).  attngen's
+    calls divide their work themselves, on the device, so there is nothing to compute: this
+    returns None, which ``scheduler_metadata=`` takes, as FlashAttention's other backends do.
+
+    It checks what attngen would refuse in that call, so that an engine learns it when it
+    plans rather than at the first step: the head dim and dtype attngen has kernels for,
+    values as wide as keys (``headdim_v``), whole KV-head groups, pages of a multiple of 16
+    keys, the window, and the arguments attngen does not compute (``attention_chunk``,
+    ``cache_leftpad``, ``cu_seqlens_k_new``)."""
+    _refuse(attention_chunk, cache_leftpad=cache_leftpad, cu_seqlens_k_new=cu_seqlens_k_new)
+    check_head_dim(headdim)
+    if headdim_v is not None and headdim_v != headdim:
+        raise ArgumentError(f"headdim_v={headdim_v}: attngen's values are as wide as its keys ({headdim})")
+    if dtype_name(qkv_dtype) is None:
+        raise ArgumentError(f"qkv_dtype={qkv_dtype}: attngen's kernels take torch.float16 or torch.bfloat16")
+    if num_heads_kv < 1 or num_heads_q % num_heads_kv:
+        raise ArgumentError(f"{num_heads_q} query heads over {num_heads_kv} KV heads: the query heads must be a "
+                            f"multiple of the KV heads")
+    if page_size is not None and (page_size < 1 or page_size % PAGE_ROWS):
+        raise ArgumentError(f"page_size={page_size}: attngen's paged kernels take pages of a multiple of "
+                            f"{PAGE_ROWS} keys")
+    fa2.mask_of(causal, window_size)
+    return None
