@@ -88,12 +88,16 @@ def _kernel(mask: Mask, gqa: int, softcap: float | None, sinks: bool, chunked: b
     return _kernels[key]
 
 
-def _gqa(q, k) -> int:
-    heads, kv_heads = q.shape[-2], k.shape[-2]
-    if kv_heads == 0 or heads % kv_heads:
-        raise ArgumentError(f"q has {heads} heads, k {kv_heads}: the query heads must be a multiple "
-                            f"of the key/value heads")
+def gqa_of(heads: int, kv_heads: int) -> int:
+    """Query heads per key/value head, refused unless the query heads fill whole groups."""
+    if kv_heads < 1 or heads % kv_heads:
+        raise ArgumentError(f"{heads} query heads over {kv_heads} key/value heads: the query heads must be "
+                            f"a multiple of the key/value heads")
     return heads // kv_heads
+
+
+def _gqa(q, k) -> int:
+    return gqa_of(q.shape[-2], k.shape[-2])
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

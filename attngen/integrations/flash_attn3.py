@@ -152,9 +152,7 @@ def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, 
         raise ArgumentError(f"headdim_v={headdim_v}: attngen's values are as wide as its keys ({headdim})")
     if dtype_name(qkv_dtype) is None:
         raise ArgumentError(f"qkv_dtype={qkv_dtype}: attngen's kernels take torch.float16 or torch.bfloat16")
-    if num_heads_kv < 1 or num_heads_q % num_heads_kv:
-        raise ArgumentError(f"{num_heads_q} query heads over {num_heads_kv} KV heads: the query heads must be a "
-                            f"multiple of the KV heads")
+    fa2.gqa_of(num_heads_q, num_heads_kv)
     if page_size is not None and (page_size < 1 or page_size % PAGE_ROWS):
         raise ArgumentError(f"page_size={page_size}: attngen's paged kernels take pages of a multiple of "
                             f"{PAGE_ROWS} keys")
