@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from attngen.core.mask import Mask
+from attngen.core.support import PAGE_ROWS
 from attngen.core.variant import Features, KernelSpec
 from attngen.runtime.registry import default_registry
 
@@ -34,7 +35,7 @@ CONTIGUOUS = KernelSpec.tuned(Mask(True, 4095), 4, 128, "bf16", Features(chunked
 AHEAD = 4  # blocks between a page's read and the loads it addresses
 LOOP = "    for j in range(first, stop):\n"
 TAIL = "    if stop < last:\n"
-PIECES = 4  # 16-key pieces a block
+PIECES = PAGED.tiles.block_n // PAGE_ROWS  # a block's pieces in the _pieces kernels
 
 
 def kernel_source(src: str, suffix: str) -> tuple[int, int]:
@@ -74,10 +75,11 @@ def pieces_apart(loop: str) -> str:
     edge = next(line for line in lines if line.lstrip().startswith("if ") and "unmasked" in line)
     body += edge
     for i in range(PIECES):
-        body += f"            keys = j * BLOCK_N + {16 * i} + piece_cols\n"
+        body += f"            keys = j * BLOCK_N + {PAGE_ROWS * i} + piece_cols\n"
         body += f"            s{i} = ct.where({visible}, s{i}, MASKED)\n"
-    top = "max(max(ct.max(s0, axis=-1, keepdims=True), ct.max(s1, axis=-1, keepdims=True)), " \
-          "max(ct.max(s2, axis=-1, keepdims=True), ct.max(s3, axis=-1, keepdims=True)))"
+    top = "ct.max(s0, axis=-1, keepdims=True)"
+    for i in range(1, PIECES):
+        top = f"max({top}, ct.max(s{i}, axis=-1, keepdims=True))"
     body += f"        m_new = max(m_i, {top} * qk_scale_log2)\n"
     body += "".join(f"        p{i} = ct.exp2(s{i} * qk_scale_log2 - m_new, flush_to_zero=True)\n" for i in range(PIECES))
     body += "        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)\n"
