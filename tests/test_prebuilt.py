@@ -14,7 +14,7 @@ from cuda.tile._cext import default_tile_context  # noqa: E402
 from cuda.tile.compilation import ArrayConstraint, KernelSignature  # noqa: E402
 
 from attngen.generate.build import build  # noqa: E402
-from attngen.generate.sass import disassemble, element_store, key_loop  # noqa: E402
+from attngen.generate.sass import disassemble, element_store, key_loop, spills  # noqa: E402
 from attngen.runtime.prebuilt import Prebuilt  # noqa: E402
 from attngen.runtime.registry import Registry  # noqa: E402
 from attngen.generate.spec import load_text  # noqa: E402
@@ -139,6 +139,14 @@ gqa: 4
 head_dim: 128
 dtype: bf16
 paged: true
+---
+name: paged-small-heads
+window: 128
+gqa: 8
+head_dim: 64
+dtype: bf16
+sinks: true
+paged: true
 """
 
 
@@ -178,4 +186,20 @@ def test_forward_key_loops_feed_their_matmuls_from_the_loads(streaming_cubins):
             stores = [i for i in key_loop(disassemble(cubin)) if element_store(i)]
             assert not stores, f"{kernel.name}{suffix}'s key loop stores to shared memory: {stores[:3]}"
             checked += 1
-    assert checked >= 5, checked          # plain "" and "_fwd", fused "" and "_fwd", paged "" and "_split"
+    assert checked >= 8, checked          # plain and fused "" and "_fwd", both paged "" and "_split"
+
+
+#: the forward kernels: what inference, training's forward and serving run
+FORWARD = DIRECT + ("_pieces", "_split_pieces")
+
+
+def test_forward_kernels_keep_their_values_in_registers(streaming_cubins):
+    """No forward kernel spills registers to local memory.  The paged kernels at head dim 64,
+    tiled for four programs an SM, spilled in every step of their key loop, and the compiler
+    then waited for each 16-deep matmul step alone; their tiles now plan for three."""
+    checked = 0
+    for kernel, suffix, cubin in streaming_cubins:
+        if suffix in FORWARD:
+            assert spills(disassemble(cubin)) == 0, f"{kernel.name}{suffix} spills registers"
+            checked += 1
+    assert checked >= 12, checked

@@ -69,3 +69,28 @@ def test_paged_loop_variants_compute_what_the_shipped_kernels_do(tmp_path):
             emulator.launch(None, launch_grid(tiles, pairs), kernel,
                             (q, rows(k_cache), rows(v_cache), out, cu_q, used, table, page, scale_arg(None, 128)))
             assert torch.allclose(out.float(), want, atol=2e-2, rtol=0), (label, page)
+
+
+def test_sass_report_reads_every_kernel_of_a_build(tmp_path):
+    """scripts/sass_report.py on a real build: one line a kernel (no 64-bit twin), with the
+    key loop's counts and, asked, its order of work."""
+    pytest.importorskip("cuda.tile")
+    from attngen.generate.build import build
+    from attngen.generate.spec import load_text
+
+    build(load_text("name: tiny\nwindow: 16\ngqa: 2\nhead_dim: 64\ndtype: fp16\n"), tmp_path, archs=("sm_90",))
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_report.py"), str(tmp_path), "--schedule"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    kernels = [line.split()[0] for line in lines if not line.startswith("    ")]
+    assert sorted(kernels) == sorted(c.name.split(".")[0] for c in tmp_path.glob("*/*.sm_90.cubin")
+                                     if "_i64" not in c.name)
+    forward = next(i for i, line in enumerate(lines) if line.split()[0].endswith("_fwd"))
+    assert "spill   0" in lines[forward] and "mma" in lines[forward]
+    assert "exp" in lines[forward + 1] and "mma x" in lines[forward + 1]      # its schedule
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "sass_report.py"), str(tmp_path / "none")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert missing.returncode != 0 and "no sm_90 cubins" in missing.stderr

@@ -90,9 +90,13 @@ NARROW_WINDOW = 512
 # arch -> head_dim -> tiles of a paged variant's kernels.  They pack up to 8 query heads of a
 # KV group into a tile (8 positions each): a decode step has one query position per
 # sequence, so a tile of 64 one-head rows would hold a single useful row, and every packed
-# head reads the same keys once.
+# head reads the same keys once.  Not swept on a GPU yet.  D = 64 takes occupancy 3: at 4
+# (64 registers a thread) the compiler spilled registers in every key-loop step and waited
+# for each 16-deep matmul step alone; at 3 it gives 80 registers and spills nothing
+# (tests/test_prebuilt.py checks that no forward kernel spills).  At D = 80 to 128 the
+# kernels need 128 registers a thread: occupancy 2 to 4 compile to the same code.
 PAGED: dict[str, dict[int, Tiles]] = {
-    "sm_90": {64: Tiles(64, 64, 4, 1, pack=8), 80: Tiles(64, 64, 2, 1, pack=8),
+    "sm_90": {64: Tiles(64, 64, 3, 1, pack=8), 80: Tiles(64, 64, 2, 1, pack=8),
               96: Tiles(64, 64, 2, 1, pack=8), 128: Tiles(64, 64, 2, 1, pack=8),
               256: Tiles(64, 64, 1, 1, pack=8, worker_warps=8)},
 }

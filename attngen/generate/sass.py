@@ -3,9 +3,11 @@
 
 A tile that a kernel changes in registers between its load and a matmul (values masked,
 pieces concatenated) goes back to shared memory element by element, every KV block, with
-every answer still right; the paged forward lost two thirds of its speed that way.  The
-tests read the built forward kernels with :func:`key_loop` and :func:`element_store`, and
-``scripts/paged_loop_variants.py --compile`` prints the same counts for its loop variants.
+every answer still right; the paged forward lost two thirds of its speed that way.  A kernel
+whose tiles ask for more programs an SM than its registers allow spills them to local
+memory (:func:`spills`).  The tests read the built forward kernels with :func:`key_loop`,
+:func:`element_store` and :func:`spills`; ``scripts/sass_report.py`` prints, for every kernel
+of a build, these counts and its key loop's :func:`schedule`.
 """
 
 from __future__ import annotations
@@ -34,27 +36,53 @@ def disassemble(cubin) -> str:
     return subprocess.run([nvdisasm(), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
 
 
-def key_loop(sass: str) -> list[str]:
-    """The instructions of the innermost loop of a kernel's SASS that runs a matmul (HGMMA):
-    the kernel's key loop.  The blocks past the kernel's last EXIT (barrier waits' slow paths,
-    which branch back into the code) are not loops."""
-    instructions, labels, back_edges = [], {}, []
+def registers(cubin) -> int:
+    """The registers a thread of the cubin's kernel is given (its ``EIATTR_REGCOUNT``): with
+    its threads, what says how many of its programs an SM holds."""
+    listing = subprocess.run([nvdisasm(), str(cubin)], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"EIATTR_REGCOUNT\n(?:.*\n)*?\s*/\*[0-9a-f]+\*/\s+\.word\s+(0x[0-9a-f]+)", listing)
+    if not found:
+        raise ValueError(f"{cubin}: no register count in its attributes")
+    return int(found.group(1), 16)
+
+
+def instructions(sass: str) -> list[str]:
+    """The instructions of nvdisasm's listing, in order."""
+    return _listing(sass)[0]
+
+
+def _listing(sass: str) -> tuple[list[str], dict[str, int], list[tuple[str, int]]]:
+    """The instructions of nvdisasm's listing, where each label is, and each branch (its
+    target label, its index)."""
+    instructions, labels, branches = [], {}, []
     for line in sass.splitlines():
         if label := re.match(r"\s*\.L_x_(\d+):", line):
             labels[label.group(1)] = len(instructions)
         elif op := re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line):
             instructions.append(op.group(1))
             if branch := re.search(r"BRA\s+`\(\.L_x_(\d+)\)", op.group(1)):
-                back_edges.append((branch.group(1), len(instructions) - 1))
+                branches.append((branch.group(1), len(instructions) - 1))
+    return instructions, labels, branches
+
+
+def key_loop(sass: str) -> list[str]:
+    """The instructions of a kernel's key loop: of the innermost loops that run a matmul
+    (HGMMA), the one that runs the most.  The blocks past the kernel's last EXIT (barrier
+    waits' slow paths, which branch back into the code) are not loops."""
+    instructions, labels, branches = _listing(sass)
     exits = [i for i, op in enumerate(instructions) if op == "EXIT"]
     if not exits:
         raise ValueError("no EXIT in this SASS: not a kernel nvdisasm -c printed")
-    loops = [instructions[labels[target]:i + 1] for target, i in back_edges
+    loops = [(labels[target], i) for target, i in branches
              if i < exits[-1] and labels.get(target, i) < i]
-    loops = [body for body in loops if any("HGMMA" in op for op in body)]
-    if not loops:
+    loops = [(start, end) for start, end in loops
+             if any("HGMMA" in op for op in instructions[start:end + 1])]
+    innermost = [(start, end) for start, end in loops
+                 if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in loops)]
+    if not innermost:
         raise ValueError("no loop of this kernel runs a matmul")
-    return min(loops, key=len)
+    start, end = max(innermost, key=lambda loop: sum("HGMMA" in op for op in instructions[loop[0]:loop[1] + 1]))
+    return instructions[start:end + 1]
 
 
 def opcode(instruction: str) -> str:
@@ -69,3 +97,40 @@ def element_store(instruction: str) -> bool:
     stores whole 8x8 matrices, is how the compiler hands the probabilities to a matmul."""
     op = opcode(instruction)
     return op.startswith("STS") and not op.startswith("STSM")
+
+
+def spills(sass: str) -> int:
+    """How many instructions of a kernel load or store local memory (LDL, STL): registers
+    the compiler spilled.  A kernel that spills also tends to wait for each matmul step on
+    its own (see :func:`schedule`)."""
+    return sum(opcode(op).startswith(("LDL", "STL")) for op in instructions(sass))
+
+
+#: what :func:`schedule` shows of a loop, by opcode prefix; every other instruction is left out
+_SHOWN = (("HGMMA", "mma"), ("WARPGROUP.DEPBAR", "wait"), ("SYNCS.PHASECHK", "load"),
+          ("MUFU", "exp"), ("FSEL", "sel"), ("LDL", "spill"), ("STL", "spill"))
+
+
+def schedule(loop: list[str]) -> str:
+    """A loop's order of work in a line: ``mma`` a matmul instruction (HGMMA, one 16-deep step
+    of a warpgroup's matmul), ``wait`` the warpgroup waiting for its matmuls (``wait1``:
+    for all but the last group), ``load`` a wait for a tile's load, ``exp`` an exponential
+    (MUFU), ``sel`` a select (a mask), ``sts`` an element store to shared memory, ``spill``
+    a local-memory access; runs are counted (``mma x8``).  The forward's key loop at head
+    dim 128 reads ``wait, load, mma x8, wait, sel x128, exp x66, load, mma x8, wait``: each
+    matmul is waited for before the next work starts."""
+    words = []
+    for op in loop:
+        code = opcode(op)
+        word = next((name for prefix, name in _SHOWN if code.startswith(prefix)), None)
+        if element_store(op):
+            word = "sts"
+        if word == "wait" and not op.endswith("0x0"):
+            word = "wait" + str(int(op.split()[-1], 16))
+        if word is None:
+            continue
+        if words and words[-1][0] == word:
+            words[-1][1] += 1
+        else:
+            words.append([word, 1])
+    return ", ".join(word if n == 1 else f"{word} x{n}" for word, n in words)
