@@ -120,11 +120,28 @@ def test_paged_decode_times_each_split_asked_then_the_launchers_choice(monkeypat
 
     seen = {}
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr(paged, "decode", lambda **kw: seen.update(kw) or [])
+    monkeypatch.setattr(paged, "decode", lambda shape, **kw: seen.update(kw) or [])
     assert cli.main(["paged", "--only", "decode", "--splits", "2", "8", "--batch", "16"]) == 0
     assert seen["splits"] == (2, 8, None) and seen["batches"] == (16,)
     assert cli.main(["paged", "--only", "decode"]) == 0
     assert seen["splits"] == (None,)
+
+
+def test_paged_bench_times_the_preset_asked_one_preset_per_shape(monkeypatch, capsys):
+    from attngen.bench import paged
+
+    seen = []
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    for what in ("prefill", "decode", "mixed"):
+        monkeypatch.setattr(paged, what, lambda shape, **kw: seen.append(shape) or [])
+    assert cli.main(["paged"]) == 0
+    assert seen == [paged.PRESETS["A"]] * 3                       # Mistral-7B unless asked
+    assert cli.main(["paged", "--preset", "C", "--only", "decode"]) == 0
+    assert seen[-1] == paged.PRESETS["C"]
+    assert list(paged.SHAPES) == ["A", "B", "B'", "C", "G2"]     # plain, and C16 is C's shape
+    with pytest.raises(SystemExit):
+        cli.main(["paged", "--preset", "C-sinks"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_help_lists_every_subcommand_and_every_preset_shape(capsys):
