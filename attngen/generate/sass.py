@@ -69,20 +69,19 @@ def key_loop(sass: str) -> list[str]:
     """The instructions of a kernel's key loop: of the innermost loops that run a matmul
     (HGMMA), the one that runs the most.  The blocks past the kernel's last EXIT (barrier
     waits' slow paths, which branch back into the code) are not loops."""
-    instructions, labels, branches = _listing(sass)
-    exits = [i for i, op in enumerate(instructions) if op == "EXIT"]
+    ops, labels, branches = _listing(sass)
+    exits = [i for i, op in enumerate(ops) if op == "EXIT"]
     if not exits:
         raise ValueError("no EXIT in this SASS: not a kernel nvdisasm -c printed")
+    matmuls = lambda start, end: sum("HGMMA" in op for op in ops[start:end + 1])  # noqa: E731
     loops = [(labels[target], i) for target, i in branches
-             if i < exits[-1] and labels.get(target, i) < i]
-    loops = [(start, end) for start, end in loops
-             if any("HGMMA" in op for op in instructions[start:end + 1])]
+             if i < exits[-1] and labels.get(target, i) < i and matmuls(labels[target], i)]
     innermost = [(start, end) for start, end in loops
                  if not any(start <= s and e <= end and (s, e) != (start, end) for s, e in loops)]
     if not innermost:
         raise ValueError("no loop of this kernel runs a matmul")
-    start, end = max(innermost, key=lambda loop: sum("HGMMA" in op for op in instructions[loop[0]:loop[1] + 1]))
-    return instructions[start:end + 1]
+    start, end = max(innermost, key=lambda loop: matmuls(*loop))
+    return ops[start:end + 1]
 
 
 def opcode(instruction: str) -> str:
@@ -114,7 +113,7 @@ _SHOWN = (("HGMMA", "mma"), ("WARPGROUP.DEPBAR", "wait"), ("SYNCS.PHASECHK", "lo
 def schedule(loop: list[str]) -> str:
     """A loop's order of work in a line: ``mma`` a matmul instruction (HGMMA, one 16-deep step
     of a warpgroup's matmul), ``wait`` the warpgroup waiting for its matmuls (``wait1``:
-    for all but the last group), ``load`` a wait for a tile's load, ``exp`` an exponential
+    until one group is left running), ``load`` a wait for a tile's load, ``exp`` an exponential
     (MUFU), ``sel`` a select (a mask), ``sts`` an element store to shared memory, ``spill``
     a local-memory access; runs are counted (``mma x8``).  The forward's key loop at head
     dim 128 reads ``wait, load, mma x8, wait, sel x128, exp x66, load, mma x8, wait``: each
