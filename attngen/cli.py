@@ -35,13 +35,37 @@ def _build(args) -> int:
             f"{report.cubins} kernel(s) compiled{later}")
     if args.quiet:
         return 0
+    spilling = 0
     for spec in specs:
         print(f"{spec.name} ({spec.source}):")
         for kernel in spec.kernels:
             seconds = report.compiled.get(kernel.name, {})
             times = "  ".join(f"{arch} {s:.1f}s" for arch, s in seconds.items())
-            print(f"  {kernel.name}  {times or '(cached)' if archs else '(not compiled)'}")
+            spills = _spills(args.out, kernel.name)
+            spilling += len(spills)
+            print(f"  {kernel.name}  {times or '(cached)' if archs else '(not compiled)'}"
+                  + (f"  spills: {', '.join(spills)}" if spills else ""))
+    if spilling:
+        say(f"note: {spilling} kernel(s) spill registers to local memory (bytes a thread above): they "
+            "compute the same answers, slower; a spec's `tiles:` with a lower occupancy or smaller "
+            "blocks avoids it (docs/spec.md)")
     return 0
+
+
+def _spills(out, name: str) -> list[str]:
+    """The built kernels of variant ``name`` that spill registers: "<suffix or forward> <arch>
+    <bytes a thread> B", read from their cubins."""
+    from pathlib import Path
+
+    from .generate.cubin import kernel_info
+
+    found = []
+    for cubin in sorted(Path(out, name).glob(f"{name}*.cubin")):
+        kernel, arch = cubin.name.removesuffix(".cubin").rsplit(".", 1)
+        spilled = kernel_info(cubin).local_bytes
+        if spilled:
+            found.append(f"{kernel.removeprefix(name) or 'forward'} {arch} {spilled} B")
+    return found
 
 
 class _Bar:

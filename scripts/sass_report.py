@@ -4,7 +4,8 @@
     python scripts/sass_report.py build/attngen [--schedule] [--match _dkdv]
 
 One line a kernel (the 64-bit twins left out): the registers a thread is given, its
-instructions, how many of them spill to local memory, and of its key loop (the innermost
+instructions, how many of them spill to local memory (and the bytes a thread spills), and
+of its key loop (the innermost
 loop that runs the most matmuls): its instructions, matmul instructions (HGMMA, one
 16-deep step of a warpgroup's matmul each), waits for them, and element stores to shared
 memory.  A loop that waits as often as it steps has its matmuls run one step at a time;
@@ -14,15 +15,15 @@ docs/performance.md, "What limits each shape", reads these.
 import argparse
 from pathlib import Path
 
-from attngen.generate.sass import (disassemble, element_store, instructions, key_loop, opcode, registers,
-                                   schedule, spills)
+from attngen.generate.cubin import kernel_info
+from attngen.generate.sass import disassemble, element_store, instructions, key_loop, opcode, schedule, spills
 
 
 def report(cubin: Path) -> tuple[str, str | None]:
     """The kernel's line, and its key loop's schedule (None: it has no matmul loop)."""
-    sass = disassemble(cubin)
-    head = f"{cubin.name.split('.')[0]:<72} regs {registers(cubin):>3}  ins {len(instructions(sass)):>5}  " \
-           f"spill {spills(sass):>3}"
+    sass, info = disassemble(cubin), kernel_info(cubin)
+    head = f"{cubin.name.split('.')[0]:<72} regs {info.registers:>3}  ins {len(instructions(sass)):>5}  " \
+           f"spill {spills(sass):>3} ({info.local_bytes:>4} B)"
     try:
         loop = key_loop(sass)
     except ValueError:

@@ -35,17 +35,20 @@ def test_console_entry_point_runs_as_module():
 
 
 class _FakeCompile:
-    """Stands in for the compile workers: writes a stub cubin at once, in this process."""
+    """Stands in for the compile workers: writes a stub cubin at once, in this process (one
+    that spills 720 bytes a thread for the kernels of ``spilling``, by suffix)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, spilling=()):
         from attngen.generate import build as build_module
 
+        from conftest import fake_cubin
         from test_build import _InlinePool
 
         def export_one(directory, spec_dict, suffix, arch, output):
             from attngen.generate.store import cubin_name
             from attngen.core.variant import KernelSpec
-            (output / cubin_name(KernelSpec.from_dict(spec_dict).name + suffix, arch)).write_bytes(b"x")
+            (output / cubin_name(KernelSpec.from_dict(spec_dict).name + suffix, arch)).write_bytes(
+                fake_cubin(local_bytes=720 if suffix in spilling else 0))
             return 0.5
         monkeypatch.setattr(build_module, "_export_one", export_one)
         monkeypatch.setattr(build_module, "ProcessPoolExecutor", _InlinePool)
@@ -76,3 +79,21 @@ def test_quiet_build_prints_nothing(tmp_path, capsys, monkeypatch):
     spec = write(tmp_path, "name: c\nwindow: 32\ngqa: 1\nhead_dim: 64\ndtype: bf16\n")
     assert main(["build", str(spec), "--out", str(tmp_path / "out"), "-q"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+def test_build_names_the_kernels_that_spill_registers(tmp_path, capsys, monkeypatch):
+    _FakeCompile(monkeypatch, spilling=("_fwd", "_dkdv"))
+    spec = write(tmp_path, "name: c\nwindow: 32\ngqa: 1\nhead_dim: 64\ndtype: bf16\n")
+    out = tmp_path / "out"
+    assert main(["build", str(spec), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    line = next(line for line in captured.out.splitlines() if "causal_w32" in line)
+    assert line.endswith("spills: _dkdv sm_90 720 B, _fwd sm_90 720 B"), line
+    assert "note: 2 kernel(s) spill registers" in captured.err
+    assert main(["build", str(spec), "--out", str(out)]) == 0          # read again from the cubins
+    assert "(cached)  spills: _dkdv" in capsys.readouterr().out
+    _FakeCompile(monkeypatch)
+    spec = write(tmp_path, "name: d\nwindow: 64\ngqa: 1\nhead_dim: 64\ndtype: bf16\n", "d.yaml")
+    assert main(["build", str(spec), "--out", str(tmp_path / "clean")]) == 0
+    captured = capsys.readouterr()
+    assert "spills" not in captured.out and "note:" not in captured.err

@@ -14,6 +14,7 @@ from cuda.tile._cext import default_tile_context  # noqa: E402
 from cuda.tile.compilation import ArrayConstraint, KernelSignature  # noqa: E402
 
 from attngen.generate.build import build  # noqa: E402
+from attngen.generate.cubin import kernel_info  # noqa: E402
 from attngen.generate.sass import disassemble, element_store, key_loop, spills  # noqa: E402
 from attngen.runtime.prebuilt import Prebuilt  # noqa: E402
 from attngen.runtime.registry import Registry  # noqa: E402
@@ -128,8 +129,8 @@ head_dim: 64
 dtype: fp16
 ---
 name: fused
-window: 64
-gqa: 1
+window: 1024
+gqa: 2
 head_dim: 256
 dtype: bf16
 ---
@@ -203,3 +204,16 @@ def test_forward_kernels_keep_their_values_in_registers(streaming_cubins):
             assert spills(disassemble(cubin)) == 0, f"{kernel.name}{suffix} spills registers"
             checked += 1
     assert checked >= 12, checked
+
+
+def test_a_cubins_attributes_say_what_its_code_does(streaming_cubins):
+    """attngen.generate.cubin reads the registers, threads and local memory a kernel records:
+    a kernel records local memory exactly when its code spills (the deterministic dK/dV kernel
+    at head dim 256 does)."""
+    spilling = 0
+    for kernel, suffix, cubin in streaming_cubins:
+        info, spilled = kernel_info(cubin), spills(disassemble(cubin))
+        assert 32 <= info.registers <= 255 and info.threads in (128, 256, 384), (cubin.name, info)
+        assert (info.local_bytes > 0) == (spilled > 0), (cubin.name, info, spilled)
+        spilling += spilled > 0
+    assert spilling >= 1, spilling

@@ -5,7 +5,8 @@ A tile that a kernel changes in registers between its load and a matmul (values 
 pieces concatenated) goes back to shared memory element by element, every KV block, with
 every answer still right; the paged forward lost two thirds of its speed that way.  A kernel
 whose tiles ask for more programs an SM than its registers allow spills them to local
-memory (:func:`spills`).  The tests read the built forward kernels with :func:`key_loop`,
+memory (:func:`spills`; :mod:`attngen.generate.cubin` reads how much, and the registers, from
+the cubin itself).  The tests read the built forward kernels with :func:`key_loop`,
 :func:`element_store` and :func:`spills`; ``scripts/sass_report.py`` prints, for every kernel
 of a build, these counts and its key loop's :func:`schedule`.
 """
@@ -34,16 +35,6 @@ def nvdisasm() -> str:
 def disassemble(cubin) -> str:
     """The SASS of a cubin file, as ``nvdisasm -c`` prints it."""
     return subprocess.run([nvdisasm(), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-
-
-def registers(cubin) -> int:
-    """The registers a thread of the cubin's kernel is given (its ``EIATTR_REGCOUNT``): with
-    its threads, what says how many of its programs an SM holds."""
-    listing = subprocess.run([nvdisasm(), str(cubin)], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"EIATTR_REGCOUNT\n(?:.*\n)*?\s*/\*[0-9a-f]+\*/\s+\.word\s+(0x[0-9a-f]+)", listing)
-    if not found:
-        raise ValueError(f"{cubin}: no register count in its attributes")
-    return int(found.group(1), 16)
 
 
 def instructions(sass: str) -> list[str]:
