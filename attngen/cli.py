@@ -47,8 +47,9 @@ def _build(args) -> int:
                   + (f"  spills: {', '.join(spills)}" if spills else ""))
     if spilling:
         say(f"note: {spilling} kernel(s) spill registers to local memory (bytes a thread above): they "
-            "compute the same answers, slower; a spec's `tiles:` with a lower occupancy or smaller "
-            "blocks avoids it (docs/spec.md)")
+            "compute the same answers, slower. The forward kernels take a spec's `tiles:` (a lower "
+            "occupancy or smaller blocks avoid spills; docs/spec.md), the backward kernels the tables "
+            "in attngen/core/tuning.py")
     return 0
 
 
