@@ -7,7 +7,7 @@ One line a kernel (the 64-bit twins left out): the registers a thread is given, 
 instructions, how many of them spill to local memory (and the bytes a thread spills), and
 of its key loop (the innermost
 loop that runs the most matmuls): its instructions, matmul instructions (HGMMA, one
-16-deep step of a warpgroup's matmul each), waits for them, and element stores to shared
+16-deep step of a warpgroup's matmul each; HMMA for tiles under 64 rows), waits for them, and element stores to shared
 memory.  A loop that waits as often as it steps has its matmuls run one step at a time;
 ``--schedule`` prints each loop's order of work (`attngen.generate.sass.schedule`).
 docs/performance.md, "What limits each shape", reads these.
@@ -16,7 +16,8 @@ import argparse
 from pathlib import Path
 
 from attngen.generate.cubin import kernel_info
-from attngen.generate.sass import disassemble, element_store, instructions, key_loop, opcode, schedule, spills
+from attngen.generate.sass import (disassemble, element_store, instructions, key_loop, matmul, opcode, schedule,
+                                   spills)
 
 
 def report(cubin: Path) -> tuple[str, str | None]:
@@ -29,7 +30,7 @@ def report(cubin: Path) -> tuple[str, str | None]:
     except ValueError:
         return head + "  (no matmul loop)", None
     ops = [opcode(op) for op in loop]
-    return (head + f"  loop {len(loop):>4}  mma {sum(o.startswith('HGMMA') for o in ops):>3}  "
+    return (head + f"  loop {len(loop):>4}  mma {sum(map(matmul, loop)):>3}  "
             f"waits {sum(o.startswith('WARPGROUP.DEPBAR') for o in ops):>3}  "
             f"sts {sum(element_store(op) for op in loop):>3}"), schedule(loop)
 

@@ -2,7 +2,7 @@
 loop, and which stores count (no compiler needed)."""
 import pytest
 
-from attngen.generate.sass import element_store, key_loop, opcode, schedule, spills
+from attngen.generate.sass import element_store, key_loop, matmul, opcode, schedule, spills
 
 SASS = """
         /*0000*/                   S2R R0, SR_TID.X ;
@@ -78,3 +78,10 @@ def test_the_schedule_names_the_loops_work_in_order():
 
 def test_spills_count_local_memory_accesses():
     assert spills(LOOPS) == 2 and spills(SASS) == 0
+
+
+def test_a_warps_matmul_steps_count_too():
+    small = LOOPS.replace("HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;", "HMMA.16816.F32.BF16 R24, R4, R8, RZ ;")
+    assert matmul("HMMA.16816.F32.BF16 R24, R4, R8, RZ") and matmul("@P0 HGMMA.64x64x16.F32 R24, gdesc[UR4], RZ")
+    assert not matmul("FFMA R1, R2, R3, R4")
+    assert schedule(key_loop(small)).startswith("load, spill, mma x2, wait1")

@@ -58,13 +58,13 @@ def _listing(sass: str) -> tuple[list[str], dict[str, int], list[tuple[str, int]
 
 def key_loop(sass: str) -> list[str]:
     """The instructions of a kernel's key loop: of the innermost loops that run a matmul
-    (HGMMA), the one that runs the most.  The blocks past the kernel's last EXIT (barrier
-    waits' slow paths, which branch back into the code) are not loops."""
+    (:func:`matmul`), the one that runs the most.  The blocks past the kernel's last EXIT
+    (barrier waits' slow paths, which branch back into the code) are not loops."""
     ops, labels, branches = _listing(sass)
     exits = [i for i, op in enumerate(ops) if op == "EXIT"]
     if not exits:
         raise ValueError("no EXIT in this SASS: not a kernel nvdisasm -c printed")
-    matmuls = lambda start, end: sum("HGMMA" in op for op in ops[start:end + 1])  # noqa: E731
+    matmuls = lambda start, end: sum(map(matmul, ops[start:end + 1]))  # noqa: E731
     loops = [(labels[target], i) for target, i in branches
              if i < exits[-1] and labels.get(target, i) < i and matmuls(labels[target], i)]
     innermost = [(start, end) for start, end in loops
@@ -73,6 +73,12 @@ def key_loop(sass: str) -> list[str]:
         raise ValueError("no loop of this kernel runs a matmul")
     start, end = max(innermost, key=lambda loop: matmuls(*loop))
     return ops[start:end + 1]
+
+
+def matmul(instruction: str) -> bool:
+    """Whether an instruction is a tensor-core matmul step: HGMMA (a warpgroup's, 64 rows) or,
+    for tiles of fewer rows, HMMA (a warp's)."""
+    return opcode(instruction).startswith(("HGMMA", "HMMA"))
 
 
 def opcode(instruction: str) -> str:
@@ -97,18 +103,18 @@ def spills(sass: str) -> int:
 
 
 #: what :func:`schedule` shows of a loop, by opcode prefix; every other instruction is left out
-_SHOWN = (("HGMMA", "mma"), ("WARPGROUP.DEPBAR", "wait"), ("SYNCS.PHASECHK", "load"),
-          ("MUFU", "exp"), ("FSEL", "sel"), ("LDL", "spill"), ("STL", "spill"))
+_SHOWN = (("HGMMA", "mma"), ("HMMA", "mma"), ("WARPGROUP.DEPBAR", "wait"),
+          ("SYNCS.PHASECHK", "load"), ("MUFU", "exp"), ("FSEL", "sel"), ("LDL", "spill"), ("STL", "spill"))
 
 
 def schedule(loop: list[str]) -> str:
-    """A loop's order of work in a line: ``mma`` a matmul instruction (HGMMA, one 16-deep step
-    of a warpgroup's matmul), ``wait`` the warpgroup waiting for its matmuls (``wait1``:
-    until one group is left running), ``load`` a wait for a tile's load, ``exp`` an exponential
-    (MUFU), ``sel`` a select (a mask), ``sts`` an element store to shared memory, ``spill``
-    a local-memory access; runs are counted (``mma x8``).  The forward's key loop at head
-    dim 128 reads ``wait, load, mma x8, wait, sel x128, exp x66, load, mma x8, wait``: each
-    matmul is waited for before the next work starts."""
+    """A loop's order of work in a line: ``mma`` a matmul instruction (:func:`matmul`; an
+    HGMMA is one 16-deep step of a warpgroup's matmul), ``wait`` the warpgroup waiting for its
+    matmuls (``wait1``: until one group is left running), ``load`` a wait for a tile's load,
+    ``exp`` an exponential (MUFU), ``sel`` a select (a mask), ``sts`` an element store to
+    shared memory, ``spill`` a local-memory access; runs are counted (``mma x8``).  The
+    forward's key loop at head dim 128 reads ``wait, load, mma x8, wait, sel x128, exp x66,
+    load, mma x8, wait``: each matmul is waited for before the next work starts."""
     words = []
     for op in loop:
         code = opcode(op)
