@@ -33,19 +33,19 @@ def write(tmp_path, text, name="spec.yaml"):
 
 @pytest.fixture
 def attngen_runs(monkeypatch):
-    """The variants whose generated kernels really ran (one entry per inference, forward or
-    backward call of a launcher, through the ops or directly), to tell attngen from a silent
-    fallback to PyTorch: every real run of the ``attngen::`` ops resolves its launcher here."""
+    """The launchers whose generated kernels really ran (one entry, the launcher's name, per
+    inference, forward or backward call, through the ops or directly), to tell attngen from a
+    silent fallback to PyTorch: every such call assembles its launcher's arguments here."""
     from attngen.runtime import ops
 
     runs = []
-    find = ops._module
+    assemble = ops._arguments
 
-    def counted(variant, *args):
-        runs.append(variant)
-        return find(variant, *args)
+    def counted(module, *args):
+        runs.append(module.NAME)
+        return assemble(module, *args)
 
-    monkeypatch.setattr(ops, "_module", counted)
+    monkeypatch.setattr(ops, "_arguments", counted)
     return runs
 
 

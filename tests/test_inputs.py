@@ -117,3 +117,29 @@ def test_merged_lse_is_the_log_sum_exp_over_every_slice():
     torch.testing.assert_close(with_sinks[0], sinks)
     torch.testing.assert_close(with_sinks[1:].double(), torch.logaddexp(want[1:], sinks.double()), atol=1e-5,
                                rtol=1e-6)
+
+
+def test_a_trusted_call_gets_the_same_views_without_the_checks(monkeypatch):
+    """check=False (a backward given its forward's own tensors) returns what a checked call
+    returns, and checks nothing: tensors on the CPU pass, where a checked call refuses them."""
+    q, k, v = (t.transpose(1, 2) for t in tensors())           # (B, S, H, D)
+    out = torch.empty_like(q)
+    trusted = prepare(q, k, v, out, **{**ARGS, "layout": "bshd"}, check=False)
+    monkeypatch.setattr(inputs, "KERNEL_DEVICES", ("cpu",))
+    checked = prepare(q, k, v, out, **{**ARGS, "layout": "bshd"})
+    assert all(a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
+               for a, b in zip(trusted, checked))
+    monkeypatch.undo()
+    fresh = prepare(q, k, v, None, **{**ARGS, "layout": "bshd"}, check=False)[4]
+    assert fresh.shape == q.shape and fresh.is_contiguous()
+
+
+def test_a_trusted_packed_call_still_reads_the_longest_sequence():
+    q, k, v = torch.randn(10, 8, 64, dtype=torch.float16), *(torch.randn(10, 2, 64, dtype=torch.float16),) * 2
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    packed = dict(head_dim=64, dtype=torch.float16, group=4, name="k", chunked=False, need_longest_k=True)
+    cu_q, cu_k, longest, longest_k, out = inputs.prepare_varlen(q, k, v, cu, None, None, None, None, **packed,
+                                                                check=False)
+    assert (longest, longest_k) == (7, 7) and out.shape == q.shape and cu_k.data_ptr() == cu_q.data_ptr()
+    with pytest.raises(InputError, match="runs on CUDA tensors"):
+        inputs.prepare_varlen(q, k, v, cu, None, None, None, None, **packed)

@@ -206,8 +206,8 @@ def _standin_launcher(calls):
         calls.append(("infer", scale, layout))
         return q * 2
 
-    def backward(q, k, v, out, lse, res, dout, *, scale=None, layout="bhsd", deterministic=False):
-        calls.append(("backward", scale, layout, deterministic))
+    def backward(q, k, v, out, lse, res, dout, *, scale=None, layout="bhsd", deterministic=False, check=True):
+        calls.append(("backward", scale, layout, deterministic, check))
         return dout * 2, torch.full_like(k, 3.0), torch.full_like(v, 4.0), None
 
     module.infer, module.forward, module.backward = infer, forward, backward
@@ -233,7 +233,8 @@ def test_eager_and_traced_training_calls_run_the_launchers_forward_and_backward(
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     torch.testing.assert_close(dq, dout * 2)
     assert (dk == 3).all() and (dv == 4).all()
-    assert calls == [("forward", 0.5, "bhsd"), ("backward", 0.5, "bhsd", True)]
+    # the eager backward trusts what its own forward checked; the ops' backward checks again
+    assert calls == [("forward", 0.5, "bhsd"), ("backward", 0.5, "bhsd", True, traced)]
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

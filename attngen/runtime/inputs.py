@@ -166,15 +166,19 @@ def _output(out, q, dtype: torch.dtype, fail) -> torch.Tensor:
 
 
 def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, group: int, name: str,
-            chunked: bool = False):
+            chunked: bool = False, check: bool = True):
     """Validate ``q, k, v`` (and ``out``) and return (B, H, S, D) views of all four plus ``out``.
 
     Nothing is copied: a (B, S, H, D) tensor becomes a transposed view.  ``chunked``
-    kernels take fewer queries than keys (the queries are the last ones).
+    kernels take fewer queries than keys (the queries are the last ones).  ``check=False``
+    trusts tensors a call validated before (a backward's, given its forward's own).
     """
     def fail(message):
         raise InputError(f"{name}: {message}")
 
+    if not check:
+        out = _output(None, q, dtype, fail) if out is None else out
+        return bhsd(q, layout), bhsd(k, layout), bhsd(v, layout), bhsd(out, layout), out
     try:
         check_layout(layout)
     except ValueError as exc:
@@ -203,7 +207,7 @@ def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, gro
 
 def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, *,
                    head_dim: int, dtype: torch.dtype, group: int, name: str, chunked: bool,
-                   need_longest_k: bool = False):
+                   need_longest_k: bool = False, check: bool = True):
     """Validate packed ``q (total_q, H, D)``, ``k, v (total_k, HKV, D)`` and their cu_seqlens.
 
     Returns int32 ``cu_q``, ``cu_k``, the longest sequence's queries and keys and ``out``.
@@ -211,10 +215,30 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     grid); with it they are trusted and nothing synchronizes.  The longest keys are needed
     only when ``need_longest_k`` (the backward's grid): equal to the queries' unless
     ``chunked``, where they come from ``max_seqlen_k`` or, without it, from the host.
+    ``check=False`` trusts tensors and offsets a call validated before (a backward's, given its
+    forward's own); the longest sequences are still read on the host when not given.
     """
     def fail(message):
         raise InputError(f"{name}: {message}")
 
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+    if check:
+        _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_dim=head_dim,
+                      dtype=dtype, group=group, chunked=chunked, fail=fail)
+    longest, longest_k = max_seqlen_q, max_seqlen_q if not chunked else max_seqlen_k
+    if longest is None or (need_longest_k and longest_k is None):
+        longest, longest_k = _read_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
+                                           max_seqlen_q, chunked, fail)
+    if check or out is None:
+        out = _output(out, q, dtype, fail)
+    return (cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous(),
+            longest, longest_k, out)
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, head_dim: int,
+                  dtype: torch.dtype, group: int, chunked: bool, fail) -> None:
+    """What :func:`prepare_varlen` checks of its tensors, offsets and longest sequences."""
     tensors = {"q": q, "k": k, "v": v}
     _check_tensors(tensors, 3, "total_tokens, H, D", dtype, fail)
     if tuple(k.shape) != tuple(v.shape):
@@ -223,8 +247,6 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         fail(f"head_dim must be {head_dim}, got q {q.shape[-1]} and k {k.shape[-1]}")
     _check_heads(q.shape[1], k.shape[1], group, fail)
     _check_devices(tensors, fail)
-    if cu_seqlens_k is None:
-        cu_seqlens_k = cu_seqlens_q
     for label, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 \
                 or cu.dtype not in (torch.int32, torch.int64):
@@ -239,13 +261,6 @@ def prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     if not chunked and max_seqlen_k is not None and max_seqlen_k != max_seqlen_q:
         fail(f"each sequence takes as many keys as queries, so max_seqlen_k ({max_seqlen_k}) must "
              f"equal max_seqlen_q ({max_seqlen_q})")
-    longest, longest_k = max_seqlen_q, max_seqlen_q if not chunked else max_seqlen_k
-    if longest is None or (need_longest_k and longest_k is None):
-        longest, longest_k = _read_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
-                                           max_seqlen_q, chunked, fail)
-    out = _output(out, q, dtype, fail)
-    return (cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous(),
-            longest, longest_k, out)
 
 
 def _read_offsets(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q, chunked: bool,
