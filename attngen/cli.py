@@ -35,17 +35,15 @@ def _build(args) -> int:
             f"{report.cubins} kernel(s) compiled{later}")
     if args.quiet:
         return 0
-    spilling = 0
+    spills = {kernel.name: _spills(args.out, kernel.name) for kernel in kernels}
     for spec in specs:
         print(f"{spec.name} ({spec.source}):")
         for kernel in spec.kernels:
             seconds = report.compiled.get(kernel.name, {})
             times = "  ".join(f"{arch} {s:.1f}s" for arch, s in seconds.items())
-            spills = _spills(args.out, kernel.name)
-            spilling += len(spills)
             print(f"  {kernel.name}  {times or '(cached)' if archs else '(not compiled)'}"
-                  + (f"  spills: {', '.join(spills)}" if spills else ""))
-    if spilling:
+                  + (f"  spills: {', '.join(spills[kernel.name])}" if spills[kernel.name] else ""))
+    if spilling := sum(map(len, spills.values())):
         say(f"note: {spilling} kernel(s) spill registers to local memory (bytes a thread above): they "
             "compute the same answers, slower. The forward kernels take a spec's `tiles:` (a lower "
             "occupancy or smaller blocks avoid spills; docs/spec.md), the backward kernels the tables "
