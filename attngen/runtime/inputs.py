@@ -177,7 +177,8 @@ def prepare(q, k, v, out, *, layout: str, head_dim: int, dtype: torch.dtype, gro
         raise InputError(f"{name}: {message}")
 
     if not check:
-        out = _output(None, q, dtype, fail) if out is None else out
+        if out is None:
+            out = _output(out, q, dtype, fail)
         return bhsd(q, layout), bhsd(k, layout), bhsd(v, layout), bhsd(out, layout), out
     try:
         check_layout(layout)
