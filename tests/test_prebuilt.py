@@ -2,6 +2,7 @@
 signature gets the built cubin without compiling (CPU: the compile hook is called as cuTile's
 dispatcher calls it; tests/test_prebuilt_gpu.py launches for real)."""
 import dataclasses
+import functools
 import logging
 
 import pytest
@@ -20,6 +21,9 @@ from attngen.runtime.prebuilt import Prebuilt  # noqa: E402
 from attngen.runtime.registry import Registry  # noqa: E402
 from attngen.generate.spec import load_text  # noqa: E402
 from attngen.core.variant import compiled_by_default  # noqa: E402
+
+#: each built cubin is disassembled once for all the tests that read its SASS
+disassemble = functools.lru_cache(maxsize=None)(disassemble)
 
 SPEC = "name: tiny\nwindow: 16\ngqa: 2\nhead_dim: 64\ndtype: fp16\n"
 HOPPER = (9, 0)
