@@ -12,7 +12,7 @@ pytest.importorskip("cuda.tile")
 import cuda.tile as ct  # noqa: E402
 import cuda.tile._compile as cutile_compile  # noqa: E402
 from cuda.tile._cext import default_tile_context  # noqa: E402
-from cuda.tile.compilation import ArrayConstraint, KernelSignature  # noqa: E402
+from cuda.tile.compilation import ArrayConstraint, CallingConvention, KernelSignature  # noqa: E402
 
 from attngen.generate.build import build  # noqa: E402
 from attngen.generate.cubin import kernel_info  # noqa: E402
@@ -82,12 +82,25 @@ def stronger(signature) -> KernelSignature:
     return KernelSignature(params, signature.calling_convention)
 
 
+def under(convention, signature) -> KernelSignature:
+    return KernelSignature(signature.parameters, convention)
+
+
+def knowing_size_one(signature) -> KernelSignature:
+    """What cuTile derives from a batch of one: the first axis's length is a constant."""
+    return with_arrays(signature, only=(0,), shape_constant=(1, None, None, None))
+
+
 def test_a_call_that_fits_gets_the_built_cubin_and_nothing_compiles(built, no_compiler):
     out, spec = built
     for suffix, kernel in kernels_of(out, spec).items():
         if not compiled_by_default(suffix):
             continue
-        for call in (kernel.built_signature.with_symbol(None), stronger(kernel.built_signature)):
+        plain = kernel.built_signature.with_symbol(None)
+        # cuTile launches a call that knows no size under v1 (a batch of two), one that
+        # knows a size of 1 under v2 (a batch of one)
+        for call in (plain, stronger(kernel.built_signature),
+                     under(CallingConvention.cutile_python_v1(), plain), knowing_size_one(plain)):
             cubin, symbol, _, providers = kernel._compile(call, default_tile_context, HOPPER)
             assert cubin == kernel.cubin("sm_90").read_bytes()
             assert symbol == kernel.built_signature.symbol and providers == ()
@@ -162,6 +175,25 @@ def streaming_cubins(tmp_path_factory):
     build(specs, out, archs=("sm_90",))
     return [(k, s, out / k.name / f"{k.name}{s}.sm_90.cubin") for spec in specs for k in spec.kernels
             for s in k.kernels if s in STREAMING and compiled_by_default(s)]
+
+
+def test_both_calling_conventions_compile_a_built_signature_to_the_same_code(built, tmp_path):
+    """Why one cubin serves calls of cuTile's two calling conventions (`prebuilt._same_layout`):
+    a signature that fixes no size, exported under each, gives the same code but for the
+    symbol.  Should a cuTile release lay them out differently, this fails before users'
+    launches would."""
+    from cuda.tile.compilation import export_kernel
+
+    out, spec = built
+    kernel = kernels_of(out, spec)[""]
+    code = {}
+    for convention in (CallingConvention.cutile_python_v1(), CallingConvention.cutile_python_v2()):
+        signature = under(convention, kernel.built_signature).with_mangled_symbol(kernel.name)
+        path = tmp_path / f"{convention.name}.cubin"
+        export_kernel(kernel, [signature], str(path), gpu_code="sm_90", output_format="cubin")
+        code[convention.name] = (disassemble(path).replace(signature.symbol, "SYMBOL"), kernel_info(path))
+    assert "HGMMA" in code["cutile_python_v1"][0]
+    assert code["cutile_python_v1"] == code["cutile_python_v2"]
 
 
 def test_built_kernels_load_their_tiles_through_tma(streaming_cubins):

@@ -43,11 +43,11 @@ CHILD = textwrap.dedent("""
 
     import attngen
 
-    S = int(os.environ["SEQ"])
+    S, B = int(os.environ["SEQ"]), int(os.environ["BATCH"])
     g = torch.Generator(device="cuda").manual_seed(0)
     def make(heads, offset=0):
-        flat = torch.randn(heads * S * 128 + offset, device="cuda", dtype=torch.bfloat16, generator=g)
-        return flat[offset:].view(1, heads, S, 128)
+        flat = torch.randn(B * heads * S * 128 + offset, device="cuda", dtype=torch.bfloat16, generator=g)
+        return flat[offset:].view(B, heads, S, 128)
     offset = int(os.environ["OFFSET"])               # elements: 1 breaks 16-byte alignment
     q, k, v = make(32, offset), make(8, offset), make(8, offset)
     torch.cuda.synchronize()
@@ -96,11 +96,12 @@ def built(tmp_path_factory):
     return out
 
 
-def fresh_process(out, tmp_path, *, strict, offset=0, seq=8192):
+def fresh_process(out, tmp_path, *, strict, offset=0, seq=8192, batch=1):
     env = {**os.environ, "ATTNGEN_PATH": str(out), "ATTNGEN_JIT": "0",
            "ATTNGEN_CACHE_DIR": str(tmp_path / "attngen-cache"),
            "CUDA_TILE_CACHE_DIR": str(tmp_path / "cutile-cache"),     # empty: no cached cubin
-           "STRICT": "1" if strict else "0", "OFFSET": str(offset), "SEQ": str(seq)}
+           "STRICT": "1" if strict else "0", "OFFSET": str(offset), "SEQ": str(seq),
+           "BATCH": str(batch)}
     result = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
@@ -112,13 +113,14 @@ def check_errors(errors):
 
 
 # 1001: rows of odd length, whose per-row statistics attngen pads to keep the built kernels'
-# stride assumptions
-@pytest.mark.parametrize("seq", [8192, 1001])
-def test_first_call_in_a_fresh_process_compiles_nothing(built, tmp_path, seq):
-    found, log = fresh_process(built, tmp_path, strict=True, seq=seq)
+# stride assumptions; a batch of one cuTile launches under one calling convention, of two
+# under the other
+@pytest.mark.parametrize("seq,batch", [(8192, 1), (1001, 1), (2048, 2)])
+def test_first_call_in_a_fresh_process_compiles_nothing(built, tmp_path, seq, batch):
+    found, log = fresh_process(built, tmp_path, strict=True, seq=seq, batch=batch)
     check_errors(found["errors"])
     assert found["compiles"] == 0 and "compiling" not in log
-    print(f"\nfresh process, built variant, S={seq}: first call {found['first_ms']:.1f} ms "
+    print(f"\nfresh process, built variant, B={batch} S={seq}: first call {found['first_ms']:.1f} ms "
           f"(second {found['second_ms']:.2f} ms), first training step {found['train_ms']:.1f} ms")
 
 

@@ -6,10 +6,10 @@ arguments and asks the kernel's ``_compile(signature, context, compute_capabilit
 cubin and the symbol to launch; it then marshals the arguments itself (pointers, shapes,
 strides, scalars, as the signature's calling convention lays them out) and launches on the
 caller's stream.  :class:`Prebuilt` is that kernel with one change: when the signature the
-call needs *implies* the signature the build exported (:func:`attngen.generate.aot.signature`: same
-calling convention, dtypes, ranks and index widths, and every assumption the build made —
-non-negative strides, unit last stride, 16-byte aligned base addresses, no aliasing — holds
-for these arguments) and a cubin of the device's arch was built, it returns that cubin and its
+call needs *implies* the signature the build exported (:func:`attngen.generate.aot.signature`:
+a calling convention that lays the parameters out alike, the same dtypes, ranks and index
+widths, and every assumption the build made — non-negative strides, unit last stride, 16-byte
+aligned base addresses, no aliasing — holds for these arguments) and a cubin of the device's arch was built, it returns that cubin and its
 symbol: no cuTile front end, no tileiras.  Otherwise (a kernel the build left to first need,
 another arch, arguments that break an assumption) it compiles as cuTile always does, and says
 so once on the ``attngen`` logger.  Argument marshalling, streams and CUDA-graph capture stay
@@ -31,6 +31,7 @@ import threading
 from pathlib import Path
 
 import cuda.tile as ct
+from cuda.tile.compilation import ArrayConstraint, CallingConvention
 
 from ..core.variant import KernelSpec
 from ..generate.aot import signature
@@ -105,10 +106,26 @@ def _say_once(name: str, why: str) -> None:
     log.warning("attngen: compiling %s now (%s)", name, why)
 
 
+def _same_layout(call, built) -> bool:
+    """Whether a call under ``call``'s calling convention may launch a kernel exported under
+    ``built``'s.  cuTile 1.7's dispatcher launches a call under ``cutile_python_v2`` when it
+    knows a size (an axis of length 1) and under ``cutile_python_v1`` otherwise (a batch of
+    two, packed varlen rows).  For a signature that fixes no size, which is what `attngen
+    build` exports, the two conventions lay out the parameters alike: the same kernel exported
+    under each compiles to the same code but for its symbol (tests/test_prebuilt.py compares
+    them), so the one cubin serves calls of either."""
+    if call.calling_convention.code == built.calling_convention.code:
+        return True
+    both = {CallingConvention.cutile_python_v1().code, CallingConvention.cutile_python_v2().code}
+    fixes_a_size = any(isinstance(p, ArrayConstraint) and any(n is not None for n in p.shape_constant)
+                       for p in built.parameters)
+    return {call.calling_convention.code, built.calling_convention.code} == both and not fixes_a_size
+
+
 def unmet(call, built) -> str:
     """What of the ``built`` signature's assumptions the ``call`` signature does not
     guarantee ("" when it implies all of them)."""
-    if call.calling_convention.code != built.calling_convention.code:
+    if not _same_layout(call, built):
         return f"calling convention {call.calling_convention.name}, built {built.calling_convention.name}"
     if len(call.parameters) != len(built.parameters):
         return f"{len(call.parameters)} parameters, built {len(built.parameters)}"
@@ -120,8 +137,6 @@ def unmet(call, built) -> str:
 
 
 def _unmet_param(have, need) -> str:
-    from cuda.tile.compilation import ArrayConstraint
-
     if type(have) is not type(need):
         return f"{type(have).__name__}, built {type(need).__name__}"
     if not isinstance(need, ArrayConstraint):
