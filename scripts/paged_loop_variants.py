@@ -10,10 +10,9 @@ Shape: Mistral-7B's attention (32 query heads, 8 KV heads, D = 128, bf16, W = 40
 of 4 x 8192 tokens and 64 decode steps at 8k keys, pages shuffled.  Kernels:
 
 * ``whole`` (shipped, pages a multiple of 64 keys): one load each for a block's K and V;
-* ``pieces`` (shipped, any page size): the block read as four 16-key pieces, concatenated;
+* ``pieces`` (shipped, any page size): the block read as four 16-key pieces, each with its
+  own Q.K^T and P.V matmul (16 keys wide), one softmax step over the block;
 * ``whole_ahead``: ``whole`` with each block's page read four blocks before its loads;
-* ``pieces_apart``: the four pieces never concatenated: each gets its own Q.K^T and P.V
-  matmul (16 keys wide), with one softmax step over the block;
 * ``pieces_low_hints``: ``pieces`` with a whole block's latency hints (2 and 4).
 
 docs/performance.md, "Serving from a paged cache", has a run.
@@ -25,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 from attngen.core.mask import Mask
-from attngen.core.support import PAGE_ROWS
 from attngen.core.variant import Features, KernelSpec
 from attngen.runtime.registry import default_registry
 
@@ -35,7 +33,6 @@ CONTIGUOUS = KernelSpec.tuned(Mask(True, 4095), 4, 128, "bf16", Features(chunked
 AHEAD = 4  # blocks between a page's read and the loads it addresses
 LOOP = "    for j in range(first, stop):\n"
 TAIL = "    if stop < last:\n"
-PIECES = PAGED.tiles.block_n // PAGE_ROWS  # a block's pieces in the _pieces kernels
 
 
 def kernel_source(src: str, suffix: str) -> tuple[int, int]:
@@ -63,34 +60,6 @@ def whole_ahead(loop: str) -> str:
     return before + loop[:row.start()] + shift + "        row = pg" + loop[row.end():]
 
 
-def pieces_apart(loop: str) -> str:
-    """The pieces kernel's loop with a matmul per piece: the block's scores stay four tiles."""
-    lines = re.sub(r",\n\s+padding_mode", ", padding_mode", loop).splitlines(True)  # a load a line
-    head = "".join(line for line in lines if re.match(r"\s+(for j|#|n\d|piece\d|k\d) ", line))
-    mask = next(line for line in lines if "s = ct.where(" in line)
-    visible = mask[mask.index("(") + 1:mask.rindex(", s, MASKED)")].split("ct.where(")[-1]
-    body = head
-    for i in range(PIECES):
-        body += f"        s{i} = ct.mma(q, k{i}, ct.full((BLOCK_M, PAGE_ROWS), 0.0, dtype=ct.float32))\n"
-    edge = next(line for line in lines if line.lstrip().startswith("if ") and "unmasked" in line)
-    body += edge
-    for i in range(PIECES):
-        body += f"            keys = j * BLOCK_N + {PAGE_ROWS * i} + piece_cols\n"
-        body += f"            s{i} = ct.where({visible}, s{i}, MASKED)\n"
-    top = "ct.max(s0, axis=-1, keepdims=True)"
-    for i in range(1, PIECES):
-        top = f"max({top}, ct.max(s{i}, axis=-1, keepdims=True))"
-    body += f"        m_new = max(m_i, {top} * qk_scale_log2)\n"
-    body += "".join(f"        p{i} = ct.exp2(s{i} * qk_scale_log2 - m_new, flush_to_zero=True)\n" for i in range(PIECES))
-    body += "        alpha = ct.exp2(m_i - m_new, flush_to_zero=True)\n"
-    body += "        l_i = l_i * alpha + " + " + ".join(f"ct.sum(p{i}, axis=-1, keepdims=True)" for i in range(PIECES)) + "\n"
-    body += "".join(line for line in lines if re.match(r"\s+v\d = ", line))
-    body += "        acc = acc * alpha\n"
-    body += "".join(f"        acc = ct.mma(p{i}.astype(Q.dtype), v{i}, acc)\n" for i in range(PIECES))
-    body += "        m_i = m_new\n"
-    return "    piece_cols = ct.arange(PAGE_ROWS, dtype=ct.int32)[None, :]\n" + body
-
-
 def sources(src: str):
     """(label, kernel suffix, module source) of each variant of the shipped module ``src``."""
     yield "whole", "", src
@@ -98,7 +67,6 @@ def sources(src: str):
     a, b = main_loop(src, "")
     yield "whole_ahead", "", src[:a] + whole_ahead(src[a:b]) + src[b:]
     a, b = main_loop(src, "_pieces")
-    yield "pieces_apart", "_pieces", src[:a] + pieces_apart(src[a:b]) + src[b:]
     loop = src[a:b].replace("latency=8)", "latency=2)").replace("latency=10)", "latency=4)")
     yield "pieces_low_hints", "_pieces", src[:a] + loop + src[b:]
 

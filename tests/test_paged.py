@@ -11,7 +11,7 @@ import attngen
 from attngen.core.mask import Mask
 from attngen.core.variant import Features, KernelSpec
 from attngen.generate.cases import cases_for
-from attngen.generate.codegen import cat_tree, render
+from attngen.generate.codegen import pair_tree, render
 from attngen.runtime import inputs
 from attngen.runtime.inputs import InputError, key_splits, prepare_paged
 
@@ -50,9 +50,10 @@ def test_paged_cases_cover_every_page_size_mixed_batches_and_splits():
     assert any(q > k for c in cases for q, k in c.lengths)             # more queries than keys
 
 
-def test_cat_tree_pairs_tiles_of_one_shape():
-    assert cat_tree("k", 1, 1) == "k0"
-    assert cat_tree("v", 4, 0) == "ct.cat((ct.cat((v0, v1), 0), ct.cat((v2, v3), 0)), 0)"
+def test_pair_tree_combines_leaves_as_nested_pairs():
+    assert pair_tree(1, "t{}", "max({}, {})") == "t0"
+    assert pair_tree(4, "t{}", "max({}, {})") == "max(max(t0, t1), max(t2, t3))"
+    assert pair_tree(2, "ct.sum(p{})", "{} + {}") == "ct.sum(p0) + ct.sum(p1)"
 
 
 def _tables(lengths, page=16, width=None, pages=64):

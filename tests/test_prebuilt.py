@@ -205,9 +205,8 @@ def test_built_kernels_load_their_tiles_through_tma(streaming_cubins):
         assert sass.count("UTMALDG") >= 2, f"{kernel.name}{suffix} loads its tiles without TMA"
 
 
-#: forward kernels whose key loop must feed its matmuls straight from the loads ("_pieces"
-#: concatenates a block's four 16-key pieces, which goes through registers)
-DIRECT = ("", "_fwd", "_split")
+#: the forward kernels: what inference, training's forward and serving run
+FORWARD = ("", "_fwd", "_split", "_pieces", "_split_pieces")
 
 
 def test_forward_key_loops_feed_their_matmuls_from_the_loads(streaming_cubins):
@@ -215,19 +214,16 @@ def test_forward_key_loops_feed_their_matmuls_from_the_loads(streaming_cubins):
     from their TMA loads into the matmuls.  A tile changed in registers (values masked, pieces
     concatenated) is stored back element by element each block; the paged forward's loop did
     that, for a mask on the values of the sequence's last block, and ran at a third of the
-    contiguous kernel's speed over the same keys.  That block now has its own code after
-    the loop."""
+    contiguous kernel's speed over the same keys; the _pieces kernels did it concatenating a
+    block's 16-key pieces.  The last block now has its own code after the loop, and each
+    piece its own matmuls."""
     checked = 0
     for kernel, suffix, cubin in streaming_cubins:
-        if suffix in DIRECT:
+        if suffix in FORWARD:
             stores = [i for i in key_loop(disassemble(cubin)) if element_store(i)]
             assert not stores, f"{kernel.name}{suffix}'s key loop stores to shared memory: {stores[:3]}"
             checked += 1
-    assert checked >= 8, checked          # plain and fused "" and "_fwd", both paged "" and "_split"
-
-
-#: the forward kernels: what inference, training's forward and serving run
-FORWARD = DIRECT + ("_pieces", "_split_pieces")
+    assert checked >= 12, checked     # plain and fused "" and "_fwd", both paged variants' four
 
 
 def test_forward_kernels_keep_their_values_in_registers(streaming_cubins):

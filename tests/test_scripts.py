@@ -48,7 +48,7 @@ def test_paged_loop_variants_compute_what_the_shipped_kernels_do(tmp_path):
     script = _paged_loop_variants()
     src = render(script.PAGED)["kernel.py"]
     variants = {label: (suffix, text) for label, suffix, text in script.sources(src)}
-    assert set(variants) == {"whole", "pieces", "whole_ahead", "pieces_apart", "pieces_low_hints"}
+    assert set(variants) == {"whole", "pieces", "whole_ahead", "pieces_low_hints"}
     assert all(text != src for label, (_, text) in variants.items() if label not in ("whole", "pieces"))
     launcher = default_registry.module(script.PAGED)
     gen = torch.Generator().manual_seed(0)

@@ -29,7 +29,7 @@ def _environment() -> jinja2.Environment:
     env.filters["repr"] = repr
     env.filters["rstrip"] = str.rstrip     # a block macro's text without its last newline
     env.filters["call"] = wrapped_call
-    env.filters["cat_tree"] = cat_tree
+    env.filters["pair_tree"] = pair_tree
     return env
 
 
@@ -49,14 +49,15 @@ def wrapped_call(items, head: str, tail: str = ")", width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def cat_tree(prefix: str, count: int, axis: int) -> str:
-    """The code that concatenates the tiles ``prefix0 .. prefix{count-1}`` (a power-of-two
-    count, all of one shape) along ``axis``, as nested pairs: cuTile's ``ct.cat`` takes two
-    tiles of one shape."""
-    tiles = [f"{prefix}{i}" for i in range(count)]
-    while len(tiles) > 1:
-        tiles = [f"ct.cat(({a}, {b}), {axis})" for a, b in zip(tiles[::2], tiles[1::2])]
-    return tiles[0]
+def pair_tree(count: int, leaf: str, pair: str) -> str:
+    """The expression that combines ``count`` (a power of two) leaves as nested pairs: leaf
+    ``i`` is ``leaf`` with ``{}`` replaced by ``i``, a pair is ``pair.format(a, b)``.  The
+    largest of four pieces' row maxima, say: ``pair_tree(4, "t{}", "max({}, {})")``, two levels
+    of ``max`` deep rather than three."""
+    terms = [leaf.replace("{}", str(i)) for i in range(count)]
+    while len(terms) > 1:
+        terms = [pair.format(a, b) for a, b in zip(terms[::2], terms[1::2])]
+    return terms[0]
 
 
 def render(spec: KernelSpec, archs: tuple[str, ...] = ("sm_90",)) -> dict[str, str]:
