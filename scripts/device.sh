@@ -8,6 +8,8 @@
 # profile: Nsight Compute on the shape A, B and C kernels (one launch each; PROFILE_SHAPES);
 # train: forward + backward of A, B, B', C against FlexAttention and SDPA (TRAIN_SEQ; TRAIN_FLAGS=--graph
 #        times CUDA-graph replays).
+# paged: serving from a paged cache (shapes A and C), the launcher's key splits against fixed
+#        counts, and the paged key-loop variants against the contiguous kernel.
 # Logs and JSON go to $OUT (the device tool brings them back; without it, a fresh private
 # directory that the script names).  The exit status is non-zero when a step's tests fail.
 set -uo pipefail
@@ -80,6 +82,13 @@ PY
         python -m attngen.bench run --preset "$p" --seq ${TRAIN_SEQ:-8192 32768} --impl attngen flex sdpa-flash \
           --pass fwd+bwd ${TRAIN_FLAGS:-} --json "$OUT/train-${p//\'/p}.json" 2>&1 | grep -v -i warn | tee -a "$OUT/train.log"
       done ;;
+    paged)
+      python -m attngen.bench paged --json "$OUT/paged-A.json" 2>&1 | grep -v -i warn | tee "$OUT/paged.log"
+      python -m attngen.bench paged --preset C --only prefill decode --batch 16 64 --context 8192 \
+        --json "$OUT/paged-C.json" 2>&1 | grep -v -i warn | tee -a "$OUT/paged.log"
+      python -m attngen.bench paged --only decode --batch 1 16 24 64 --context 8192 --splits 1 2 3 4 8 \
+        --json "$OUT/paged-splits.json" 2>&1 | grep -v -i warn | tee -a "$OUT/paged.log"
+      python scripts/paged_loop_variants.py 2>&1 | grep -v -i warn | tee -a "$OUT/paged.log" ;;
     tune) python -m attngen.bench tune --json "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/tune.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -112,7 +112,9 @@ def test_keys_split_only_when_the_batch_leaves_the_gpu_idle(monkeypatch):
     assert key_splits(8, 6, device) == 1              # too few key blocks to share
     assert key_splits(8, 64, device) == 16            # 4 blocks a slice at least
     assert key_splits(8, 4096, device) == 32          # at most 32 slices
-    assert key_splits(100, 64, device) == 3           # fill the GPU twice over
+    assert key_splits(128, 64, device) == 2           # one wave on 264 slots; 3 slices take two
+    assert key_splits(128, 64, device, per_sm=3) == 3   # 396 slots: 384 programs, one wave
+    assert key_splits(100, 64, device) == 5           # two waves of 13 blocks and a merge each
     assert key_splits(8, 64, device, asked=2) == 2    # what the caller asks
     with pytest.raises(InputError, match="splits must be a positive int"):
         key_splits(8, 64, device, asked=0, name="v")

@@ -388,20 +388,30 @@ def _read_paged(cu_seqlens_q, seqused_k, block_table, total_q: int, pages: int, 
 
 
 def key_splits(programs: int, key_blocks: int, device: torch.device, asked: int | None = None,
-               name: str = "attngen", min_blocks: int = 4, most: int = 32) -> int:
+               name: str = "attngen", per_sm: int = 2, min_blocks: int = 4, most: int = 32) -> int:
     """How many programs share each query tile's key range in a paged call (the ``_split``
-    kernel, merged by ``_combine``): ``asked`` if given (checked), else enough that
-    ``programs`` (query tiles x head groups) times the splits fill the GPU twice over, with at
-    least ``min_blocks`` of the tile's ``key_blocks`` KV blocks each.  1 means the one-pass
-    kernel.  Host-side arithmetic on shapes only, so a captured graph replays the same choice."""
+    kernel, merged by ``_combine``): ``asked`` if given (checked).  Else 1 (the one-pass
+    kernel) when ``programs`` (query tiles x head groups) fill the GPU's program slots
+    (``per_sm``, the kernel's occupancy, an SM), and otherwise the count that should finish
+    soonest: the waves of programs the slots run, times what each program reads, its
+    ``key_blocks / splits`` KV blocks and about two blocks' worth for its fp32 partial output,
+    written and merged.  Each slice takes ``min_blocks`` blocks at least, and the fewest
+    slices win a tie.  So 128 programs on 264 slots take 2 slices (one wave), not 3 (a second
+    wave for a third of the work).  Host-side arithmetic on shapes only, so a captured graph
+    replays the same choice."""
     if asked is not None:
         if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
             raise InputError(f"{name}: splits must be a positive int, got {asked!r}")
         return asked
-    target = 2 * _multiprocessors(device)
-    if programs >= target or key_blocks < 2 * min_blocks:
+    slots = per_sm * _multiprocessors(device)
+    if programs >= slots or key_blocks < 2 * min_blocks:
         return 1
-    return max(1, min(-(-target // programs), key_blocks // min_blocks, most))
+
+    def cost(splits: int) -> int:
+        waves = -(-programs * splits // slots)
+        return waves * (-(-key_blocks // splits) + (2 if splits > 1 else 0))
+
+    return min(range(1, min(key_blocks // min_blocks, most) + 1), key=lambda splits: (cost(splits), splits))
 
 
 def natural_lse(lse: torch.Tensor) -> torch.Tensor:
