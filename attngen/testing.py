@@ -85,6 +85,20 @@ def _generator(device: torch.device):
     return seed, torch.Generator(device=device).manual_seed(seed)
 
 
+@contextlib.contextmanager
+def built_cubins_fit(what: str):
+    """Fails ``what`` when a built cubin could not serve one of its launches because the call
+    lays out its parameters otherwise (:data:`attngen.runtime.prebuilt.layout_misses`): the
+    kernel was then compiled at the call and gave right answers, but what `attngen build`
+    compiled does not run."""
+    from .runtime import prebuilt
+
+    before = len(prebuilt.layout_misses)
+    yield
+    missed = prebuilt.layout_misses[before:]
+    assert not missed, f"{what}: a built cubin could not serve the call: {missed[0]}"
+
+
 def _where(case: Case, seed: int) -> str:
     return f"{case.id} (seed {seed}: {SEED_VARIABLE}={seed} reproduces it)"
 
@@ -196,7 +210,7 @@ def check_case(launch, spec_dict: dict, case: Case) -> float:
     plus ``FLOOR``; and, FlashAttention's rule, so that one wrong row cannot hide in the norm,
     so is the largest error of one element.  The output is poisoned first (every element must
     be written) and a second launch must give the same bits.  Returns the error."""
-    with kernel_device() as device:
+    with kernel_device() as device, built_cubins_fit(case.id):
         return _check_case(launch, KernelSpec.from_dict(spec_dict), case, device)
 
 
@@ -265,7 +279,7 @@ def check_grad_case(launch, spec_dict: dict, case: Case) -> dict:
     except for a gradient that is exactly zero (a window of one key), measured against dv's
     scale.  A second deterministic backward must give the same bits.  Returns the errors by
     mode: {"default": {name: (ours, eager's)}, "deterministic": {...}}."""
-    with kernel_device() as device:
+    with kernel_device() as device, built_cubins_fit(case.id):
         return _check_grad_case(launch, KernelSpec.from_dict(spec_dict), case, device)
 
 

@@ -17,7 +17,9 @@ from cuda.tile.compilation import ArrayConstraint, CallingConvention, KernelSign
 from attngen.generate.build import build  # noqa: E402
 from attngen.generate.cubin import kernel_info  # noqa: E402
 from attngen.generate.sass import disassemble, element_store, key_loop, spills  # noqa: E402
+from attngen.runtime import prebuilt  # noqa: E402
 from attngen.runtime.prebuilt import Prebuilt  # noqa: E402
+from attngen.testing import built_cubins_fit  # noqa: E402
 from attngen.runtime.registry import Registry  # noqa: E402
 from attngen.generate.spec import load_text  # noqa: E402
 from attngen.core.variant import compiled_by_default  # noqa: E402
@@ -126,12 +128,23 @@ def test_a_call_that_does_not_fit_compiles_and_says_so_once(built, no_compiler, 
         call = with_arrays(call, only=(0,), index_dtype=ct.int64)
     elif case == "negative strides":
         call = with_arrays(call, only=(0,), stride_lower_bound_incl=(None, -4, 0, None))
+    misses = len(prebuilt.layout_misses)
     with caplog.at_level(logging.WARNING, logger="attngen"):
         for _ in range(2):
             with pytest.raises(AssertionError, match="the tile compiler ran"):
                 kernel._compile(call, default_tile_context, arch)
     said = [r.getMessage() for r in caplog.records if kernel.name in r.getMessage()]
     assert len(said) == 1 and "compiling" in said[0], said
+    # only a parameter layout unlike the build's is the build's fault (the suites fail on it)
+    assert len(prebuilt.layout_misses) - misses == (2 if case == "64-bit indices" else 0)
+
+
+def test_a_case_fails_when_a_built_cubin_cannot_serve_its_call():
+    with pytest.raises(AssertionError, match="could not serve the call: k: calling convention"):
+        with built_cubins_fit("a case"):
+            prebuilt.layout_misses.append("k: calling convention cutile_python_v1, built cutile_python_v3")
+    with built_cubins_fit("a case"):
+        pass
 
 
 # Kernels that stream Q, K/V or dO tiles through a loop: each loads them through the Tensor
@@ -178,7 +191,7 @@ def streaming_cubins(tmp_path_factory):
 
 
 def test_both_calling_conventions_compile_a_built_signature_to_the_same_code(built, tmp_path):
-    """Why one cubin serves calls of cuTile's two calling conventions (`prebuilt._same_layout`):
+    """Why one cubin serves calls of cuTile's two calling conventions (`prebuilt._conventions_agree`):
     a signature that fixes no size, exported under each, gives the same code but for the
     symbol.  Should a cuTile release lay them out differently, this fails before users'
     launches would."""

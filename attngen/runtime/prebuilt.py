@@ -40,6 +40,10 @@ from ..generate.store import cubin_name
 log = logging.getLogger("attngen")
 
 _said: set[tuple[str, str]] = set()
+
+#: each call a built cubin could not serve because its parameters are laid out otherwise
+#: (:func:`layout_differs`): never the arguments' doing, so the generated suites fail on one
+layout_misses: list[str] = []
 _said_lock = threading.Lock()
 
 
@@ -80,6 +84,10 @@ class Prebuilt(ct.kernel):
         if not path.is_file():
             return f"no cubin for {arch} was built ({path.name})"
         built = self.built_signature
+        why = layout_differs(call_signature, built)
+        if why:
+            layout_misses.append(f"{self.name}: {why}")
+            return f"the built cubin takes its parameters otherwise: {why}"
         why = unmet(call_signature, built)
         if why:
             return f"the call's arguments break an assumption of the built cubin: {why}"
@@ -106,7 +114,7 @@ def _say_once(name: str, why: str) -> None:
     log.warning("attngen: compiling %s now (%s)", name, why)
 
 
-def _same_layout(call, built) -> bool:
+def _conventions_agree(call, built) -> bool:
     """Whether a call under ``call``'s calling convention may launch a kernel exported under
     ``built``'s.  cuTile 1.7's dispatcher launches a call under ``cutile_python_v2`` when it
     knows a size (an axis of length 1) and under ``cutile_python_v1`` otherwise (a batch of
@@ -122,28 +130,40 @@ def _same_layout(call, built) -> bool:
     return {call.calling_convention.code, built.calling_convention.code} == both and not fixes_a_size
 
 
-def unmet(call, built) -> str:
-    """What of the ``built`` signature's assumptions the ``call`` signature does not
-    guarantee ("" when it implies all of them)."""
-    if not _same_layout(call, built):
+def layout_differs(call, built) -> str:
+    """How the ``call`` signature's parameters are laid out unlike the ``built`` one's ("" when
+    alike): calling convention, count, kinds, dtypes, ranks, index widths.  Unlike an unmet
+    assumption, never the doing of the call's arguments: a build the run time cannot use."""
+    if not _conventions_agree(call, built):
         return f"calling convention {call.calling_convention.name}, built {built.calling_convention.name}"
     if len(call.parameters) != len(built.parameters):
         return f"{len(call.parameters)} parameters, built {len(built.parameters)}"
     for index, (have, need) in enumerate(zip(call.parameters, built.parameters)):
-        why = _unmet_param(have, need)
+        if type(have) is not type(need):
+            return f"parameter {index}: {type(have).__name__}, built {type(need).__name__}"
+        if not isinstance(need, ArrayConstraint):
+            if have != need:
+                return f"parameter {index}: {have}, built {need}"
+            continue
+        for attr in ("dtype", "ndim", "index_dtype"):
+            if getattr(have, attr) != getattr(need, attr):
+                return f"parameter {index}: {attr} {getattr(have, attr)}, built {getattr(need, attr)}"
+    return ""
+
+
+def unmet(call, built) -> str:
+    """What of the ``built`` signature's assumptions the ``call`` signature, laid out alike
+    (:func:`layout_differs`), does not guarantee ("" when it implies all of them)."""
+    for index, (have, need) in enumerate(zip(call.parameters, built.parameters)):
+        why = _unmet_param(have, need) if isinstance(need, ArrayConstraint) else ""
         if why:
             return f"parameter {index}: {why}"
     return _unmet_aliasing(call.parameters, built.parameters)
 
 
 def _unmet_param(have, need) -> str:
-    if type(have) is not type(need):
-        return f"{type(have).__name__}, built {type(need).__name__}"
-    if not isinstance(need, ArrayConstraint):
-        return "" if have == need else f"{have}, built {need}"
-    for attr in ("dtype", "ndim", "index_dtype"):
-        if getattr(have, attr) != getattr(need, attr):
-            return f"{attr} {getattr(have, attr)}, built {getattr(need, attr)}"
+    """What of an array parameter's built assumptions (its layout agreeing) the call's does
+    not guarantee."""
     for dim in range(need.ndim):
         # a size the call knows (cuTile specializes sizes of 1) fits a cubin built for any size
         built_size = need.shape_constant[dim]
