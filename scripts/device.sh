@@ -88,6 +88,10 @@ PY
         --json "$OUT/paged-C.json" 2>&1 | grep -v -i warn | tee -a "$OUT/paged.log"
       python -m attngen.bench paged --only decode --batch 1 16 24 64 --context 8192 --splits 1 2 3 4 8 \
         --json "$OUT/paged-splits.json" 2>&1 | grep -v -i warn | tee -a "$OUT/paged.log"
+      for tiles in "" 64x64o1c1p2; do   # D = 256: the tuned tiles (8 worker warps) and the same without
+        python -m attngen.bench paged --preset B --only prefill decode --page 16 64 --batch 16 64 --context 8192 \
+          ${tiles:+--tiles $tiles} --json "$OUT/paged-B${tiles:+-$tiles}.json" 2>&1 | grep -v -i warn | tee -a "$OUT/paged.log"
+      done
       python scripts/paged_loop_variants.py 2>&1 | grep -v -i warn | tee -a "$OUT/paged.log" ;;
     tune) python -m attngen.bench tune --json "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/tune.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
