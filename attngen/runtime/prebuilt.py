@@ -9,15 +9,15 @@ caller's stream.  :class:`Prebuilt` is that kernel with one change: when the sig
 call needs *implies* the signature the build exported (:func:`attngen.generate.aot.signature`:
 a calling convention that lays the parameters out alike, the same dtypes, ranks and index
 widths, and every assumption the build made — non-negative strides, unit last stride, 16-byte
-aligned base addresses, no aliasing — holds for these arguments) and a cubin of the device's arch was built, it returns that cubin and its
-symbol: no cuTile front end, no tileiras.  Otherwise (a kernel the build left to first need,
-another arch, arguments that break an assumption) it compiles as cuTile always does, and says
-so once on the ``attngen`` logger.  Argument marshalling, streams and CUDA-graph capture stay
-cuTile's.
+aligned base addresses, no aliasing — holds for these arguments) and a cubin of the device's
+arch was built, it returns that cubin and its symbol: no cuTile front end, no tileiras.
+Otherwise (a kernel the build left to first need, another arch, arguments that break an
+assumption) it compiles as cuTile always does, and says so once on the ``attngen`` logger.
+Argument marshalling, streams and CUDA-graph capture stay cuTile's.
 
 A cubin is valid for every call whose signature implies the one it was compiled for: the
 kernel's parameter layout depends only on the dtypes, ranks, index widths and calling
-convention (all required equal), and every other constraint — a size known as a constant
+convention (all required to agree), and every other constraint — a size known as a constant
 (cuTile specializes sizes of 1), divisibility, stride bounds, alignment, aliasing — is an
 assumption the compiler may use, so a call that satisfies more assumptions than the build
 made is still served correctly by it (tests/test_prebuilt_gpu.py runs a batch of one, whose
@@ -40,11 +40,11 @@ from ..generate.store import cubin_name
 log = logging.getLogger("attngen")
 
 _said: set[tuple[str, str]] = set()
+_said_lock = threading.Lock()
 
 #: each call a built cubin could not serve because its parameters are laid out otherwise
 #: (:func:`layout_differs`): never the arguments' doing, so the generated suites fail on one
 layout_misses: list[str] = []
-_said_lock = threading.Lock()
 
 
 def prebuilt(kernel: ct.kernel, suffix: str, spec_dict: dict, launcher_file: str) -> "Prebuilt":
