@@ -8,6 +8,7 @@
 # profile: Nsight Compute on the shape A, B and C kernels (one launch each; PROFILE_SHAPES);
 # train: forward + backward of A, B, B', C against FlexAttention and SDPA (TRAIN_SEQ; TRAIN_FLAGS=--graph
 #        times CUDA-graph replays).
+# host: host time of one call (scripts/host_time.py --breakdown; the GPU idles).
 # paged: serving from a paged cache (shapes A and C), the launcher's key splits against fixed
 #        counts, and the paged key-loop variants against the contiguous kernel.
 # Logs and JSON go to $OUT (the device tool brings them back; without it, a fresh private
@@ -82,6 +83,7 @@ PY
         python -m attngen.bench run --preset "$p" --seq ${TRAIN_SEQ:-8192 32768} --impl attngen flex sdpa-flash \
           --pass fwd+bwd ${TRAIN_FLAGS:-} --json "$OUT/train-${p//\'/p}.json" 2>&1 | grep -v -i warn | tee -a "$OUT/train.log"
       done ;;
+    host) python scripts/host_time.py --breakdown 2>&1 | grep -v -i warn | tee "$OUT/host.log" ;;
     paged)
       python -m attngen.bench paged --json "$OUT/paged-A.json" 2>&1 | grep -v -i warn | tee "$OUT/paged.log"
       python -m attngen.bench paged --preset C --only prefill decode --batch 16 64 --context 8192 \

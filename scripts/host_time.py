@@ -8,6 +8,9 @@ median wall time of one call (``time.perf_counter``, then a sync outside the tim
 what the Python launcher, the op dispatch and autograd cost on the CPU.  Rounds interleave
 the calls; the median round is printed with all rounds.  docs/performance.md, "Host time of one call".
 
+Two readings run the backward on the calling thread (``torch.autograd.set_multithreading_enabled(False)``)
+instead of autograd's device thread, attngen's and SDPA's.
+
 ``--breakdown`` also times the parts of one eager training call alone, the same way: a
 CUDA allocation, the device/stream lookup, each kernel launch of the step replayed with the
 arguments it had, the launcher's forward and backward called from the main thread, autograd's
@@ -56,6 +59,10 @@ def main() -> None:
     def grads(out):
         return torch.autograd.grad(out, (q, k, v), dout)
 
+    def on_this_thread(step):
+        with torch.autograd.set_multithreading_enabled(False):
+            return step()
+
     cases = {
         "inference, through the op attngen::attention": lambda: torch.ops.attngen.attention(attn.key, *plain, *rest),
         "inference, attn(q, k, v)": lambda: attn(*plain),
@@ -64,6 +71,11 @@ def main() -> None:
         "fwd+bwd, attn(q, k, v)": lambda: grads(attn(q, k, v)),
         "fwd+bwd, SDPA (full causal, GQA)": lambda: grads(
             F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)),
+        # autograd runs a CUDA backward on its device thread; this runs it on the caller's
+        "fwd+bwd, attn(q, k, v), backward on the calling thread": lambda: on_this_thread(
+            lambda: grads(attn(q, k, v))),
+        "fwd+bwd, SDPA, backward on the calling thread": lambda: on_this_thread(lambda: grads(
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))),
     }
     readings = {name: [] for name in cases}
     for _ in range(args.rounds):
